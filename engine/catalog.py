@@ -1,0 +1,321 @@
+"""The catalog: one row per city (YAML, CSV or Parquet), loaded into the contract and validated row by row.
+
+Validation reads only headers and metadata (raster profile, Parquet/GeoPackage metadata, the PBF header), so it
+takes seconds for hundreds of cities, and it reports every problem at once, naming the row, city and field.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import shapely
+import yaml
+from pyproj import CRS
+
+from engine.atomic import atomic_path
+from engine.geoparquet import read_geoparquet_crs
+from engine.schema import CATALOG_REQUIRED, CATALOG_SCHEMA, CITY_SLUG_RE, SPLITS
+
+CATALOG_NAMES = ("catalog.yaml", "catalog.yml", "catalog.csv", "catalog.parquet")
+RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".img")
+VECTOR_SUFFIXES = (".parquet", ".geoparquet", ".gpkg", ".geojson", ".json", ".shp", ".fgb")
+PBF_SUFFIXES = (".pbf", ".osm.pbf")
+
+
+class CatalogError(ValueError):
+    """The catalog file itself cannot be used (missing, wrong format, required column absent)."""
+
+
+@dataclass(frozen=True)
+class CatalogProblem:
+    """One problem of one catalog row; ``row`` counts data rows from 1 (the header is not a row)."""
+
+    row: int
+    city: str
+    field: str
+    message: str
+    severity: str = "error"  # or "warning"
+
+    def __str__(self) -> str:
+        return f"row {self.row} ({self.city or '?'}) {self.field}: {self.message}"
+
+
+def find_catalog(workspace: str | os.PathLike[str]) -> Path:
+    """The workspace's catalog file (``catalog.yaml``/``.yml``/``.csv``/``.parquet``); error says how to make one."""
+    workspace = Path(workspace)
+    for name in CATALOG_NAMES:
+        if (workspace / name).is_file():
+            return workspace / name
+    raise CatalogError(
+        f"no catalog in workspace {workspace} (looked for {', '.join(CATALOG_NAMES)}): run "
+        f"`geolink-engine --workspace {workspace} demo-data` or pass --catalog PATH"
+    )
+
+
+def load_catalog(path: str | os.PathLike[str]) -> pa.Table:
+    """Read a catalog file into :data:`engine.schema.CATALOG_SCHEMA`, resolving relative paths against its folder.
+
+    Cells are not checked here beyond the required columns; :func:`validate_catalog` checks every row.
+
+    Example:
+        >>> import tempfile
+        >>> p = Path(tempfile.mkdtemp()) / "catalog.csv"
+        >>> _ = p.write_text("city,region,imagery,osm\\nwuhan,central,wuhan.tif,wuhan.parquet\\n")
+        >>> load_catalog(p).column("imagery")[0].as_py() == str(p.parent / "wuhan.tif")
+        True
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CatalogError(f"catalog {path} does not exist")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".yaml", ".yml"):
+            rows = _yaml_rows(path)
+        elif suffix == ".csv":
+            rows = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(strings_can_be_null=True,
+                                                                             column_types={n: pa.string() for n in CATALOG_SCHEMA.names})).to_pylist()
+        elif suffix == ".parquet":
+            rows = pq.read_table(path).to_pylist()
+        else:
+            raise CatalogError(f"catalog {path}: unknown format {suffix!r}; use .yaml, .csv or .parquet")
+    except (OSError, yaml.YAMLError, pa.ArrowInvalid) as exc:
+        raise CatalogError(f"catalog {path} cannot be read: {exc}") from None
+    columns = set().union(*(r.keys() for r in rows)) if rows else set()
+    missing = [c for c in CATALOG_REQUIRED if c not in columns]
+    if rows and missing:
+        raise CatalogError(f"catalog {path}: missing required column(s) {', '.join(missing)}; required: {', '.join(CATALOG_REQUIRED)}")
+    if not rows:
+        raise CatalogError(f"catalog {path} has no rows")
+    base = path.parent
+    out = {name: [] for name in CATALOG_SCHEMA.names}
+    for r in rows:
+        for name in CATALOG_SCHEMA.names:
+            value = r.get(name)
+            value = None if value is None or (isinstance(value, str) and not value.strip()) else str(value).strip()
+            is_path = name in ("imagery", "osm", "reference") or (name == "aoi" and value is not None and not _looks_like_wkt(value))
+            if value is not None and is_path:
+                value = resolve_path(value, base)
+            out[name].append(value)
+    return pa.table({n: pa.array(v, pa.string()) for n, v in out.items()})
+
+
+def resolve_path(value: str, base: Path) -> str:
+    """Resolve a catalog path against the catalog's folder; URIs (``s3://``, ``/vsis3/``, ...) pass through."""
+    if "://" in value or value.startswith("/vsi"):
+        return value
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else (base / p))
+
+
+def write_catalog(rows: Iterable[dict], path: str | os.PathLike[str]) -> Path:
+    """Write catalog rows as YAML (``cities:`` list), atomically; paths are written as given (keep them relative)."""
+    path = Path(path)
+    rows = [{k: r.get(k) for k in CATALOG_SCHEMA.names if r.get(k) is not None} for r in rows]
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump({"cities": rows}, sort_keys=False, allow_unicode=True, width=10_000))
+    return path
+
+
+def city_path(root: str | os.PathLike[str], city: str) -> Path:
+    """``root/city`` after checking the slug, so that no catalog value can point a write outside ``root``."""
+    if not isinstance(city, str) or not CITY_SLUG_RE.match(city):
+        raise ValueError(f"city {city!r} is not a valid slug ({CITY_SLUG_RE.pattern}); fix the catalog")
+    return Path(root) / city
+
+
+def select_cities(catalog: pa.Table, cities: str) -> pa.Table:
+    """Rows for ``cities`` = ``all`` or a comma list of slugs; unknown names are an error listing the known ones."""
+    if cities.strip() == "all":
+        return catalog
+    wanted = [c.strip() for c in cities.split(",") if c.strip()]
+    known = catalog.column("city").to_pylist()
+    unknown = [c for c in wanted if c not in known]
+    if unknown:
+        raise CatalogError(f"unknown cities {', '.join(unknown)}; the catalog has {', '.join(known[:20])}{' ...' if len(known) > 20 else ''}")
+    return catalog.filter(pa.compute.is_in(catalog.column("city"), pa.array(wanted)))
+
+
+# --- validation ------------------------------------------------------------------------------------------------
+def validate_catalog(catalog: pa.Table) -> list[CatalogProblem]:
+    """Check every row of a loaded catalog; return all problems (errors and warnings), in row order.
+
+    Checks: slug and uniqueness, region, split; imagery readable with a CRS, 3+ bands, north-up; OSM readable,
+    non-empty, with a CRS; imagery and OSM overlap; optional AOI (WKT or file) and reference (with ``class``).
+    """
+    problems: list[CatalogProblem] = []
+    seen: dict[str, int] = {}
+    for i, row in enumerate(catalog.to_pylist(), start=1):
+        city = row.get("city") or ""
+
+        def report(field: str, message: str, severity: str = "error") -> None:
+            problems.append(CatalogProblem(i, city, field, message, severity))
+
+        if not city:
+            report("city", "empty; every row needs a city slug")
+        elif not CITY_SLUG_RE.match(city):
+            report("city", f"{city!r} is not a valid slug: use lowercase letters, digits, '_' and '-' ({CITY_SLUG_RE.pattern})")
+        elif city in seen:
+            report("city", f"duplicate of row {seen[city]}; city slugs must be unique")
+        else:
+            seen[city] = i
+        if not row.get("region"):
+            report("region", "empty; every city needs a region stratum")
+        split = row.get("split")
+        if split is not None and split not in SPLITS:
+            report("split", f"{split!r} is not one of {', '.join(SPLITS)}")
+
+        image_bounds = _check_imagery(row.get("imagery"), report)
+        osm_bounds = _check_vector(row.get("osm"), "osm", report, need_rows=True)
+        if image_bounds is not None and osm_bounds is not None and not shapely.box(*image_bounds).intersects(shapely.box(*osm_bounds)):
+            report("osm", f"does not overlap the imagery (imagery {_fmt(image_bounds)}, OSM {_fmt(osm_bounds)} in EPSG:4326)")
+        aoi = row.get("aoi")
+        if aoi:
+            aoi_bounds = _check_aoi(aoi, report)
+            if aoi_bounds is not None and image_bounds is not None and not shapely.box(*image_bounds).intersects(shapely.box(*aoi_bounds)):
+                report("aoi", "does not overlap the imagery")
+        if row.get("reference"):
+            _check_vector(row["reference"], "reference", report, need_rows=True, need_column="class")
+    return problems
+
+
+def _check_imagery(path: str | None, report) -> tuple[float, float, float, float] | None:
+    import rasterio
+    from rasterio.warp import transform_bounds
+
+    if not path:
+        report("imagery", "empty; every city needs imagery (a GeoTIFF or COG)")
+        return None
+    if "://" not in path and not path.startswith("/vsi") and not Path(path).is_file():
+        report("imagery", f"file not found: {path}")
+        return None
+    try:
+        with warnings.catch_warnings(), rasterio.open(path) as src:
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            if src.crs is None:
+                report("imagery", f"{path} has no CRS; write one (e.g. gdal_edit.py -a_srs EPSG:32650 {Path(path).name})")
+                return None
+            if src.count < 3:
+                report("imagery", f"{path} has {src.count} band(s); RGB imagery needs at least 3")
+            if src.transform.b != 0 or src.transform.d != 0:
+                report("imagery", f"{path} has a rotated geotransform; warp it north-up first (gdalwarp)")
+            if src.width == 0 or src.height == 0:
+                report("imagery", f"{path} is empty ({src.width}x{src.height} px)")
+                return None
+            return tuple(transform_bounds(src.crs, CRS.from_epsg(4326), *src.bounds))
+    except rasterio.errors.RasterioError as exc:
+        report("imagery", f"{path} cannot be read as a raster: {exc}")
+    return None
+
+
+def _check_vector(path: str | None, field: str, report, need_rows: bool, need_column: str | None = None) -> tuple[float, float, float, float] | None:
+    """Metadata-only check of an OSM or reference file; returns its bounds in EPSG:4326 when known."""
+    if not path:
+        report(field, "empty")
+        return None
+    p = Path(path)
+    if "://" not in path and not p.is_file():
+        report(field, f"file not found: {path}")
+        return None
+    name = p.name.lower()
+    try:
+        if name.endswith(PBF_SUFFIXES):
+            return _check_pbf(path, field, report)
+        if name.endswith((".parquet", ".geoparquet")):
+            meta = pq.read_metadata(path)
+            schema = pq.read_schema(path)
+            if b"geo" not in (schema.metadata or {}):
+                report(field, f"{path} is Parquet without GeoParquet 'geo' metadata; write it with geopandas.to_parquet")
+                return None
+            geo = json.loads(schema.metadata[b"geo"])
+            column = geo["columns"][geo["primary_column"]]
+            crs = read_geoparquet_crs(path)
+            bounds = column.get("bbox")
+            names = schema.names
+            rows = meta.num_rows
+        elif name.endswith(VECTOR_SUFFIXES):
+            import pyogrio
+
+            info = pyogrio.read_info(path, force_total_bounds=True)
+            crs = CRS.from_user_input(info["crs"]) if info.get("crs") else None
+            bounds = [float(b) for b in info["total_bounds"]] if info.get("total_bounds") is not None else None
+            names = list(info["fields"])
+            rows = int(info["features"])
+        else:
+            report(field, f"{path}: unknown format; use GeoParquet, GeoPackage, GeoJSON or .osm.pbf")
+            return None
+    except Exception as exc:  # any reader failure is a problem of this row, never a crash of the whole check
+        report(field, f"{path} cannot be read: {type(exc).__name__}: {exc}")
+        return None
+    if need_rows and rows == 0:
+        report(field, f"{path} has no features")
+        return None
+    if need_column and need_column not in names:
+        report(field, f"{path} has no '{need_column}' column (columns: {', '.join(n for n in names if n != 'geometry')})")
+    if crs is None:
+        report(field, f"{path} has no CRS; OSM and reference data must say their CRS (EPSG:4326 expected)")
+        return None
+    if not crs.equals(CRS.from_epsg(4326)) and not crs.equals(CRS.from_user_input("OGC:CRS84")):
+        report(field, f"{path} is in {crs.to_string()}, not EPSG:4326; it is reprojected on ingest", severity="warning")
+        if bounds:
+            from pyproj import Transformer
+
+            bounds = Transformer.from_crs(crs, CRS.from_epsg(4326), always_xy=True).transform_bounds(*bounds)
+    return tuple(bounds) if bounds else None
+
+
+def _check_pbf(path: str, field: str, report) -> tuple[float, float, float, float] | None:
+    import osmium
+
+    reader = osmium.io.Reader(path, osmium.osm.osm_entity_bits.NOTHING)
+    try:
+        box = reader.header().box()
+    finally:
+        reader.close()
+    has_node = next(iter(osmium.FileProcessor(path, osmium.osm.NODE)), None) is not None
+    if not has_node:
+        report(field, f"{path} has no OSM nodes")
+        return None
+    if box.valid():
+        return (box.bottom_left.lon, box.bottom_left.lat, box.top_right.lon, box.top_right.lat)
+    return None
+
+
+def _check_aoi(aoi: str, report) -> tuple[float, float, float, float] | None:
+    if _looks_like_wkt(aoi):
+        try:
+            geom = shapely.from_wkt(aoi)
+        except shapely.errors.GEOSException as exc:
+            report("aoi", f"not valid WKT: {exc}")
+            return None
+        if geom.geom_type not in ("Polygon", "MultiPolygon") or geom.is_empty:
+            report("aoi", f"must be a (multi)polygon in EPSG:4326, got {geom.geom_type}")
+            return None
+        if not geom.is_valid:
+            report("aoi", f"invalid polygon ({shapely.is_valid_reason(geom)})")
+        return tuple(geom.bounds)
+    return _check_vector(aoi, "aoi", report, need_rows=True)
+
+
+def _looks_like_wkt(value: str) -> bool:
+    return value.lstrip().upper().startswith(("POLYGON", "MULTIPOLYGON", "GEOMETRYCOLLECTION", "POINT", "LINESTRING"))
+
+
+def _yaml_rows(path: Path) -> list[dict]:
+    data = yaml.safe_load(path.read_text())
+    if isinstance(data, dict) and "cities" in data:
+        data = data["cities"]
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise CatalogError(f"catalog {path}: expected a list of city mappings (or a 'cities:' key holding one)")
+    return data
+
+
+def _fmt(bounds: Iterable[float]) -> str:
+    return "[" + ", ".join(f"{b:.4f}" for b in bounds) + "]"

@@ -1,0 +1,147 @@
+"""The `geolink-engine` command line: one command per stage, each body one call into the engine.
+
+Shared options (`--workspace`, `--catalog`, `--verbose`) live in the app callback and travel in ``ctx.obj``.
+Expected failures (bad catalog, bad arguments) print one clear message and exit non-zero, never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from engine.catalog import CatalogError, find_catalog, load_catalog, validate_catalog
+
+app = typer.Typer(help="geolink-engine: city-scale urban-village mapping with GeoLink (imagery + OSM).", no_args_is_help=True,
+                  add_completion=False, pretty_exceptions_enable=False)
+catalog_app = typer.Typer(help="Show and validate the city catalog.", no_args_is_help=True)
+app.add_typer(catalog_app, name="catalog")
+
+console = Console(stderr=False)
+log = logging.getLogger("geolink")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Options shared by every command."""
+
+    workspace: Path
+    catalog: Path | None
+
+    def catalog_path(self) -> Path:
+        return self.catalog if self.catalog is not None else find_catalog(self.workspace)
+
+
+@app.callback()
+def _main(
+    ctx: typer.Context,
+    workspace: Annotated[Path, typer.Option("--workspace", "-w", help="Root folder of all stage outputs.", envvar="GEOLINK_WORKSPACE")] = Path("geolink-data"),
+    catalog: Annotated[Path | None, typer.Option("--catalog", help="Catalog file (YAML, CSV or Parquet); default: the workspace's catalog.*")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug messages.")] = False,
+) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", datefmt="[%X]",
+                        handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=False)], force=True)
+    ctx.obj = Settings(workspace=workspace, catalog=catalog)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@app.command("demo-data")
+def demo_data(
+    ctx: typer.Context,
+    cities: Annotated[int, typer.Option("--cities", "-n", min=1, help="Number of synthetic cities.")] = 12,
+    size_km: Annotated[float, typer.Option("--size-km", help="Side of each city's square extent in km.")] = 1.0,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed; the same seed writes the same bytes.")] = 0,
+    preview: Annotated[bool, typer.Option("--preview", help="Also write preview/<city>.png (imagery with OSM and reference).")] = False,
+    workers: Annotated[int | None, typer.Option("--workers", min=1, help="Processes (default: all cores).")] = None,
+) -> None:
+    """Write the embedded default: synthetic cities at real Chinese city locations plus their catalog."""
+    from engine.synth.config import SynthConfig
+    from engine.synth.demo import write_demo
+
+    settings: Settings = ctx.obj
+    try:
+        cfg = SynthConfig(size_km=size_km)
+    except ValueError as exc:
+        _fail(str(exc))
+    with _progress() as progress:
+        task = progress.add_task("generating cities", total=cities)
+        path = write_demo(settings.workspace, cities, cfg, seed=seed, workers=workers, on_city=lambda row: progress.advance(task))
+    console.print(f"wrote {cities} cities and [bold]{path}[/]")
+    if preview:
+        from engine.preview import render_preview
+
+        rows = load_catalog(path).to_pylist()
+        with _progress() as progress:
+            task = progress.add_task("drawing previews", total=len(rows))
+            for row in rows:
+                render_preview(row, settings.workspace / "preview" / f"{row['city']}.png")
+                progress.advance(task)
+        console.print(f"previews in [bold]{settings.workspace / 'preview'}[/]")
+
+
+@catalog_app.command("show")
+def catalog_show(ctx: typer.Context) -> None:
+    """List the catalog's cities."""
+    settings: Settings = ctx.obj
+    try:
+        path = settings.catalog_path()
+        table = load_catalog(path)
+    except CatalogError as exc:
+        _fail(str(exc))
+    view = Table(title=f"{path} ({table.num_rows} cities)")
+    for name in ("city", "region", "split", "imagery", "osm", "reference"):
+        view.add_column(name, overflow="fold")
+    for row in table.to_pylist():
+        view.add_row(*(_short(row.get(n)) for n in ("city", "region", "split", "imagery", "osm", "reference")))
+    console.print(view)
+
+
+@catalog_app.command("validate")
+def catalog_validate(ctx: typer.Context) -> None:
+    """Check every row (slug, unique city, readable imagery with a CRS, readable OSM, overlap, reference)."""
+    settings: Settings = ctx.obj
+    try:
+        path = settings.catalog_path()
+        table = load_catalog(path)
+    except CatalogError as exc:
+        _fail(str(exc))
+    problems = validate_catalog(table)
+    errors = [p for p in problems if p.severity == "error"]
+    warnings = [p for p in problems if p.severity != "error"]
+    for p in problems:  # one line per problem, so logs and CI output stay greppable
+        colour = "red" if p.severity == "error" else "yellow"
+        console.print(f"[{colour}]{p.severity}[/] {escape(str(p))}", highlight=False, soft_wrap=True)
+    if errors:
+        _fail(f"{len(errors)} error(s), {len(warnings)} warning(s) in {table.num_rows} cities of {path}", code=1)
+    console.print(f"[green]ok:[/] {table.num_rows} cities valid ({len(warnings)} warning(s)) in {path}")
+
+
+def _short(value: str | None) -> str:
+    if value is None:
+        return ""
+    try:
+        return os.path.relpath(value)
+    except ValueError:
+        return value
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

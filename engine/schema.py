@@ -1,0 +1,143 @@
+"""Every data contract of the engine, in one place, as pyarrow schemas plus the checks applied where data enters.
+
+Why here: each stage reads what an earlier stage (or a user) wrote; keeping the schemas together means a
+contract changes in one file and every reader checks the same thing.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+# --- identifiers -------------------------------------------------------------------------------------------
+CITY_SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+"""City slugs become directory names: lowercase ascii, digits, ``_`` and ``-``; no dots, slashes or spaces."""
+
+SPLITS: tuple[str, ...] = ("train", "val", "test", "map")
+OSM_KINDS: tuple[str, ...] = ("point", "line", "polygon")
+
+# --- land-use classes (reference polygons and the synthetic truth raster) -------------------------------------
+LANDUSE_CLASSES: tuple[str, ...] = (
+    "nodata",  # 0: outside the AOI
+    "road",  # 1: carriageway between blocks
+    "urban_village",  # 2
+    "formal_residential",  # 3
+    "commercial",  # 4
+    "industrial",  # 5
+    "institutional",  # 6
+    "green",  # 7: parks and other vegetated open space
+    "water",  # 8
+    "farmland",  # 9
+    "vacant",  # 10: bare or construction land
+)
+CLASS_ID: dict[str, int] = {name: i for i, name in enumerate(LANDUSE_CLASSES)}
+BUILT_UP_CLASSES: tuple[str, ...] = (
+    "urban_village",
+    "formal_residential",
+    "commercial",
+    "industrial",
+    "institutional",
+)
+
+# --- schemas -------------------------------------------------------------------------------------------------
+CATALOG_SCHEMA = pa.schema(
+    [
+        pa.field("city", pa.string(), nullable=False),
+        pa.field("region", pa.string(), nullable=False),
+        pa.field("imagery", pa.string(), nullable=False),
+        pa.field("osm", pa.string(), nullable=False),
+        pa.field("aoi", pa.string()),  # WKT polygon in EPSG:4326, or a path to a vector file
+        pa.field("reference", pa.string()),
+        pa.field("split", pa.string()),
+    ]
+)
+CATALOG_REQUIRED: tuple[str, ...] = ("city", "region", "imagery", "osm")
+
+OSM_FEATURES_SCHEMA = pa.schema(
+    [
+        pa.field("osm_id", pa.int64(), nullable=False),
+        pa.field("kind", pa.string(), nullable=False),
+        pa.field("tags", pa.map_(pa.string(), pa.string())),
+        pa.field("geometry", pa.binary(), nullable=False),  # WKB, EPSG:4326
+    ]
+)
+
+REFERENCE_SCHEMA = pa.schema(
+    [
+        pa.field("class", pa.string(), nullable=False),
+        pa.field("block_id", pa.int64()),
+        pa.field("geometry", pa.binary(), nullable=False),  # WKB, EPSG:4326
+    ]
+)
+
+
+class SchemaError(ValueError):
+    """A table does not match its contract; the message names the source and every mismatch."""
+
+
+@dataclass(frozen=True)
+class FieldProblem:
+    field: str
+    message: str
+
+
+def schema_problems(schema: pa.Schema, expected: pa.Schema, required: tuple[str, ...] | None = None) -> list[FieldProblem]:
+    """Compare ``schema`` with ``expected`` field by field.
+
+    Args:
+        schema: the schema of the data that arrived.
+        expected: the contract.
+        required: names that must be present; defaults to every field of ``expected``. Other expected fields
+            are checked for type only when present.
+
+    Returns:
+        One problem per missing field or type mismatch (an empty list when the data conforms).
+
+    Example:
+        >>> schema_problems(pa.schema([("kind", pa.int32())]), OSM_FEATURES_SCHEMA, required=("kind",))
+        [FieldProblem(field='kind', message='type int32, expected string')]
+    """
+    required = tuple(expected.names) if required is None else required
+    problems: list[FieldProblem] = []
+    for field in expected:
+        if field.name not in schema.names:
+            if field.name in required:
+                problems.append(FieldProblem(field.name, "missing column"))
+            continue
+        got = schema.field(field.name).type
+        if not _compatible(got, field.type):
+            problems.append(FieldProblem(field.name, f"type {got}, expected {field.type}"))
+    return problems
+
+
+def check_schema(table: pa.Table, expected: pa.Schema, source: str, required: tuple[str, ...] | None = None) -> pa.Table:
+    """Raise :class:`SchemaError` naming ``source`` unless ``table`` matches ``expected``; return it cast to it.
+
+    Example:
+        >>> t = pa.table({"osm_id": [1], "kind": ["point"], "tags": pa.array([[("a", "b")]],
+        ...     pa.map_(pa.string(), pa.string())), "geometry": [b"\\x01"]})
+        >>> check_schema(t, OSM_FEATURES_SCHEMA, "example").num_rows
+        1
+    """
+    problems = schema_problems(table.schema, expected, required)
+    if problems:
+        detail = "; ".join(f"{p.field}: {p.message}" for p in problems)
+        raise SchemaError(f"{source}: does not match the contract ({detail})")
+    columns = [n for n in expected.names if n in table.column_names]
+    return table.select(columns).cast(pa.schema([expected.field(n) for n in columns]))
+
+
+def _compatible(got: pa.DataType, want: pa.DataType) -> bool:
+    if got == want:
+        return True
+    if pa.types.is_string(want):
+        return pa.types.is_string(got) or pa.types.is_large_string(got) or pa.types.is_dictionary(got)
+    if pa.types.is_binary(want):
+        return pa.types.is_binary(got) or pa.types.is_large_binary(got)
+    if pa.types.is_integer(want):
+        return pa.types.is_integer(got)
+    if pa.types.is_map(want):
+        return pa.types.is_map(got)
+    return False

@@ -1,0 +1,203 @@
+"""Generate one synthetic city into the catalog contract: imagery COG, OSM GeoParquet, reference, truth, meta.
+
+Layout of a city directory::
+
+    <out>/<city>/imagery.tif     RGB uint8, UTM, tiled + deflate + overviews, nodata 0 outside the AOI
+    <out>/<city>/truth.tif       uint8 land-use class per pixel (engine.schema.LANDUSE_CLASSES), same grid
+    <out>/<city>/osm.parquet     OSM features (GeoParquet, EPSG:4326)
+    <out>/<city>/reference.parquet  land-use polygons with ``class`` (GeoParquet, EPSG:4326)
+    <out>/<city>/meta.json       the parameters drawn and the realised statistics
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import rasterio
+import shapely
+from affine import Affine
+from pyproj import CRS, Transformer
+
+from engine.atomic import atomic_path
+from engine.geo import WGS84, lonlat_to_crs, utm_epsg_for
+from engine.geoparquet import write_geoparquet
+from engine.schema import BUILT_UP_CLASSES, CITY_SLUG_RE, CLASS_ID, LANDUSE_CLASSES, OSM_FEATURES_SCHEMA, REFERENCE_SCHEMA
+from engine.synth.config import CityParams, SynthConfig, draw_city_params
+from engine.synth.layout import CityLayout, build_layout
+from engine.synth.osm import draw_osm
+from engine.synth.render import NODATA, render_city
+
+
+@dataclass(frozen=True)
+class CitySpec:
+    """Where a synthetic city stands: a real city's slug, display name, region stratum and centre."""
+
+    city: str
+    name: str
+    region: str
+    lat: float
+    lon: float
+
+    def __post_init__(self) -> None:
+        if not CITY_SLUG_RE.match(self.city):
+            raise ValueError(f"city slug {self.city!r} must match {CITY_SLUG_RE.pattern}")
+
+
+def city_rng(seed: int, city: str) -> np.random.Generator:
+    """The city's own generator: depends on the run seed and the slug only (stable across processes)."""
+    return np.random.default_rng([int(seed), zlib.crc32(city.encode())])
+
+
+def generate_city(spec: CitySpec, cfg: SynthConfig, seed: int, out_dir: str | Path) -> dict:
+    """Generate ``spec`` under ``out_dir/<city>/`` and return its catalog row (paths relative to ``out_dir``'s parent).
+
+    Deterministic: the same ``(spec, cfg, seed)`` writes the same bytes.
+
+    Example:
+        >>> import tempfile
+        >>> row = generate_city(CitySpec("wuhan", "Wuhan", "central", 30.59, 114.30), SynthConfig(size_km=0.3), 0,
+        ...                     Path(tempfile.mkdtemp()) / "cities")
+        >>> row["city"], row["imagery"]
+        ('wuhan', 'cities/wuhan/imagery.tif')
+    """
+    out_dir = Path(out_dir)
+    city_dir = out_dir / spec.city
+    city_dir.mkdir(parents=True, exist_ok=True)
+    rng = city_rng(seed, spec.city)
+    params = draw_city_params(cfg, rng)
+    layout = build_layout(params, cfg.size_km * 1000.0, rng)
+    rgb, truth, local_transform = render_city(layout, params, rng)
+
+    epsg = utm_epsg_for(spec.lon, spec.lat)
+    px = params.pixel_size_m
+    east, north = lonlat_to_crs(epsg, spec.lon, spec.lat)
+    east, north = round(east / px) * px, round(north / px) * px  # centre on a pixel corner of the UTM grid
+    transform = Affine.translation(east, north) * local_transform
+    crs = CRS.from_epsg(epsg)
+
+    _write_raster(city_dir / "imagery.tif", rgb, transform, crs, nodata=NODATA, photometric="RGB", overviews=True)
+    _write_raster(city_dir / "truth.tif", truth[None], transform, crs, nodata=CLASS_ID["nodata"], overviews=False)
+
+    to_wgs84 = _local_to_wgs84(crs, east, north)
+    osm = draw_osm(layout, params, rng)
+    osm_table = pa.table(
+        {
+            "osm_id": pa.array(np.arange(1, len(osm.geometry) + 1, dtype=np.int64) + (zlib.crc32(spec.city.encode()) << 24)),
+            "kind": pa.array(osm.kind, pa.string()),
+            "tags": pa.array([list(t.items()) for t in osm.tags], pa.map_(pa.string(), pa.string())),
+            "geometry": pa.array(shapely.to_wkb(to_wgs84(osm.geometry)), pa.binary()),
+        },
+        schema=OSM_FEATURES_SCHEMA,
+    )
+    write_geoparquet(osm_table, city_dir / "osm.parquet", WGS84)
+
+    reference = _reference(layout)
+    write_geoparquet(
+        pa.table(
+            {
+                "class": pa.array(reference[1], pa.string()),
+                "block_id": pa.array(reference[2], pa.int64()),
+                "geometry": pa.array(shapely.to_wkb(to_wgs84(reference[0])), pa.binary()),
+            },
+            schema=REFERENCE_SCHEMA,
+        ),
+        city_dir / "reference.parquet",
+        WGS84,
+    )
+    aoi_wgs84 = to_wgs84(np.array([layout.aoi], dtype=object))[0]
+    meta = {
+        "city": spec.city,
+        "name": spec.name,
+        "region": spec.region,
+        "seed": int(seed),
+        "epsg": epsg,
+        "centre_lonlat": [spec.lon, spec.lat],
+        "size_px": list(truth.shape),
+        "params": params.to_json(),
+        "stats": _stats(layout, truth, osm.kind, osm.tags, params),
+    }
+    with atomic_path(city_dir / "meta.json") as tmp:
+        tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False, sort_keys=True))
+    rel = Path(out_dir.name) / spec.city
+    return {
+        "city": spec.city,
+        "region": spec.region,
+        "imagery": str(rel / "imagery.tif"),
+        "osm": str(rel / "osm.parquet"),
+        "aoi": shapely.to_wkt(aoi_wgs84, rounding_precision=7),
+        "reference": str(rel / "reference.parquet"),
+    }
+
+
+def _write_raster(path: Path, data: np.ndarray, transform: Affine, crs: CRS, nodata: int, photometric: str | None = None, overviews: bool = False) -> None:
+    """Tiled, deflate-compressed GeoTIFF with internal overviews (cloud-optimised layout), written atomically."""
+    profile = dict(
+        driver="GTiff", width=data.shape[2], height=data.shape[1], count=data.shape[0], dtype=data.dtype.name, crs=crs,
+        transform=transform, nodata=nodata, tiled=True, blockxsize=256, blockysize=256, compress="deflate", predictor=2,
+        interleave="pixel", zlevel=6,
+    )
+    if photometric:
+        profile["photometric"] = photometric
+    with atomic_path(path) as tmp:
+        with rasterio.open(tmp, "w", **profile) as dst:
+            dst.write(data)
+            if overviews:
+                factors = [f for f in (2, 4, 8, 16) if min(data.shape[1:]) // f >= 64]
+                if factors:
+                    dst.build_overviews(factors, rasterio.enums.Resampling.average)
+
+
+def _local_to_wgs84(crs: CRS, east: float, north: float):
+    transformer = Transformer.from_crs(crs, WGS84, always_xy=True)
+
+    def project(geoms: np.ndarray) -> np.ndarray:
+        def fn(xy: np.ndarray) -> np.ndarray:
+            lon, lat = transformer.transform(xy[:, 0] + east, xy[:, 1] + north)
+            return np.column_stack([lon, lat])
+
+        return shapely.transform(geoms, fn)
+
+    return project
+
+
+def _reference(layout: CityLayout) -> tuple[np.ndarray, list[str], list[int]]:
+    """Land-use polygons inside the AOI: every block, plus the river."""
+    names = {v: k for k, v in CLASS_ID.items()}
+    clipped = shapely.intersection(layout.blocks, layout.aoi)
+    keep = ~shapely.is_empty(clipped) & (shapely.area(clipped) > 0)
+    geoms = list(clipped[keep])
+    classes = [names[int(c)] for c in layout.block_class[keep]]
+    ids = np.flatnonzero(keep).tolist()
+    if layout.river is not None:
+        river = layout.river.intersection(layout.aoi)
+        if not river.is_empty:
+            geoms.append(river)
+            classes.append("water")
+            ids.append(-1)
+    polys = shapely.make_valid(np.array(geoms, dtype=object))
+    return polys, classes, ids
+
+
+def _stats(layout: CityLayout, truth: np.ndarray, kinds: list[str], tags: list[dict[str, str]], params: CityParams) -> dict:
+    counts = np.bincount(truth.ravel(), minlength=len(LANDUSE_CLASSES))
+    valid = counts[1:].sum()
+    built_ids = [CLASS_ID[c] for c in BUILT_UP_CLASSES]
+    built_px = counts[built_ids].sum()
+    uv_px = counts[CLASS_ID["urban_village"]]
+    n_buildings = int(len(layout.buildings.polygons))
+    n_osm_buildings = sum(1 for t in tags if "building" in t)
+    return {
+        "class_fraction_px": {LANDUSE_CLASSES[i]: round(float(counts[i] / valid), 5) for i in range(1, len(LANDUSE_CLASSES)) if valid},
+        "uv_share_of_built_up_px": round(float(uv_px / built_px), 5) if built_px else 0.0,
+        "uv_share_of_built_up_area": round(layout.uv_share_of_built_up(), 5),
+        "uv_share_target": round(params.uv_share_target, 5),
+        "blocks": int(len(layout.blocks)),
+        "buildings": n_buildings,
+        "osm_features": {k: kinds.count(k) for k in ("point", "line", "polygon")},
+        "osm_building_share": round(n_osm_buildings / n_buildings, 4) if n_buildings else 0.0,
+    }

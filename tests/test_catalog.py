@@ -1,0 +1,129 @@
+import csv
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import rasterio
+import yaml
+from typer.testing import CliRunner
+
+from engine.catalog import CatalogError, city_path, load_catalog, select_cities, validate_catalog
+from engine.cli import app
+from engine.geoparquet import write_geoparquet
+from engine.schema import OSM_FEATURES_SCHEMA
+
+runner = CliRunner()
+
+
+def _good_rows(ws):
+    return load_catalog(ws / "catalog.yaml").to_pylist()
+
+
+def _planted_catalog(ws, tmp_path):
+    """A catalog with one good row and one planted error per row after it."""
+    good = _good_rows(ws)
+    a, b = good[0], good[1]
+    no_crs = tmp_path / "no_crs.tif"
+    with rasterio.open(no_crs, "w", driver="GTiff", width=8, height=8, count=3, dtype="uint8") as dst:
+        dst.write(np.zeros((3, 8, 8), np.uint8))
+    empty_osm = tmp_path / "empty.parquet"
+    write_geoparquet(pa.table({n: pa.array([], f.type) for n, f in zip(OSM_FEATURES_SCHEMA.names, OSM_FEATURES_SCHEMA)}), empty_osm, 4326)
+    far_osm = tmp_path / "far.parquet"  # a real file of features on the other side of the world
+    table = pq.read_table(a["osm"]).slice(0, 5)
+    import shapely
+
+    moved = shapely.transform(shapely.from_wkb(table["geometry"].to_numpy(zero_copy_only=False)), lambda xy: xy - [180.0, 60.0])
+    write_geoparquet(table.set_column(3, "geometry", pa.array(shapely.to_wkb(moved), pa.binary())), far_osm, 4326)
+    rows = [
+        dict(city=a["city"], region=a["region"], imagery=a["imagery"], osm=a["osm"], split="train"),
+        dict(city="missing-file", region="east", imagery=str(tmp_path / "nope.tif"), osm=a["osm"], split="train"),
+        dict(city="wrong-crs", region="east", imagery=str(no_crs), osm=a["osm"], split="train"),
+        dict(city=a["city"], region=a["region"], imagery=a["imagery"], osm=a["osm"], split="train"),
+        dict(city="Bad City!", region="east", imagery=b["imagery"], osm=b["osm"], split="train"),
+        dict(city="empty-osm", region="east", imagery=b["imagery"], osm=str(empty_osm), split="val"),
+        dict(city="far-osm", region="east", imagery=a["imagery"], osm=str(far_osm), split="test"),
+        dict(city="bad-split", region="east", imagery=b["imagery"], osm=b["osm"], split="training"),
+    ]
+    path = tmp_path / "catalog.csv"
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["city", "region", "imagery", "osm", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def test_demo_catalog_is_valid_and_formats_agree(demo_workspace, tmp_path):
+    table = load_catalog(demo_workspace / "catalog.yaml")
+    assert table.num_rows == 4
+    assert validate_catalog(table) == []
+    # the same rows as CSV and Parquet load to the same table
+    rows = table.to_pylist()
+    with (tmp_path / "c.csv").open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    pq.write_table(table, tmp_path / "c.parquet")
+    assert load_catalog(tmp_path / "c.csv").equals(table)
+    assert load_catalog(tmp_path / "c.parquet").equals(table)
+
+
+def test_planted_errors_are_each_reported_with_row_and_field(demo_workspace, tmp_path):
+    problems = [p for p in validate_catalog(load_catalog(_planted_catalog(demo_workspace, tmp_path))) if p.severity == "error"]
+    found = {(p.row, p.field) for p in problems}
+    assert found == {(2, "imagery"), (3, "imagery"), (4, "city"), (5, "city"), (6, "osm"), (7, "osm"), (8, "split")}, problems
+    by_row = {p.row: p.message for p in problems}
+    assert "file not found" in by_row[2]
+    assert "no CRS" in by_row[3]
+    assert "duplicate of row 1" in by_row[4]
+    assert "not a valid slug" in by_row[5]
+    assert "no features" in by_row[6]
+    assert "does not overlap" in by_row[7]
+    assert "'training'" in by_row[8]
+
+
+def test_cli_validate_fails_cleanly_on_planted_errors(demo_workspace, tmp_path):
+    path = _planted_catalog(demo_workspace, tmp_path)
+    result = runner.invoke(app, ["--catalog", str(path), "catalog", "validate"], terminal_width=250)
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
+    assert "7 error(s)" in result.output
+    for text in ("nope.tif", "no CRS", "duplicate of row 1", "not a valid slug", "no features", "does not overlap", "training"):
+        assert text in result.output
+
+
+def test_cli_validate_and_show_on_demo(demo_workspace):
+    result = runner.invoke(app, ["--workspace", str(demo_workspace), "catalog", "validate"])
+    assert result.exit_code == 0, result.output
+    assert "4 cities valid" in result.output
+    result = runner.invoke(app, ["--workspace", str(demo_workspace), "catalog", "show"], terminal_width=250)
+    assert result.exit_code == 0 and "beijing" in result.output
+
+
+def test_structural_catalog_errors(tmp_path):
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"cities": [{"city": "x", "region": "east"}]}))
+    with pytest.raises(CatalogError, match="missing required column"):
+        load_catalog(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("just a string")
+    with pytest.raises(CatalogError, match="list of city mappings"):
+        load_catalog(tmp_path / "d.yaml")
+    with pytest.raises(CatalogError, match="unknown format"):
+        (tmp_path / "c.txt").write_text("x")
+        load_catalog(tmp_path / "c.txt")
+    result = runner.invoke(app, ["--workspace", str(tmp_path / "empty"), "catalog", "validate"])
+    assert result.exit_code == 2 and "no catalog in workspace" in result.output and "demo-data" in result.output
+
+
+def test_city_slugs_are_checked_before_becoming_paths(tmp_path):
+    assert city_path(tmp_path, "xian") == tmp_path / "xian"
+    for bad in ("../etc", "a/b", "Beijing", "", ".hidden", "x" * 80):
+        with pytest.raises(ValueError, match="not a valid slug"):
+            city_path(tmp_path, bad)
+
+
+def test_select_cities(demo_workspace):
+    table = load_catalog(demo_workspace / "catalog.yaml")
+    assert select_cities(table, "all").num_rows == 4
+    assert select_cities(table, "beijing, shanghai").column("city").to_pylist() == ["beijing", "shanghai"]
+    with pytest.raises(CatalogError, match="unknown cities atlantis"):
+        select_cities(table, "beijing,atlantis")
