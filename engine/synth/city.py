@@ -54,7 +54,7 @@ def city_rng(seed: int, city: str) -> np.random.Generator:
 
 
 def generate_city(spec: CitySpec, cfg: SynthConfig, seed: int, out_dir: str | Path) -> dict:
-    """Generate ``spec`` under ``out_dir/<city>/`` and return its catalog row (paths relative to ``out_dir``'s parent).
+    """Generate ``spec`` under ``out_dir/<city>/`` and return its catalog row.
 
     Deterministic: the same ``(spec, cfg, seed)`` writes the same bytes.
 
@@ -62,8 +62,8 @@ def generate_city(spec: CitySpec, cfg: SynthConfig, seed: int, out_dir: str | Pa
         >>> import tempfile
         >>> row = generate_city(CitySpec("wuhan", "Wuhan", "central", 30.59, 114.30), SynthConfig(size_km=0.3), 0,
         ...                     Path(tempfile.mkdtemp()) / "cities")
-        >>> row["city"], row["imagery"]
-        ('wuhan', 'cities/wuhan/imagery.tif')
+        >>> row["city"], Path(row["imagery"]).name
+        ('wuhan', 'imagery.tif')
     """
     out_dir = Path(out_dir)
     city_dir = out_dir / spec.city
@@ -123,14 +123,13 @@ def generate_city(spec: CitySpec, cfg: SynthConfig, seed: int, out_dir: str | Pa
     }
     with atomic_path(city_dir / "meta.json") as tmp:
         tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False, sort_keys=True))
-    rel = Path(out_dir.name) / spec.city
     return {
         "city": spec.city,
         "region": spec.region,
-        "imagery": str(rel / "imagery.tif"),
-        "osm": str(rel / "osm.parquet"),
+        "imagery": str(city_dir / "imagery.tif"),
+        "osm": str(city_dir / "osm.parquet"),
         "aoi": shapely.to_wkt(aoi_wgs84, rounding_precision=7),
-        "reference": str(rel / "reference.parquet"),
+        "reference": str(city_dir / "reference.parquet"),
     }
 
 

@@ -75,4 +75,6 @@ def write_demo(workspace: str | Path, n_cities: int = 12, cfg: SynthConfig | Non
                     on_city(row)
     for i, row in enumerate(rows):
         row["split"] = SPLIT_CYCLE[i % len(SPLIT_CYCLE)]
+        for key in ("imagery", "osm", "reference"):  # relative to the catalog, so the workspace can move
+            row[key] = os.path.relpath(row[key], workspace)
     return write_catalog(rows, workspace / "catalog.yaml")

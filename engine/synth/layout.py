@@ -281,7 +281,8 @@ def _building_spec(rng: np.random.Generator, cls: str, style: float, area_m2: fl
         # dense 3-8 m roofs, 1-2 m alleys; style = regularity (1: planned resettlement rows, 0: organic)
         alley = rng.uniform(1.0, 2.0)
         cell = rng.uniform(5.5, 9.5)
-        size = (max(3.0, cell - alley - 1.2 * (1 - style)), max(3.2, min(8.0, cell - alley)))
+        largest = max(3.2, min(8.0, cell - alley))
+        size = (min(largest, max(3.0, cell - alley - 1.2 * (1 - style))), largest)
         return dict(cell=(cell, cell * rng.uniform(0.9, 1.15)), size_u=size, size_v=size, fill=0.93, rot_jitter_deg=9.0 * (1 - style),
                     pos_jitter=0.8 * (1 - style), height_m=(6.0, 20.0), lane_every=int(rng.integers(6, 10)), margin=1.0)
     if cls == "formal_residential":

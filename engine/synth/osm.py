@@ -105,6 +105,12 @@ def draw_osm(layout: CityLayout, params: CityParams, rng: np.random.Generator) -
                     tag["name"] = _name(rng, ROAD_SUFFIX)
                 if rng.random() < 0.4:
                     tag["lanes"] = str(rng.choice(["4", "6", "8"]))
+                if rng.random() < 0.5:
+                    tag["surface"] = "asphalt"
+                if rng.random() < 0.3:
+                    tag["oneway"] = "yes"
+                if rng.random() < 0.3:
+                    tag["lit"] = "yes"
                 add(part, "line", tag)
     for line in shapely.intersection(layout.local_streets, aoi):
         if not line.is_empty and rng.random() < 0.45 + 0.5 * c:
@@ -112,6 +118,8 @@ def draw_osm(layout: CityLayout, params: CityParams, rng: np.random.Generator) -
                 tag = {"highway": str(rng.choice(["residential", "tertiary", "unclassified", "service"], p=[0.5, 0.25, 0.15, 0.1]))}
                 if rng.random() < 0.3:
                     tag["name"] = _name(rng, ROAD_SUFFIX)
+                if rng.random() < 0.3:
+                    tag["surface"] = str(rng.choice(["asphalt", "concrete", "paved"]))
                 add(part, "line", tag)
     if layout.river is not None:
         if rng.random() < 0.95:
@@ -150,6 +158,7 @@ def draw_osm(layout: CityLayout, params: CityParams, rng: np.random.Generator) -
             tag = {"building": str(values[rng.choice(len(values), p=np.asarray(weights) / sum(weights))])}
             if levels_known[j]:
                 tag["building:levels"] = str(max(1, int(round(b.height_m[j] / 3.0))))
+                tag["roof:shape"] = "flat"
             add(b.polygons[j], "polygon", tag)
 
     # POIs: Poisson per block, scaled by completeness, tag mix by land use

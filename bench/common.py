@@ -1,0 +1,32 @@
+"""Shared helpers for benchmarks: machine description and the results file format."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+
+
+def write_results(bench: str, metrics: dict, extra: dict | None = None) -> Path:
+    """Write ``bench/results/<bench>.json`` as ``{"machine", "date", "metrics", ...}``."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"{bench}.json"
+    doc = {"machine": machine(), "date": dt.date.today().isoformat(), "metrics": metrics, **(extra or {})}
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    return out
