@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import shapely
@@ -140,7 +141,7 @@ def select_cities(catalog: pa.Table, cities: str) -> pa.Table:
     unknown = [c for c in wanted if c not in known]
     if unknown:
         raise CatalogError(f"unknown cities {', '.join(unknown)}; the catalog has {', '.join(known[:20])}{' ...' if len(known) > 20 else ''}")
-    return catalog.filter(pa.compute.is_in(catalog.column("city"), pa.array(wanted)))
+    return catalog.filter(pc.is_in(catalog.column("city"), pa.array(wanted)))
 
 
 # --- validation ------------------------------------------------------------------------------------------------

