@@ -10,8 +10,9 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
+import pyarrow as pa
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
@@ -53,7 +54,7 @@ def _main(
     ctx.obj = Settings(workspace=workspace, catalog=catalog)
 
 
-def _fail(message: str, code: int = 2) -> None:
+def _fail(message: str, code: int = 2) -> NoReturn:
     console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
@@ -95,12 +96,7 @@ def demo_data(
 @catalog_app.command("show")
 def catalog_show(ctx: typer.Context) -> None:
     """List the catalog's cities."""
-    settings: Settings = ctx.obj
-    try:
-        path = settings.catalog_path()
-        table = load_catalog(path)
-    except CatalogError as exc:
-        _fail(str(exc))
+    path, table = _load_catalog(ctx.obj)
     view = Table(title=f"{path} ({table.num_rows} cities)")
     for name in ("city", "region", "split", "imagery", "osm", "reference"):
         view.add_column(name, overflow="fold")
@@ -112,12 +108,7 @@ def catalog_show(ctx: typer.Context) -> None:
 @catalog_app.command("validate")
 def catalog_validate(ctx: typer.Context) -> None:
     """Check every row (slug, unique city, readable imagery with a CRS, readable OSM, overlap, reference)."""
-    settings: Settings = ctx.obj
-    try:
-        path = settings.catalog_path()
-        table = load_catalog(path)
-    except CatalogError as exc:
-        _fail(str(exc))
+    path, table = _load_catalog(ctx.obj)
     problems = validate_catalog(table)
     errors = [p for p in problems if p.severity == "error"]
     warnings = [p for p in problems if p.severity != "error"]
@@ -127,6 +118,15 @@ def catalog_validate(ctx: typer.Context) -> None:
     if errors:
         _fail(f"{len(errors)} error(s), {len(warnings)} warning(s) in {table.num_rows} cities of {path}", code=1)
     console.print(f"[green]ok:[/] {table.num_rows} cities valid ({len(warnings)} warning(s)) in {path}")
+
+
+def _load_catalog(settings: Settings) -> tuple[Path, pa.Table]:
+    """The catalog named by the shared options, or a clean exit naming what is wrong with it."""
+    try:
+        path = settings.catalog_path()
+        return path, load_catalog(path)
+    except CatalogError as exc:
+        _fail(str(exc))
 
 
 def _short(value: str | None) -> str:
