@@ -20,7 +20,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from engine.catalog import CatalogError, find_catalog, load_catalog, validate_catalog
+from engine.catalog import CatalogError, find_catalog, load_catalog, select_cities, validate_catalog
 
 app = typer.Typer(help="geolink-engine: city-scale urban-village mapping with GeoLink (imagery + OSM).", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
@@ -91,6 +91,47 @@ def demo_data(
                 render_preview(row, settings.workspace / "preview" / f"{row['city']}.png")
                 progress.advance(task)
         console.print(f"previews in [bold]{settings.workspace / 'preview'}[/]")
+
+
+@app.command("prepare")
+def prepare(
+    ctx: typer.Context,
+    cities: Annotated[str, typer.Option("--cities", help="'all' or a comma list of city slugs.")] = "all",
+    tile_size: Annotated[int, typer.Option("--tile-size", help="Tile (window) size in pixels.")] = 224,
+    overlap: Annotated[int, typer.Option("--overlap", help="Overlap of neighbouring windows in pixels (even).")] = 32,
+    force: Annotated[bool, typer.Option("--force", help="Rebuild cities whose inputs did not change.")] = False,
+    address: Annotated[str | None, typer.Option("--address", help="Ray address ('auto', 'ray://host:10001'); default: a local Ray.")] = None,
+) -> None:
+    """Build the tile index and per-tile OSM graphs for the catalog's cities (Ray Data, resumable)."""
+    from engine.pipelines.prepare import run_prepare
+    from engine.pipelines.runtime import init_ray
+    from engine.tiles.city import PrepareConfig
+    from engine.tiles.grid import TileGridConfig
+
+    settings: Settings = ctx.obj
+    path, table = _load_catalog(settings)
+    try:
+        table = select_cities(table, cities)
+        cfg = PrepareConfig(grid=TileGridConfig(tile_size_px=tile_size, overlap_px=overlap))
+    except (CatalogError, ValueError) as exc:
+        _fail(str(exc))
+    errors = [p for p in validate_catalog(table) if p.severity == "error" and p.field == "city"]
+    if errors:  # slugs become paths: never prepare with an invalid or duplicate one
+        _fail("; ".join(str(p) for p in errors) + f" (run `geolink-engine catalog validate` on {path})")
+    init_ray(address)
+    results = run_prepare(table, settings.workspace, cfg, force=force,
+                          on_result=lambda r: log.info("%s %s (%d tiles)%s", r.city, r.status, r.tiles, f": {r.error}" if r.error else ""))
+    view = Table(title=f"prepare: {settings.workspace / 'tiles'}")
+    for name in ("city", "status", "tiles", "seconds", "error"):
+        view.add_column(name, overflow="fold")
+    for r in results:
+        colour = {"done": "green", "skipped": "cyan", "failed": "red"}[r.status]
+        view.add_row(r.city, f"[{colour}]{r.status}[/]", str(r.tiles), f"{r.seconds:.1f}", escape(r.error))
+    console.print(view)
+    failed = [r for r in results if r.status == "failed"]
+    if failed:
+        _fail(f"{len(failed)} of {len(results)} cities failed: {', '.join(r.city for r in failed)}", code=1)
+    console.print(f"[green]ok:[/] {sum(r.tiles for r in results)} tiles in {len(results)} cities")
 
 
 @catalog_app.command("show")

@@ -141,3 +141,60 @@ def _compatible(got: pa.DataType, want: pa.DataType) -> bool:
     if pa.types.is_map(want):
         return pa.types.is_map(got)
     return False
+
+
+# --- tiles ---------------------------------------------------------------------------------------------------
+TILE_INDEX_SCHEMA = pa.schema(
+    [
+        pa.field("tile_id", pa.string(), nullable=False),  # city + tile size/overlap + grid row/col: stable
+        pa.field("city", pa.string(), nullable=False),
+        pa.field("region", pa.string(), nullable=False),
+        pa.field("crs", pa.string(), nullable=False),  # the imagery's CRS (all pixel/bounds columns are in it)
+        pa.field("grid_row", pa.int32(), nullable=False),
+        pa.field("grid_col", pa.int32(), nullable=False),
+        pa.field("tile_size_px", pa.int32(), nullable=False),
+        pa.field("overlap_px", pa.int32(), nullable=False),
+        pa.field("window_col_off", pa.int32(), nullable=False),  # window = what the model sees, halo included
+        pa.field("window_row_off", pa.int32(), nullable=False),
+        pa.field("window_width", pa.int32(), nullable=False),
+        pa.field("window_height", pa.int32(), nullable=False),
+        pa.field("core_col_off", pa.int32(), nullable=False),  # core = the pixels this tile owns in the mosaic
+        pa.field("core_row_off", pa.int32(), nullable=False),
+        pa.field("core_width", pa.int32(), nullable=False),
+        pa.field("core_height", pa.int32(), nullable=False),
+        pa.field("minx", pa.float64(), nullable=False),  # window bounds in the city CRS
+        pa.field("miny", pa.float64(), nullable=False),
+        pa.field("maxx", pa.float64(), nullable=False),
+        pa.field("maxy", pa.float64(), nullable=False),
+        pa.field("lon_min", pa.float64(), nullable=False),  # window bounds in EPSG:4326
+        pa.field("lat_min", pa.float64(), nullable=False),
+        pa.field("lon_max", pa.float64(), nullable=False),
+        pa.field("lat_max", pa.float64(), nullable=False),
+        pa.field("imagery", pa.string(), nullable=False),
+        pa.field("input_hash", pa.string(), nullable=False),  # imagery content + window + tile graph content
+    ]
+)
+
+
+def _tile_graph_schema() -> pa.Schema:
+    from geolink_model.osm_graph import EDGE_TYPES, NODE_TYPES
+
+    fields = [pa.field("tile_id", pa.string(), nullable=False), pa.field("graph_version", pa.int32(), nullable=False),
+              pa.field("tokens_per_node", pa.int32(), nullable=False)]
+    for kind in NODE_TYPES:
+        fields += [
+            pa.field(f"{kind}_osm_id", pa.list_(pa.int64())),
+            pa.field(f"{kind}_tokens", pa.list_(pa.int32())),  # row-major (n, tokens_per_node), 0 = padding
+            pa.field(f"{kind}_geom", pa.list_(pa.float32())),  # row-major (n, F) per GEOM_FEATURES[kind]
+        ]
+    fields += [pa.field(edge_column(et), pa.list_(pa.int32())) for et in EDGE_TYPES]  # sources then targets
+    fields.append(pa.field("graph_hash", pa.string(), nullable=False))
+    return pa.schema(fields)
+
+
+def edge_column(edge_type: tuple[str, str, str]) -> str:
+    """Column holding one relation's edges: ``edge__line__crosses__polygon``."""
+    return "edge__" + "__".join(edge_type)
+
+
+TILE_GRAPH_SCHEMA = _tile_graph_schema()

@@ -1,0 +1,185 @@
+"""`prepare` on Ray Data: cities in parallel, each city's tiles in parallel chunks, streamed, resumable.
+
+Stages (one direction):
+1. ``flat_map(plan)`` per city: input hash; skip when the city's marker holds the same hash; else grid the city,
+   stage its OSM (one read, one reprojection, one tokenisation) and emit one row per chunk of tiles.
+   A city that fails (unreadable imagery, no OSM overlap, ...) emits one ``failed`` row instead; others go on.
+2. ``map(build)`` per chunk: tile-index and tile-graph rows written as Parquet parts in the city's staging folder.
+3. The driver streams the small status rows (never the data); when a city's last chunk is in, its staging
+   output is renamed into ``tiles/city=<city>/`` (atomic) and then its marker is written, last.
+
+Output: ``tiles/city=<city>/index/*.parquet`` and ``tiles/city=<city>/graphs/*.parquet`` (Hive-partitioned by
+city), ``tiles/_state/<city>.json`` (input hash, tile count: the completion marker).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import traceback
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from engine.atomic import atomic_path
+from engine.catalog import city_path
+from engine.tiles.city import PrepareConfig, build_chunk, city_input_hash, file_digest, plan_city
+
+STATUS_KEYS = ("city", "status", "error", "chunk", "n_chunks", "staging", "imagery_digest", "input_hash", "tiles", "seconds")
+
+
+@dataclass(frozen=True)
+class CityResult:
+    """How one city's prepare ended: ``done``, ``skipped`` (inputs unchanged) or ``failed`` (with the error)."""
+
+    city: str
+    status: str
+    tiles: int
+    seconds: float
+    error: str = ""
+
+
+def tiles_root(workspace: str | os.PathLike[str]) -> Path:
+    return Path(workspace) / "tiles"
+
+
+def city_output_dir(workspace: str | os.PathLike[str], city: str) -> Path:
+    """``tiles/city=<city>`` (the slug is validated first)."""
+    return tiles_root(workspace) / f"city={city_path('.', city).name}"
+
+
+def read_marker(workspace: str | os.PathLike[str], city: str) -> dict | None:
+    path = tiles_root(workspace) / "_state" / f"{city_path('.', city).name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _status(**kw) -> dict:
+    row = {k: None for k in STATUS_KEYS}
+    row.update(kw)
+    row["chunk"] = list(row["chunk"] or [])
+    row["n_chunks"] = int(row["n_chunks"] or 0)
+    row["tiles"] = int(row["tiles"] or 0)
+    row["seconds"] = float(row["seconds"] or 0.0)
+    for k in ("error", "staging", "imagery_digest", "input_hash"):
+        row[k] = row[k] or ""
+    return row
+
+
+def _plan(row: dict, cfg: PrepareConfig, workspace: str, force: bool) -> list[dict]:
+    t0 = time.perf_counter()
+    city = row.get("city") or "?"
+    try:
+        out_dir = city_output_dir(workspace, city)
+        imagery_digest, osm_digest = file_digest(row["imagery"]), file_digest(row["osm"])
+        input_hash = city_input_hash(row, cfg, imagery_digest, osm_digest)
+        marker = read_marker(workspace, city)
+        if not force and marker and marker.get("input_hash") == input_hash and out_dir.is_dir():
+            return [_status(city=city, status="skipped", tiles=marker.get("tiles", 0), input_hash=input_hash)]
+        staging = tiles_root(workspace) / "_staging" / f"{city}-{input_hash[:12]}"
+        shutil.rmtree(staging, ignore_errors=True)
+        plan = plan_city(row, cfg, staging, imagery_digest, input_hash)
+        pq.write_table(plan.grid, staging / "grid.parquet")
+        seconds = time.perf_counter() - t0
+        return [_status(city=city, status="chunk", chunk=ch, n_chunks=len(plan.chunks), staging=str(staging), imagery_digest=imagery_digest,
+                        input_hash=input_hash, seconds=seconds / len(plan.chunks)) for ch in plan.chunks]
+    except Exception as exc:  # one bad city is reported, never fatal to the run
+        return [_status(city=city, status="failed", error=_describe(exc), seconds=time.perf_counter() - t0)]
+
+
+def _build(row: dict, cfg: PrepareConfig) -> dict:
+    if row["status"] != "chunk":
+        return row
+    t0 = time.perf_counter()
+    try:
+        staging = Path(row["staging"])
+        grid = pq.read_table(staging / "grid.parquet")
+        index, graphs = build_chunk(grid, staging / "features.parquet", tuple(row["chunk"]), row["imagery_digest"], cfg)
+        name = "part-r{:04d}-c{:04d}.parquet".format(row["chunk"][0], row["chunk"][2])
+        for sub, table in (("index", index), ("graphs", graphs)):
+            with atomic_path(staging / "out" / sub / name) as tmp:
+                pq.write_table(table, tmp, compression="zstd")
+        return {**row, "status": "built", "tiles": index.num_rows, "seconds": row["seconds"] + time.perf_counter() - t0}
+    except Exception as exc:
+        return {**row, "status": "failed", "error": _describe(exc), "seconds": row["seconds"] + time.perf_counter() - t0}
+
+
+def _describe(exc: Exception) -> str:
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
+    return f"{type(exc).__name__}: {exc}{where}"
+
+
+def _finalize(workspace: str, city: str, staging: Path, input_hash: str, tiles: int, seconds: float, cfg: PrepareConfig) -> None:
+    """Move a city's staged output into place (atomic directory swap), then write its marker, last."""
+    with atomic_path(city_output_dir(workspace, city)) as tmp:
+        os.replace(staging / "out", tmp)
+    state = tiles_root(workspace) / "_state"
+    with atomic_path(state / f"{city}.json") as tmp:
+        tmp.write_text(json.dumps({"city": city, "input_hash": input_hash, "tiles": tiles, "seconds": round(seconds, 3),
+                                   "config": cfg.to_json()}, indent=2, sort_keys=True))
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def run_prepare(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: PrepareConfig | None = None, force: bool = False,
+                on_result: Callable[[CityResult], None] | None = None) -> list[CityResult]:
+    """Prepare every city of ``catalog`` into ``workspace/tiles`` with Ray Data; return one result per city.
+
+    Ray must be initialised (``engine.pipelines.runtime.init_ray``). Cities whose inputs did not change are
+    skipped; a failing city is reported with its error and the others complete.
+
+    Example:
+        >>> # ray.init(); results = run_prepare(load_catalog("geolink-data/catalog.yaml"), "geolink-data")
+    """
+    import ray
+
+    cfg = cfg or PrepareConfig()
+    workspace = str(workspace)
+    rows = catalog.to_pylist()
+    if not rows:
+        return []
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+    ds = ds.flat_map(_plan, fn_kwargs={"cfg": cfg, "workspace": workspace, "force": force})
+    # one chunk per block (streaming split, no shuffle), so a large city's chunks spread over all workers
+    ds = ds.repartition(target_num_rows_per_block=1)
+    ds = ds.map(_build, fn_kwargs={"cfg": cfg})
+
+    progress: dict[str, dict] = defaultdict(lambda: {"built": 0, "tiles": 0, "seconds": 0.0, "n_chunks": 0, "failed": ""})
+    results: dict[str, CityResult] = {}
+
+    def settle(result: CityResult) -> None:
+        results[result.city] = result
+        if on_result:
+            on_result(result)
+
+    for row in ds.iter_rows():
+        city = row["city"]
+        if city in results:
+            continue  # a failed city's remaining chunks
+        if row["status"] == "skipped":
+            settle(CityResult(city, "skipped", int(row["tiles"]), 0.0))
+            continue
+        state = progress[city]
+        state["seconds"] += float(row["seconds"])
+        if row["status"] == "failed":
+            settle(CityResult(city, "failed", 0, state["seconds"], row["error"]))
+            continue
+        state["built"] += 1
+        state["tiles"] += int(row["tiles"])
+        state["n_chunks"] = int(row["n_chunks"])
+        if state["built"] == state["n_chunks"]:
+            try:
+                _finalize(workspace, city, Path(row["staging"]), row["input_hash"], state["tiles"], state["seconds"], cfg)
+                settle(CityResult(city, "done", state["tiles"], state["seconds"]))
+            except OSError as exc:
+                settle(CityResult(city, "failed", 0, state["seconds"], _describe(exc)))
+    for row in rows:  # a city with no status row at all would be a bug; say so rather than lose it
+        if row["city"] not in results:
+            settle(CityResult(row["city"], "failed", 0, 0.0, "no result came back from the pipeline"))
+    shutil.rmtree(tiles_root(workspace) / "_staging", ignore_errors=True)
+    return [results[r["city"]] for r in rows]

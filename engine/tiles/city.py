@@ -1,0 +1,201 @@
+"""Prepare one city: the pure stage cores the Ray pipeline is made of (each testable without Ray).
+
+``plan_city`` reads the city's OSM once (bbox of the imagery), reprojects and tokenises it once, writes it to the
+city's staging folder sorted by position, and builds the tile grid; ``build_chunk`` turns one square block of
+the grid into tile-index and tile-graph rows; ``tile_city`` runs both for a whole city in-process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import shapely
+from pyproj import CRS
+
+from engine.atomic import atomic_path
+from engine.tiles.graph_store import graphs_to_table
+from engine.tiles.grid import TileGridConfig, build_tile_grid
+from engine.tiles.osm_join import Features, metres_per_unit, read_osm_bbox, tile_graphs, to_features
+from geolink_model.osm_graph import GRAPH_VERSION, OsmGraphConfig
+
+FULL_HASH_LIMIT = 1 << 30  # files up to 1 GiB are hashed whole; larger ones by size, mtime, head and tail
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """Everything that shapes prepared tiles; part of every city's input hash.
+
+    Args:
+        grid: tile size and overlap.
+        graph: OSM graph construction.
+        chunk_tiles: side of a chunk in tiles; one chunk (up to chunk_tiles^2 tiles) is one unit of parallel work.
+    """
+
+    grid: TileGridConfig = field(default_factory=TileGridConfig)
+    graph: OsmGraphConfig = field(default_factory=OsmGraphConfig)
+    chunk_tiles: int = 16
+
+    def __post_init__(self) -> None:
+        if self.chunk_tiles < 1:
+            raise ValueError(f"chunk_tiles={self.chunk_tiles}: need at least 1")
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["graph"]["max_nodes"] = dict(self.graph.max_nodes)
+        d["graph_version"] = GRAPH_VERSION
+        return d
+
+
+def file_digest(path: str) -> str:
+    """Content digest of an input file (whole file up to 1 GiB; beyond, size + mtime + first and last 16 MiB)."""
+    h = hashlib.blake2b(digest_size=16)
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh:
+        if size <= FULL_HASH_LIMIT:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+        else:
+            h.update(f"{size}:{os.stat(path).st_mtime_ns}".encode())
+            h.update(fh.read(1 << 24))
+            fh.seek(-(1 << 24), os.SEEK_END)
+            h.update(fh.read(1 << 24))
+    return h.hexdigest()
+
+
+def city_input_hash(row: dict, cfg: PrepareConfig, imagery_digest: str, osm_digest: str) -> str:
+    """Hash of everything a city's tiles depend on: imagery and OSM content, AOI, region and the config."""
+    doc = {"imagery": imagery_digest, "osm": osm_digest, "aoi": row.get("aoi"), "region": row.get("region"), "cfg": cfg.to_json()}
+    return hashlib.blake2b(json.dumps(doc, sort_keys=True).encode(), digest_size=16).hexdigest()
+
+
+def parse_aoi(aoi: str | None) -> shapely.Geometry | None:
+    """The catalog's ``aoi``: WKT in EPSG:4326, or a vector file (any CRS) whose features are unioned."""
+    if not aoi:
+        return None
+    if aoi.lstrip().upper().startswith(("POLYGON", "MULTIPOLYGON")):
+        return shapely.from_wkt(aoi)
+    import geopandas as gpd
+
+    gdf = gpd.read_file(aoi)
+    if gdf.crs is not None and not gdf.crs.equals(CRS.from_epsg(4326)):
+        gdf = gdf.to_crs(4326)
+    return shapely.union_all(gdf.geometry.values)
+
+
+@dataclass(frozen=True)
+class CityPlan:
+    """A planned city: its grid (without hashes yet), staged features, digests and chunking."""
+
+    city: str
+    grid: pa.Table
+    features_path: Path
+    imagery_digest: str
+    input_hash: str
+    n_features: int
+    chunks: list[tuple[int, int, int, int]]  # (row0, row1, col0, col1) in grid rows/cols, half-open
+
+
+def plan_city(row: dict, cfg: PrepareConfig, staging: Path, imagery_digest: str, input_hash: str) -> CityPlan:
+    """Grid the city, and stage its OSM once: read by the imagery's bbox, reproject, tokenise, sort by position.
+
+    Raises:
+        ValueError naming the city when imagery and OSM do not overlap (no features at all in the imagery).
+    """
+    city = row["city"]
+    grid = build_tile_grid(city, row["region"], row["imagery"], cfg.grid, parse_aoi(row.get("aoi")))
+    staging.mkdir(parents=True, exist_ok=True)
+    features_path = staging / "features.parquet"
+    if grid.num_rows == 0:
+        raise ValueError(f"city {city}: no tile holds valid imagery inside the AOI ({row['imagery']})")
+    bbox = (pc.min(grid["lon_min"]).as_py(), pc.min(grid["lat_min"]).as_py(), pc.max(grid["lon_max"]).as_py(), pc.max(grid["lat_max"]).as_py())
+    table = read_osm_bbox(row["osm"], bbox)
+    if table.num_rows == 0:
+        raise ValueError(f"city {city}: the OSM file {row['osm']} has no features inside the imagery bounds {tuple(round(b, 5) for b in bbox)}; "
+                         "check that imagery and OSM cover the same place")
+    crs = CRS.from_user_input(grid["crs"][0].as_py())
+    features = to_features(table, crs, cfg.graph)
+    _write_features(features, features_path)
+    n_rows = int(pc.max(grid["grid_row"]).as_py()) + 1
+    n_cols = int(pc.max(grid["grid_col"]).as_py()) + 1
+    k = cfg.chunk_tiles
+    present = set(zip((grid["grid_row"].to_numpy() // k).tolist(), (grid["grid_col"].to_numpy() // k).tolist()))
+    chunks = [(r * k, min((r + 1) * k, n_rows), c * k, min((c + 1) * k, n_cols)) for r, c in sorted(present)]
+    return CityPlan(city, grid, features_path, imagery_digest, input_hash, len(features), chunks)
+
+
+def build_chunk(grid: pa.Table, features_path: Path, chunk: tuple[int, int, int, int], imagery_digest: str,
+                cfg: PrepareConfig) -> tuple[pa.Table, pa.Table]:
+    """Tile-index and tile-graph rows of one chunk of a planned city (tiles in tile_id order)."""
+    r0, r1, c0, c1 = chunk
+    rows, cols = grid["grid_row"].to_numpy(), grid["grid_col"].to_numpy()
+    sel = np.flatnonzero((rows >= r0) & (rows < r1) & (cols >= c0) & (cols < c1))
+    tiles = grid.take(pa.array(sel)).sort_by("tile_id")
+    windows = shapely.box(tiles["minx"].to_numpy(), tiles["miny"].to_numpy(), tiles["maxx"].to_numpy(), tiles["maxy"].to_numpy())
+    env = (float(tiles["minx"].to_numpy().min()), float(tiles["miny"].to_numpy().min()),
+           float(tiles["maxx"].to_numpy().max()), float(tiles["maxy"].to_numpy().max()))
+    features = _read_features(features_path, env, cfg.graph.tokens_per_node)
+    graphs = tile_graphs(features, windows, cfg.graph, metres_per_unit(CRS.from_user_input(tiles["crs"][0].as_py())))
+    graph_table = graphs_to_table(tiles["tile_id"].to_pylist(), graphs, cfg.graph.tokens_per_node)
+    hashes = [
+        hashlib.blake2b(f"{imagery_digest}|{w}|{g}".encode(), digest_size=16).hexdigest()
+        for w, g in zip(zip(*(tiles[c].to_pylist() for c in ("window_col_off", "window_row_off", "window_width", "window_height"))),
+                        graph_table["graph_hash"].to_pylist())
+    ]
+    tiles = tiles.set_column(tiles.schema.get_field_index("input_hash"), "input_hash", pa.array(hashes, pa.string()))
+    return tiles, graph_table
+
+
+def tile_city(row: dict, cfg: PrepareConfig, staging: Path) -> tuple[pa.Table, pa.Table]:
+    """The whole city in-process: ``(tile_index, tile_graphs)``, both sorted by tile_id."""
+    imagery_digest, osm_digest = file_digest(row["imagery"]), file_digest(row["osm"])
+    plan = plan_city(row, cfg, staging, imagery_digest, city_input_hash(row, cfg, imagery_digest, osm_digest))
+    parts = [build_chunk(plan.grid, plan.features_path, ch, imagery_digest, cfg) for ch in plan.chunks]
+    index = pa.concat_tables([p[0] for p in parts]).sort_by("tile_id")
+    graphs = pa.concat_tables([p[1] for p in parts]).sort_by("tile_id")
+    return index, graphs
+
+
+# --- staged features: the city's OSM in its imagery CRS, tokenised, sorted by position --------------------------
+def _write_features(features: Features, path: Path) -> None:
+    bounds = shapely.bounds(features.geometry) if len(features) else np.zeros((0, 4))
+    order = np.lexsort((features.osm_id, bounds[:, 1])) if len(features) else np.zeros(0, np.int64)
+    t = features.tokens.shape[1] if features.tokens.ndim == 2 else 0
+    table = pa.table(
+        {
+            "osm_id": pa.array(features.osm_id[order], pa.int64()),
+            "kind": pa.array(features.kind[order], pa.string()),
+            "tokens": pa.FixedSizeListArray.from_arrays(pa.array(features.tokens[order].reshape(-1), pa.int32()), t),
+            "geometry": pa.array(shapely.to_wkb(features.geometry[order]), pa.binary()),
+            "xmin": bounds[order, 0], "ymin": bounds[order, 1], "xmax": bounds[order, 2], "ymax": bounds[order, 3],
+        }
+    )
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, row_group_size=8192)
+
+
+def _read_features(path: Path, env: tuple[float, float, float, float], tokens_per_node: int) -> Features:
+    """Features whose bounds overlap ``env`` (DuckDB scan; row groups pruned on the sorted ``ymin``)."""
+    con = duckdb.connect(config={"threads": 1})  # plain numeric predicates: no spatial extension needed
+    table = con.execute(
+        "SELECT osm_id, kind, tokens, geometry FROM read_parquet(?) WHERE xmax >= ? AND xmin <= ? AND ymax >= ? AND ymin <= ? ORDER BY osm_id, ymin",
+        [str(path), env[0], env[2], env[1], env[3]],
+    ).fetch_arrow_table()
+    con.close()
+    n = table.num_rows
+    tokens = np.asarray(pc.list_flatten(table["tokens"]).to_numpy(), np.int32).reshape(n, tokens_per_node) if n else np.zeros((0, tokens_per_node), np.int32)
+    return Features(
+        osm_id=table["osm_id"].to_numpy(),
+        kind=np.asarray(table["kind"].to_numpy(zero_copy_only=False)).astype(str),
+        tokens=tokens,
+        geometry=shapely.from_wkb(np.asarray(table["geometry"].to_numpy(zero_copy_only=False), dtype=object)),
+    )
+
