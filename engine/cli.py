@@ -93,6 +93,32 @@ def demo_data(
         console.print(f"previews in [bold]{settings.workspace / 'preview'}[/]")
 
 
+@app.command("ingest-osm")
+def ingest_osm_command(
+    source: Annotated[Path, typer.Argument(help="OSM input: .osm.pbf, GeoParquet, GeoPackage or GeoJSON (any CRS).")],
+    out: Annotated[Path, typer.Argument(help="Output GeoParquet in the OSM feature contract (EPSG:4326).")],
+    bbox: Annotated[str | None, typer.Option("--bbox", help="west,south,east,north in EPSG:4326: keep features intersecting it.")] = None,
+) -> None:
+    """Convert OSM into the feature contract (osm_id, kind, tags, WKB geometry), repairing broken geometries."""
+    from engine.osm import OsmIngestError, ingest_osm
+
+    box = None
+    if bbox:
+        try:
+            box = tuple(float(v) for v in bbox.split(","))
+            if len(box) != 4 or not (box[0] < box[2] and box[1] < box[3]):
+                raise ValueError
+        except ValueError:
+            _fail(f"--bbox {bbox!r}: expected west,south,east,north with west < east and south < north")
+    try:
+        report = ingest_osm(source, out, bbox=box)
+    except OsmIngestError as exc:
+        _fail(str(exc))
+    kinds = ", ".join(f"{n} {k}s" for k, n in report.by_kind.items())
+    extra = f"; reprojected from {report.reprojected_from}" if report.reprojected_from else ""
+    console.print(f"wrote [bold]{out}[/]: {report.features} features ({kinds}); {report.repaired} repaired, {report.dropped} dropped{extra}", soft_wrap=True)
+
+
 @app.command("prepare")
 def prepare(
     ctx: typer.Context,

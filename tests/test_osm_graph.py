@@ -114,3 +114,49 @@ def test_hetero_data_carries_features_and_edges():
     assert data["polygon"].x.shape == (1, len(GEOM_FEATURES["polygon"]))
     assert data["point", "within", "polygon"].edge_index.tolist() == [[0], [0]]
     assert int(data["polygon"].tokens[0, 0]) > 0
+
+
+def test_batched_relations_equal_pairwise_predicates_on_random_tiles():
+    """Many random tiles built in one batch give exactly the edges of shapely predicates evaluated pair by pair."""
+    from geolink_model.osm_graph import build_tile_graphs
+
+    rng = np.random.default_rng(3)
+    geoms, kinds, tiles, bounds = [], [], [], []
+    for t in range(12):
+        x0, y0 = 1000.0 + 150 * t, 2000.0  # overlapping windows: copies near borders must not mix across tiles
+        bounds.append((x0, y0, x0 + 200, y0 + 200))
+        for _ in range(rng.integers(0, 30) if t else 0):  # tile 0 stays empty
+            cx, cy = x0 + rng.uniform(0, 200), y0 + rng.uniform(0, 200)
+            kind = rng.choice(["point", "line", "polygon"])
+            if kind == "point":
+                g = shapely.Point(round(cx), round(cy))
+            elif kind == "line":
+                g = shapely.LineString([(round(cx), round(cy)), (round(cx + rng.uniform(-80, 80)), round(cy + rng.uniform(-80, 80)))])
+            else:
+                w, h = rng.integers(5, 60, size=2)
+                g = shapely.box(round(cx), round(cy), round(cx) + w, round(cy) + h)  # integer grid: touching happens
+            geoms.append(g.intersection(shapely.box(*bounds[-1])))
+            kinds.append(kind)
+            tiles.append(t)
+    geoms, kinds, tiles = np.array(geoms, dtype=object), np.array(kinds), np.array(tiles)
+    keep = ~shapely.is_empty(geoms) & ~((kinds == "polygon") & (shapely.area(geoms) == 0))
+    geoms, kinds, tiles = geoms[keep], kinds[keep], tiles[keep]
+    cfg = OsmGraphConfig(max_nodes={"point": 999, "line": 999, "polygon": 999})
+    graphs = build_tile_graphs(geoms, kinds, np.ones((len(geoms), 2), np.int32), np.arange(len(geoms)), tiles, np.array(bounds), cfg)
+    checks = {
+        ("polygon", "touches", "polygon"): shapely.touches, ("polygon", "overlaps", "polygon"): shapely.overlaps,
+        ("polygon", "contains", "polygon"): shapely.contains, ("polygon", "within", "polygon"): shapely.within,
+        ("line", "crosses", "polygon"): shapely.crosses, ("line", "within", "polygon"): shapely.within,
+        ("polygon", "contains", "line"): shapely.contains, ("line", "intersects", "line"): shapely.intersects,
+        ("point", "within", "polygon"): shapely.within, ("polygon", "contains", "point"): shapely.contains,
+        ("point", "near", "line"): lambda a, b: shapely.dwithin(a, b, cfg.near_m),
+    }
+    total = 0
+    for t, graph in enumerate(graphs):
+        for (src, rel, dst), predicate in checks.items():
+            a = geoms[(tiles == t) & (kinds == src)]
+            b = geoms[(tiles == t) & (kinds == dst)]
+            expected = {(i, j) for i in range(len(a)) for j in range(len(b)) if not (src == dst and i == j) and predicate(a[i], b[j])}
+            assert set(map(tuple, graph.edges[(src, rel, dst)].T.tolist())) == expected, (t, src, rel, dst)
+            total += len(expected)
+    assert total > 30  # the random tiles do exercise the relations

@@ -79,7 +79,7 @@ def generate_city(spec: CitySpec, cfg: SynthConfig, seed: int, out_dir: str | Pa
     px = params.pixel_size_m
     east, north = lonlat_to_crs(epsg, spec.lon, spec.lat)
     east, north = round(east / px) * px, round(north / px) * px  # centre on a pixel corner of the UTM grid
-    transform = Affine.translation(east, north) * local_transform
+    transform = Affine.translation(east, north) @ local_transform
     crs = CRS.from_epsg(epsg)
 
     _write_raster(city_dir / "imagery.tif", rgb, transform, crs, nodata=NODATA, resampling="AVERAGE")

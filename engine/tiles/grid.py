@@ -73,15 +73,20 @@ def tile_id(city: str, row: int, col: int, cfg: TileGridConfig) -> str:
     return f"{city}-{cfg.tag()}-r{row:04d}-c{col:04d}"
 
 
-def check_north_up(transform: Affine, crs: CRS | None, source: str) -> None:
-    """Reject rasters the grid math does not hold for, naming the file and the fix."""
+def check_north_up(transform: Affine, crs: CRS | None, source: str, centre_lat_deg: float = 0.0) -> None:
+    """Reject rasters the grid math does not hold for, naming the file and the fix.
+
+    Pixels must be square on the ground: equal sides in a projected CRS; in a geographic CRS, equal within 10%
+    once the longitude side is scaled by cos(latitude) (degrees of longitude shrink towards the poles).
+    """
     if crs is None:
         raise GridError(f"{source}: raster has no CRS; assign one (gdal_edit.py -a_srs EPSG:xxxx) before preparing")
     if transform.b != 0 or transform.d != 0:
         raise GridError(f"{source}: rotated geotransform {tuple(transform)[:6]}; warp it north-up first (gdalwarp)")
     if transform.e >= 0:
         raise GridError(f"{source}: south-up raster (positive pixel height); warp it north-up first (gdalwarp)")
-    if not math.isclose(abs(transform.a), abs(transform.e), rel_tol=1e-6):
+    width = abs(transform.a) * (math.cos(math.radians(centre_lat_deg)) if CRS.from_user_input(crs).is_geographic else 1.0)
+    if not math.isclose(width, abs(transform.e), rel_tol=0.1 if CRS.from_user_input(crs).is_geographic else 1e-6):
         raise GridError(f"{source}: non-square pixels ({transform.a} x {abs(transform.e)}); resample to square pixels (gdalwarp -tr)")
 
 
@@ -111,7 +116,7 @@ def build_tile_grid(
         raise GridError(f"city {city!r} is not a valid slug")
     with warnings.catch_warnings(), rasterio.open(imagery) as src:
         warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-        check_north_up(src.transform, src.crs, imagery)
+        check_north_up(src.transform, src.crs, imagery, centre_lat_deg=(src.bounds.bottom + src.bounds.top) / 2)
         width, height, transform, crs = src.width, src.height, src.transform, CRS.from_user_input(src.crs)
         dec = cfg.mask_decimation
         mask = src.dataset_mask(out_shape=(max(1, math.ceil(height / dec)), max(1, math.ceil(width / dec))))
@@ -181,8 +186,8 @@ def read_window(src: rasterio.io.DatasetReader, row: dict, bands: tuple[int, ...
 
 
 def _pixel_boxes(transform: Affine, col: np.ndarray, row: np.ndarray, width: np.ndarray, height: np.ndarray) -> np.ndarray:
-    x0, y0 = transform * (col, row)
-    x1, y1 = transform * (col + width, row + height)
+    x0, y0 = transform @ (col, row)
+    x1, y1 = transform @ (col + width, row + height)
     return shapely.box(np.minimum(x0, x1), np.minimum(y0, y1), np.maximum(x0, x1), np.maximum(y0, y1))
 
 

@@ -20,7 +20,7 @@ import shapely
 from pyproj import CRS, Transformer
 
 from engine.db import connect
-from geolink_model.osm_graph import OsmGraphConfig, TileGraph, build_tile_graph, tokenize_tags
+from geolink_model.osm_graph import OsmGraphConfig, TileGraph, build_tile_graphs, tokenize_tags
 
 CONTRACT_COLUMNS = {"osm_id", "kind", "tags", "geometry"}
 
@@ -143,15 +143,8 @@ def metres_per_unit(crs: CRS) -> float:
 def tile_graphs(features: Features, windows: np.ndarray, cfg: OsmGraphConfig, unit_m: float = 1.0) -> list[TileGraph]:
     """One graph per window (shapely boxes in the features' CRS), in window order; empty tiles give empty graphs.
 
+    All windows are built in one vectorised pass (:func:`~geolink_model.osm_graph.build_tile_graphs`).
     ``unit_m`` is :func:`metres_per_unit` of the CRS, so metre-valued settings hold in any CRS.
     """
     tile_idx, clipped = clip_to_tiles(features, windows)
-    starts = np.searchsorted(tile_idx, np.arange(len(windows)))
-    ends = np.searchsorted(tile_idx, np.arange(len(windows)), side="right")
-    bounds = shapely.bounds(windows)
-    graphs = []
-    for t in range(len(windows)):
-        sl = slice(starts[t], ends[t])
-        graphs.append(build_tile_graph(clipped.geometry[sl], clipped.kind[sl], clipped.tokens[sl], clipped.osm_id[sl], tuple(bounds[t]), cfg, unit_m))
-    return graphs
-
+    return build_tile_graphs(clipped.geometry, clipped.kind, clipped.tokens, clipped.osm_id, tile_idx, shapely.bounds(windows), cfg, unit_m)
