@@ -1,0 +1,127 @@
+"""GeoLink configuration and its named presets (`tiny`, `base`, `large`).
+
+A preset only fills a :class:`GeoLinkConfig`; ``create_config("tiny", depth=2)`` overrides fields by name, and an
+unknown name is an error (no silent ``**kwargs``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+LOSSES = ("mae", "contrastive", "node")
+MODES = ("image", "osm", "fused")
+
+
+@dataclass(frozen=True)
+class GeoLinkConfig:
+    """Every size and knob of the model.
+
+    Args:
+        img_size, patch_size, in_chans: image input (a square tile; patch grid = img_size / patch_size).
+        embed_dim, depth, num_heads, mlp_ratio: the ViT image encoder.
+        osm_dim, osm_layers, osm_heads: the heterogeneous graph encoder (GAT layers over the typed relations).
+        vocab_size: hashed tag-token space (must match the prepared graphs' ``OsmGraphConfig.vocab_size``).
+        fusion_layers, fusion_heads: two-way cross-attention blocks between patch tokens and OSM node tokens.
+        position_guided: add each node's image-position embedding before fusion (off = the ablation).
+        decoder_dim, decoder_depth, decoder_heads: the MAE pixel decoder.
+        seg_dim: width of the segmentation decoder; feature_layers: ViT blocks (0-based) feeding it.
+        num_classes: segmentation classes.
+        mask_ratio: share of image patches hidden in pretraining; node_mask_ratio: share of OSM nodes hidden.
+        temperature: InfoNCE temperature; loss_weights: weight per pretraining loss (mae, contrastive, node).
+    """
+
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    osm_dim: int = 256
+    osm_layers: int = 2
+    osm_heads: int = 4
+    vocab_size: int = 1 << 15
+    fusion_layers: int = 2
+    fusion_heads: int = 8
+    position_guided: bool = True
+    decoder_dim: int = 256
+    decoder_depth: int = 2
+    decoder_heads: int = 8
+    seg_dim: int = 128
+    feature_layers: tuple[int, ...] = (3, 5, 7, 11)
+    num_classes: int = 2
+    mask_ratio: float = 0.75
+    node_mask_ratio: float = 0.2
+    temperature: float = 0.07
+    loss_weights: dict[str, float] = field(default_factory=lambda: {"mae": 1.0, "contrastive": 0.5, "node": 0.5})
+
+    def __post_init__(self) -> None:
+        if self.img_size % self.patch_size:
+            raise ValueError(f"img_size={self.img_size} must be a multiple of patch_size={self.patch_size}")
+        for name in ("embed_dim", "osm_dim", "decoder_dim"):
+            heads = {"embed_dim": self.num_heads, "osm_dim": self.osm_heads, "decoder_dim": self.decoder_heads}[name]
+            if getattr(self, name) % heads:
+                raise ValueError(f"{name}={getattr(self, name)} must be divisible by its heads ({heads})")
+        if self.embed_dim % self.fusion_heads:
+            raise ValueError(f"embed_dim={self.embed_dim} must be divisible by fusion_heads={self.fusion_heads}")
+        if self.embed_dim % 4:
+            raise ValueError("embed_dim must be a multiple of 4 (2-D sin-cos position embedding)")
+        if not self.feature_layers or any(not 0 <= i < self.depth for i in self.feature_layers):
+            raise ValueError(f"feature_layers={self.feature_layers} must index blocks 0..{self.depth - 1}")
+        if not (0.0 < self.mask_ratio < 1.0 and 0.0 <= self.node_mask_ratio < 1.0):
+            raise ValueError("mask_ratio must be in (0, 1) and node_mask_ratio in [0, 1)")
+        if self.num_classes < 2:
+            raise ValueError("num_classes must be >= 2")
+        unknown = set(self.loss_weights) - set(LOSSES)
+        if unknown:
+            raise ValueError(f"loss_weights has unknown losses {sorted(unknown)}; known: {LOSSES}")
+
+    @property
+    def grid_size(self) -> int:
+        return self.img_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> GeoLinkConfig:
+        data = json.loads(text)
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown GeoLinkConfig keys {sorted(unknown)}")
+        if "feature_layers" in data:
+            data["feature_layers"] = tuple(data["feature_layers"])
+        return cls(**data)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # CPU demo and tests: a small ViT on 224 px tiles (tests shrink img_size and depth further)
+    "tiny": dict(embed_dim=192, depth=4, num_heads=3, osm_dim=128, osm_heads=4, fusion_heads=3, decoder_dim=128, decoder_depth=1,
+                 decoder_heads=4, seg_dim=64, feature_layers=(1, 2, 3)),
+    # the paper's scale: ViT-B/16 and ViT-L/16
+    "base": dict(embed_dim=768, depth=12, num_heads=12, osm_dim=256, fusion_heads=8, feature_layers=(3, 5, 7, 11)),
+    "large": dict(embed_dim=1024, depth=24, num_heads=16, osm_dim=384, osm_heads=6, fusion_heads=16, decoder_dim=512, decoder_depth=4,
+                  decoder_heads=16, seg_dim=256, feature_layers=(7, 11, 15, 23)),
+}
+
+
+def create_config(preset: str = "tiny", **overrides: Any) -> GeoLinkConfig:
+    """A preset's config with named fields replaced; unknown presets or fields are errors.
+
+    Example:
+        >>> create_config("tiny", img_size=64, depth=2, feature_layers=(0, 1)).grid_size
+        4
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+    known = {f.name for f in fields(GeoLinkConfig)}
+    unknown = set(overrides) - known
+    if unknown:
+        raise ValueError(f"unknown GeoLinkConfig fields {sorted(unknown)}")
+    return replace(GeoLinkConfig(**PRESETS[preset]), **overrides)
