@@ -83,10 +83,13 @@ class GeoLink(nn.Module):
         return losses
 
     # --- segmentation --------------------------------------------------------------------------------------
-    def forward(self, images: torch.Tensor | None, graphs: Batch | None, mode: str = "fused") -> torch.Tensor:
-        """Per-pixel logits ``(B, num_classes, img_size, img_size)``."""
+    def forward(self, images: torch.Tensor | None, graphs: Batch | None, mode: str = "fused") -> torch.Tensor | dict[str, torch.Tensor]:
+        """Per-pixel logits ``(B, num_classes, img_size, img_size)``; ``mode="pretrain"`` returns the losses instead
+        (so a DDP-wrapped model trains through its own forward)."""
+        if mode == "pretrain":
+            return self.pretrain_losses(images, graphs)
         if mode not in MODES:
-            raise ValueError(f"mode {mode!r}: use one of {MODES}")
+            raise ValueError(f"mode {mode!r}: use one of {MODES} (or 'pretrain')")
         if mode in ("image", "fused") and images is None:
             raise ValueError(f"mode {mode!r} needs images")
         if mode in ("osm", "fused") and graphs is None:

@@ -1,0 +1,180 @@
+"""`pretrain` and `finetune` on Ray Train V2: samples streamed by Ray Data from the prepared tiles, DDP workers.
+
+The run lives in ``<storage>/<name>`` (checkpoints, resumable: rerunning with the same name continues from the
+latest checkpoint); the finished model bundle goes to ``<workspace>/models/<name>/`` with its metrics, its
+training config and the data splits it was trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from engine.atomic import atomic_path
+from engine.schema import CITY_SLUG_RE
+from engine.training.samples import LABEL_SETS, add_pixels, load_part, part_pairs
+from geolink_model.config import MODES, create_config
+
+TASKS = ("pretrain", "finetune")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run.
+
+    Args:
+        task: ``pretrain`` (self-supervised, no labels) or ``finetune`` (UV segmentation on the train split).
+        preset, model_overrides: the GeoLink preset and field overrides (``img_size`` follows the prepared tiles).
+        epochs, batch_size, lr, weight_decay, warmup_steps: AdamW with linear warmup and cosine decay.
+        checkpoint_every: steps between checkpoints (each epoch end is checkpointed too).
+        num_workers: DDP workers, or ``(min, max)`` for elastic training; cpus_per_worker, use_gpu: resources.
+        mode, classes, label_fraction, uv_weight: fine-tuning input mode, label set, share of training tiles
+            with labels (deterministic by tile id), and the loss weight of the non-background classes.
+        init_from: a model bundle to start from (a pretrained model for fine-tuning).
+        max_failures: worker failures survived by resuming from the latest checkpoint.
+    """
+
+    task: str
+    preset: str = "tiny"
+    model_overrides: dict = field(default_factory=dict)
+    epochs: int = 2
+    batch_size: int = 8
+    lr: float = 3e-4
+    weight_decay: float = 0.05
+    warmup_steps: int = 20
+    checkpoint_every: int = 50
+    num_workers: int | tuple[int, int] = 1
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    mode: str = "fused"
+    classes: str = "binary"
+    label_fraction: float = 1.0
+    uv_weight: float = 3.0
+    init_from: str | None = None
+    seed: int = 0
+    max_failures: int = 2
+    fail_at_step: int | None = None  # tests: raise once at this step on rank 0, to prove resume
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task {self.task!r}: use one of {TASKS}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode {self.mode!r}: use one of {MODES}")
+        if self.classes not in LABEL_SETS:
+            raise ValueError(f"classes {self.classes!r}: use one of {tuple(LABEL_SETS)}")
+        if not 0.0 < self.label_fraction <= 1.0:
+            raise ValueError("label_fraction must be in (0, 1]")
+        if self.epochs < 1 or self.batch_size < 1 or self.checkpoint_every < 1:
+            raise ValueError("epochs, batch_size and checkpoint_every must be >= 1")
+
+
+def _load_parts(pairs: pa.Table, fraction: float = 1.0, seed: int = 0) -> pa.Table:
+    """Ray Data step: prepared parts -> sample rows; with ``fraction`` < 1 keep that share of tiles, chosen by a
+    stable hash of (seed, tile_id), so the same runs see the same labelled subset."""
+    tables = [load_part(p) for p in pairs.to_pylist()]
+    table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+    if fraction < 1.0:
+        keep = [(zlib.crc32(f"{seed}:{t}".encode()) % 10_000) < fraction * 10_000 for t in table["tile_id"].to_pylist()]
+        table = table.filter(pa.array(keep))
+    return table
+
+
+def sample_dataset(workspace: str, cities: list[str], references: dict[str, str] | None, classes: tuple[str, ...],
+                   fraction: float = 1.0, seed: int = 0):
+    """Ray Dataset of training samples: graph + index rows per tile, then pixels (and labels) read by window."""
+    import ray
+
+    pairs = part_pairs(workspace, cities)
+    ds = ray.data.from_items(pairs, override_num_blocks=max(1, len(pairs)))
+    ds = ds.map_batches(_load_parts, fn_kwargs={"fraction": fraction, "seed": seed}, batch_size=1, batch_format="pyarrow")
+    return ds.map_batches(add_pixels, fn_kwargs={"references": references, "classes": classes}, batch_size=16, batch_format="pyarrow")
+
+
+def count_tiles(workspace: str, cities: list[str]) -> tuple[int, int]:
+    """Tiles of ``cities`` and their tile size, from Parquet footers and one column."""
+    n, size = 0, None
+    for pair in part_pairs(workspace, cities):
+        n += pq.read_metadata(pair["index"]).num_rows
+        if size is None:
+            sizes = pq.read_table(pair["index"], columns=["tile_size_px"])["tile_size_px"]
+            size = int(sizes[0].as_py()) if len(sizes) else None
+    return n, size or 224
+
+
+def run_training(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: TrainConfig, name: str,
+                 storage: str | None = None) -> Path:
+    """Train on Ray and write ``<workspace>/models/<name>/``; returns that folder.
+
+    Splits: pretraining uses every city but the test split (no labels needed); fine-tuning trains on ``train``
+    cities and validates on ``val`` cities. Raises ValueError naming what is missing (no train cities, no
+    reference for a train city, unprepared city).
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from engine.training.loop import train_loop_per_worker
+
+    workspace = str(workspace)
+    if not CITY_SLUG_RE.match(name or ""):  # the run name becomes a folder: same rule as city slugs
+        raise ValueError(f"run name {name!r} must match {CITY_SLUG_RE.pattern}")
+    rows = catalog.to_pylist()
+    split = {r["city"]: (r.get("split") or "train") for r in rows}
+    if cfg.task == "pretrain":
+        train_cities = [c for c, s in split.items() if s != "test"]
+        val_cities: list[str] = []
+    else:
+        train_cities = [c for c, s in split.items() if s == "train"]
+        val_cities = [c for c, s in split.items() if s == "val"]
+    if not train_cities:
+        raise ValueError(f"no cities to {cfg.task} on: the catalog needs rows with split 'train'")
+    references = None
+    classes = LABEL_SETS[cfg.classes]
+    if cfg.task == "finetune":
+        references = {r["city"]: r.get("reference") for r in rows if r["city"] in train_cities + val_cities}
+        missing = [c for c, ref in references.items() if not ref]
+        if missing:
+            raise ValueError(f"fine-tuning needs reference polygons; missing for {', '.join(missing)}")
+    n_tiles, tile_size = count_tiles(workspace, train_cities)
+    model_cfg = create_config(cfg.preset, img_size=tile_size, num_classes=len(classes), **cfg.model_overrides)
+    workers = cfg.num_workers if isinstance(cfg.num_workers, int) else cfg.num_workers[1]
+    steps_per_epoch = max(1, math.ceil(n_tiles * cfg.label_fraction / (cfg.batch_size * workers)))
+    storage = os.path.abspath(storage or os.path.join(workspace, "runs", "train"))
+    loop_config = {
+        "task": cfg.task, "model_config": model_cfg.to_json(), "seed": cfg.seed, "lr": cfg.lr, "weight_decay": cfg.weight_decay,
+        "warmup_steps": cfg.warmup_steps, "total_steps": steps_per_epoch * cfg.epochs, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
+        "checkpoint_every": cfg.checkpoint_every, "mode": cfg.mode, "classes": list(classes), "has_val": bool(val_cities),
+        "class_weights": [1.0] + [cfg.uv_weight] * (len(classes) - 1), "init_from": cfg.init_from,
+        "fail_at_step": cfg.fail_at_step, "fail_marker": os.path.join(storage, f".{name}.failed-once"),
+    }
+    datasets = {"train": sample_dataset(workspace, train_cities, references, classes, cfg.label_fraction, cfg.seed)}
+    if val_cities:
+        datasets["val"] = sample_dataset(workspace, val_cities, references, classes)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        datasets=datasets,
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {name} finished without a checkpoint ({result.error})")
+    out = Path(workspace) / "models" / name
+    with result.checkpoint.as_directory() as d, atomic_path(out) as tmp:
+        tmp.mkdir(parents=True)
+        for f in ("model.safetensors", "config.json", "metrics.jsonl"):
+            shutil.copy2(Path(d) / f, tmp / f)
+        (tmp / "splits.json").write_text(json.dumps({"train": train_cities, "val": val_cities,
+                                                      "test": [c for c, s in split.items() if s == "test"]}, indent=2))
+        (tmp / "train_config.json").write_text(json.dumps({**asdict(cfg), "model": json.loads(model_cfg.to_json())}, indent=2, default=str))
+    return out

@@ -1,0 +1,205 @@
+"""The Ray Train loop shared by pretraining and fine-tuning: one ``train_loop_per_worker(config)``.
+
+Resumes from ``ray.train.get_checkpoint()`` (after a worker failure, or a rerun with the same run name), reads its
+shard of the ``train`` dataset, steps AdamW with linear warmup + cosine decay, and reports metrics with a
+checkpoint every ``checkpoint_every`` steps. Checkpoints hold the model bundle (safetensors + JSON), the optimizer
+state as safetensors + JSON, and the trainer state as JSON: nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from engine.training.samples import IGNORE, collate
+from geolink_model.checkpoint import load_model, save_model
+from geolink_model.config import GeoLinkConfig
+from geolink_model.model import GeoLink, build_model
+
+OPTIM_TENSORS, OPTIM_JSON, STATE_JSON, HISTORY = "optim.safetensors", "optim.json", "trainer_state.json", "metrics.jsonl"
+
+
+def lr_at(step: int, total: int, warmup: int, base: float) -> float:
+    """Linear warmup to ``base`` over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def save_optimizer(opt: torch.optim.Optimizer, directory: Path) -> None:
+    state = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, values in state["state"].items():
+        for name, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"{pid}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{pid}.{name}"] = value
+    save_file(tensors, str(directory / OPTIM_TENSORS))
+    (directory / OPTIM_JSON).write_text(json.dumps({"param_groups": state["param_groups"], "scalars": scalars}))
+
+
+def load_optimizer(opt: torch.optim.Optimizer, directory: Path) -> None:
+    meta = json.loads((directory / OPTIM_JSON).read_text())
+    tensors = load_file(str(directory / OPTIM_TENSORS))
+    state: dict[int, dict] = {}
+    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor | None) -> torch.Tensor:
+    """Weighted cross-entropy + soft Dice over the foreground classes (class imbalance: villages are a few %)."""
+    ce = F.cross_entropy(logits, labels, weight=class_weights, ignore_index=IGNORE)
+    valid = (labels != IGNORE)[:, None]
+    probs = logits.softmax(dim=1) * valid
+    onehot = F.one_hot(labels.clamp(max=logits.shape[1] - 1), logits.shape[1]).permute(0, 3, 1, 2) * valid
+    inter = (probs * onehot).sum(dim=(0, 2, 3))[1:]
+    union = (probs + onehot).sum(dim=(0, 2, 3))[1:]
+    dice = 1.0 - ((2 * inter + 1.0) / (union + 1.0)).mean()
+    return ce + dice
+
+
+def confusion(logits: torch.Tensor, labels: torch.Tensor, n: int) -> torch.Tensor:
+    pred = logits.argmax(dim=1)
+    valid = labels != IGNORE
+    return torch.bincount(labels[valid] * n + pred[valid], minlength=n * n).reshape(n, n)
+
+
+def scores(matrix: np.ndarray, classes: tuple[str, ...]) -> dict[str, float]:
+    """IoU and F1 per class and mIoU from a confusion matrix (rows = truth, columns = prediction)."""
+    tp = np.diag(matrix).astype(float)
+    fp, fn = matrix.sum(axis=0) - tp, matrix.sum(axis=1) - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = tp / (tp + fp + fn)
+        f1 = 2 * tp / (2 * tp + fp + fn)
+    out = {f"iou_{c}": float(np.nan_to_num(v)) for c, v in zip(classes, iou)}
+    out.update({f"f1_{c}": float(np.nan_to_num(v)) for c, v in zip(classes, f1)})
+    out["miou"] = float(np.nanmean(iou)) if np.isfinite(iou).any() else 0.0
+    return out
+
+
+def _unwrap(model: torch.nn.Module) -> GeoLink:
+    return model.module if hasattr(model, "module") else model
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train entry: ``config`` holds the task, the model config JSON and the optimisation settings."""
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    torch.manual_seed(int(config["seed"]) + rank)
+    np.random.seed(int(config["seed"]) + rank)
+    device = ray.train.torch.get_device()
+    task = config["task"]
+    classes = tuple(config.get("classes", ("other", "urban_village")))
+
+    step, epoch, history = 0, 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            model, _ = load_model(d)
+            state = json.loads((Path(d) / STATE_JSON).read_text())
+            step, epoch, history = state["step"], state["epoch"], state["history"]
+            opt_dir = Path(tempfile.mkdtemp())
+            for name in (OPTIM_TENSORS, OPTIM_JSON):
+                (opt_dir / name).write_bytes((Path(d) / name).read_bytes())
+    else:
+        if config.get("init_from"):
+            model, _ = load_model(config["init_from"])
+            model.cfg = GeoLinkConfig.from_json(config["model_config"])  # head sizes come from the task's config
+            fresh = build_model(model.cfg)
+            fresh.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("seg_decoder.classify")}, strict=False)
+            model = fresh
+        else:
+            model = build_model(GeoLinkConfig.from_json(config["model_config"]))
+        opt_dir = None
+    cfg = model.cfg
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
+    opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    if opt_dir is not None:
+        load_optimizer(opt, opt_dir)
+    weights = torch.tensor(config["class_weights"], dtype=torch.float32, device=device) if config.get("class_weights") else None
+    total = int(config["total_steps"])
+    use_amp = device.type == "cuda"
+    train = ray.train.get_dataset_shard("train")
+
+    def report(metrics: dict, with_checkpoint: bool) -> None:
+        if not with_checkpoint:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            if rank == 0:
+                save_model(_unwrap(model), tmp, extra={"task": task, "step": step})
+                save_optimizer(opt, Path(tmp))
+                (Path(tmp) / STATE_JSON).write_text(json.dumps({"step": step, "epoch": epoch, "history": history}))
+                (Path(tmp) / HISTORY).write_text("".join(json.dumps(h) + "\n" for h in history))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
+
+    while epoch < int(config["epochs"]):
+        model.train()
+        t0, seen, running = time.perf_counter(), 0, {}
+        for batch in train.iter_batches(batch_size=int(config["batch_size"]), batch_format="pyarrow", drop_last=False):
+            if config.get("fail_at_step") is not None and step == int(config["fail_at_step"]) and rank == 0:
+                marker = Path(config["fail_marker"])
+                if not marker.exists():  # fail once, the way a lost worker would, to prove resume
+                    marker.write_text("failed once")
+                    raise RuntimeError(f"injected failure at step {step}")
+            images, graphs, labels = collate(batch, device)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, total, int(config["warmup_steps"]), float(config["lr"]))
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+                if task == "pretrain":  # through the (DDP-wrapped) forward, so gradients are synchronised
+                    losses = model(images, graphs, "pretrain")
+                    loss = losses["loss"]
+                else:
+                    logits = model(images if config["mode"] != "osm" else None, graphs, config["mode"])
+                    loss = segmentation_loss(logits.float(), labels, weights)
+                    losses = {"loss": loss}
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            step += 1
+            seen += images.shape[0]
+            for k, v in losses.items():
+                running[k] = running.get(k, 0.0) + float(v.detach())
+            running["n"] = running.get("n", 0) + 1
+            if step % int(config["checkpoint_every"]) == 0:
+                report({"step": step, "epoch": epoch, **{k: v / running["n"] for k, v in running.items() if k != "n"}}, with_checkpoint=True)
+        epoch += 1
+        seconds = time.perf_counter() - t0
+        record = {"epoch": epoch, "step": step, "samples_per_s": seen / max(seconds, 1e-9),
+                  **{f"train_{k}": v / max(running.get("n", 1), 1) for k, v in running.items() if k != "n"}}
+        if task == "finetune" and config.get("has_val"):
+            record.update(_validate(model, ray.train.get_dataset_shard("val"), config, classes, device))
+        history.append(record)
+        report(record, with_checkpoint=True)
+
+
+def _validate(model, shard, config: dict, classes: tuple[str, ...], device: torch.device) -> dict:
+    """IoU/F1 per class and mIoU on the val split, summed over all workers."""
+    model.eval()
+    n = len(classes)
+    matrix = torch.zeros(n, n, dtype=torch.long, device=device)
+    with torch.no_grad():
+        for batch in shard.iter_batches(batch_size=int(config["batch_size"]), batch_format="pyarrow"):
+            images, graphs, labels = collate(batch, device)
+            logits = model(images if config["mode"] != "osm" else None, graphs, config["mode"])
+            matrix += confusion(logits.float(), labels, n).to(device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(matrix)
+    return {f"val_{k}": v for k, v in scores(matrix.cpu().numpy(), classes).items()}
+
