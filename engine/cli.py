@@ -6,6 +6,7 @@ Expected failures (bad catalog, bad arguments) print one clear message and exit 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -158,6 +159,86 @@ def prepare(
     if failed:
         _fail(f"{len(failed)} of {len(results)} cities failed: {', '.join(r.city for r in failed)}", code=1)
     console.print(f"[green]ok:[/] {sum(r.tiles for r in results)} tiles in {len(results)} cities")
+
+
+def _train(ctx: typer.Context, task: str, name: str, preset: str, epochs: int, batch_size: int, lr: float, workers: str,
+           gpu: bool, mode: str, classes: str, label_fraction: float, init_from: Path | None, storage: str | None, seed: int,
+           address: str | None) -> None:
+    from engine.pipelines.runtime import init_ray
+    from engine.pipelines.train import TrainConfig, run_training
+
+    settings: Settings = ctx.obj
+    path, table = _load_catalog(settings)
+    try:
+        lo, _, hi = workers.partition("-")
+        n_workers: int | tuple[int, int] = (int(lo), int(hi)) if hi else int(lo)
+        cfg = TrainConfig(task=task, preset=preset, epochs=epochs, batch_size=batch_size, lr=lr, num_workers=n_workers, use_gpu=gpu,
+                          mode=mode, classes=classes, label_fraction=label_fraction, init_from=str(init_from) if init_from else None, seed=seed)
+    except ValueError as exc:
+        _fail(f"{exc} (--workers takes N or MIN-MAX)")
+    init_ray(address)
+    try:
+        out = run_training(table, settings.workspace, cfg, name=name, storage=storage)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    last = json.loads(lines[-1]) if lines else {}
+    shown = {k: round(v, 4) for k, v in last.items() if isinstance(v, float)}
+    console.print(f"[green]ok:[/] {task} model in [bold]{out}[/] (last epoch: {shown})", soft_wrap=True)
+
+
+_TRAIN_OPTIONS = {
+    "name": typer.Option("--name", help="Run name: checkpoints in <storage>/<name>, model in <workspace>/models/<name>; rerun resumes."),
+    "preset": typer.Option("--preset", help="GeoLink preset: tiny (CPU), base, large."),
+    "epochs": typer.Option("--epochs", min=1, help="Epochs over the training tiles."),
+    "batch_size": typer.Option("--batch-size", min=1, help="Tiles per step per worker."),
+    "lr": typer.Option("--lr", help="Peak learning rate (AdamW, warmup + cosine)."),
+    "workers": typer.Option("--workers", help="DDP workers: N, or MIN-MAX for elastic training."),
+    "gpu": typer.Option("--gpu", help="Use one GPU per worker (NCCL, bf16 autocast)."),
+    "storage": typer.Option("--storage", help="Checkpoint storage (local path or s3://...); default <workspace>/runs/train."),
+    "seed": typer.Option("--seed", help="Random seed."),
+    "address": typer.Option("--address", help="Ray address; default: a local Ray."),
+}
+
+
+@app.command("pretrain")
+def pretrain(
+    ctx: typer.Context,
+    name: Annotated[str, _TRAIN_OPTIONS["name"]] = "pretrain",
+    preset: Annotated[str, _TRAIN_OPTIONS["preset"]] = "tiny",
+    epochs: Annotated[int, _TRAIN_OPTIONS["epochs"]] = 3,
+    batch_size: Annotated[int, _TRAIN_OPTIONS["batch_size"]] = 8,
+    lr: Annotated[float, _TRAIN_OPTIONS["lr"]] = 3e-4,
+    workers: Annotated[str, _TRAIN_OPTIONS["workers"]] = "1",
+    gpu: Annotated[bool, _TRAIN_OPTIONS["gpu"]] = False,
+    storage: Annotated[str | None, _TRAIN_OPTIONS["storage"]] = None,
+    seed: Annotated[int, _TRAIN_OPTIONS["seed"]] = 0,
+    address: Annotated[str | None, _TRAIN_OPTIONS["address"]] = None,
+) -> None:
+    """Self-supervised pretraining (masked patches, image-graph contrast, masked OSM nodes) on Ray Train."""
+    _train(ctx, "pretrain", name, preset, epochs, batch_size, lr, workers, gpu, "fused", "binary", 1.0, None, storage, seed, address)
+
+
+@app.command("finetune")
+def finetune(
+    ctx: typer.Context,
+    name: Annotated[str, _TRAIN_OPTIONS["name"]] = "finetune",
+    preset: Annotated[str, _TRAIN_OPTIONS["preset"]] = "tiny",
+    epochs: Annotated[int, _TRAIN_OPTIONS["epochs"]] = 3,
+    batch_size: Annotated[int, _TRAIN_OPTIONS["batch_size"]] = 8,
+    lr: Annotated[float, _TRAIN_OPTIONS["lr"]] = 3e-4,
+    workers: Annotated[str, _TRAIN_OPTIONS["workers"]] = "1",
+    gpu: Annotated[bool, _TRAIN_OPTIONS["gpu"]] = False,
+    mode: Annotated[str, typer.Option("--mode", help="Input: fused, image or osm.")] = "fused",
+    classes: Annotated[str, typer.Option("--classes", help="binary (UV vs not) or landuse (all classes).")] = "binary",
+    label_fraction: Annotated[float, typer.Option("--label-fraction", help="Share of training tiles with labels.")] = 1.0,
+    init_from: Annotated[Path | None, typer.Option("--init-from", help="Start from this model bundle (e.g. a pretrained model).")] = None,
+    storage: Annotated[str | None, _TRAIN_OPTIONS["storage"]] = None,
+    seed: Annotated[int, _TRAIN_OPTIONS["seed"]] = 0,
+    address: Annotated[str | None, _TRAIN_OPTIONS["address"]] = None,
+) -> None:
+    """Fine-tune for urban-village segmentation on the train split; IoU/F1/mIoU on the val split each epoch."""
+    _train(ctx, "finetune", name, preset, epochs, batch_size, lr, workers, gpu, mode, classes, label_fraction, init_from, storage, seed, address)
 
 
 @catalog_app.command("show")

@@ -172,7 +172,7 @@ def run_training(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: Trai
     out = Path(workspace) / "models" / name
     with result.checkpoint.as_directory() as d, atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
-        for f in ("model.safetensors", "config.json", "metrics.jsonl"):
+        for f in ("model.safetensors", "config.json", "metrics.jsonl", "trainer_state.json"):
             shutil.copy2(Path(d) / f, tmp / f)
         (tmp / "splits.json").write_text(json.dumps({"train": train_cities, "val": val_cities,
                                                       "test": [c for c, s in split.items() if s == "test"]}, indent=2))

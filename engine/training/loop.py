@@ -106,13 +106,14 @@ def train_loop_per_worker(config: dict) -> None:
     task = config["task"]
     classes = tuple(config.get("classes", ("other", "urban_village")))
 
-    step, epoch, history = 0, 0, []
+    step, epoch, history, resumed = 0, 0, [], []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
             model, _ = load_model(d)
             state = json.loads((Path(d) / STATE_JSON).read_text())
             step, epoch, history = state["step"], state["epoch"], state["history"]
+            resumed = state.get("resumed", []) + [step]  # an interrupted epoch restarts; the step count goes on
             opt_dir = Path(tempfile.mkdtemp())
             for name in (OPTIM_TENSORS, OPTIM_JSON):
                 (opt_dir / name).write_bytes((Path(d) / name).read_bytes())
@@ -144,7 +145,7 @@ def train_loop_per_worker(config: dict) -> None:
             if rank == 0:
                 save_model(_unwrap(model), tmp, extra={"task": task, "step": step})
                 save_optimizer(opt, Path(tmp))
-                (Path(tmp) / STATE_JSON).write_text(json.dumps({"step": step, "epoch": epoch, "history": history}))
+                (Path(tmp) / STATE_JSON).write_text(json.dumps({"step": step, "epoch": epoch, "history": history, "resumed": resumed}))
                 (Path(tmp) / HISTORY).write_text("".join(json.dumps(h) + "\n" for h in history))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
 

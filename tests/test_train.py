@@ -1,0 +1,67 @@
+"""Ray Train V2 on CPU: 2 workers (0.5 CPU each) fine-tune, checkpoint, survive an injected failure, resume."""
+
+import json
+
+import pytest
+
+from engine.catalog import load_catalog
+from engine.pipelines.prepare import run_prepare
+from engine.pipelines.train import TrainConfig, run_training
+from engine.tiles.city import PrepareConfig
+from engine.tiles.grid import TileGridConfig
+from geolink_model.checkpoint import load_model
+
+SMALL_MODEL = dict(depth=2, feature_layers=(0, 1), embed_dim=96, num_heads=3, fusion_heads=3, osm_dim=64, decoder_dim=64,
+                   decoder_heads=4, seg_dim=32)
+
+
+@pytest.fixture(scope="module")
+def small_tiles(ray_session, demo_workspace, tmp_path_factory):
+    ws = tmp_path_factory.mktemp("train")
+    catalog = load_catalog(demo_workspace / "catalog.yaml")
+    results = run_prepare(catalog, ws, PrepareConfig(grid=TileGridConfig(tile_size_px=128, overlap_px=32)))
+    assert {r.status for r in results} == {"done"}
+    return ws, catalog
+
+
+def test_two_worker_finetune_survives_a_failure_and_resumes(small_tiles, tmp_path):
+    ws, catalog = small_tiles
+    cfg = TrainConfig(task="finetune", model_overrides=SMALL_MODEL, epochs=2, batch_size=8, checkpoint_every=2, num_workers=2,
+                      cpus_per_worker=0.5, fail_at_step=3, max_failures=1, warmup_steps=2)
+    out = run_training(catalog, ws, cfg, name="ft-resume", storage=str(tmp_path / "runs"))
+    assert (tmp_path / "runs" / ".ft-resume.failed-once").exists(), "the injected failure happened"
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["resumed"] == [2], "restarted from the checkpoint written at step 2, before the failure at step 3"
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert all(0.0 <= h["val_iou_urban_village"] <= 1.0 and "val_miou" in h for h in history)
+    splits = json.loads((out / "splits.json").read_text())
+    assert splits["train"] and splits["val"] and not set(splits["train"]) & set(splits["val"])
+    model, extra = load_model(out)
+    assert extra["task"] == "finetune" and model.cfg.img_size == 128 and model.cfg.num_classes == 2
+
+
+def test_pretrain_then_finetune_from_it(small_tiles, tmp_path):
+    ws, catalog = small_tiles
+    pre = run_training(catalog, ws, TrainConfig(task="pretrain", model_overrides=SMALL_MODEL, epochs=1, batch_size=8, checkpoint_every=50,
+                                                num_workers=1, cpus_per_worker=0.5), name="pre", storage=str(tmp_path / "runs"))
+    record = json.loads((pre / "metrics.jsonl").read_text().splitlines()[-1])
+    assert all(record[f"train_{k}"] > 0 for k in ("mae", "contrastive", "node"))
+    ft = run_training(catalog, ws, TrainConfig(task="finetune", model_overrides=SMALL_MODEL, epochs=1, batch_size=8, num_workers=1,
+                                               cpus_per_worker=0.5, init_from=str(pre), label_fraction=0.5, mode="fused"),
+                      name="ft-from-pre", storage=str(tmp_path / "runs"))
+    assert json.loads((ft / "train_config.json").read_text())["init_from"] == str(pre)
+    assert (ft / "model.safetensors").is_file()
+
+
+def test_bad_training_requests_fail_clearly(small_tiles):
+    ws, catalog = small_tiles
+    with pytest.raises(ValueError, match="task"):
+        TrainConfig(task="distill")
+    with pytest.raises(ValueError, match="run name"):
+        run_training(catalog, ws, TrainConfig(task="finetune"), name="../escape")
+    rows = [{**r, "split": "map"} for r in catalog.to_pylist()]
+    import pyarrow as pa
+
+    with pytest.raises(ValueError, match="split 'train'"):
+        run_training(pa.Table.from_pylist(rows, schema=catalog.schema), ws, TrainConfig(task="finetune"), name="nothing")
