@@ -38,8 +38,9 @@ class MaeDecoder(nn.Module):
     def forward(self, visible: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         b, _, _ = visible.shape
         n = self.cfg.num_patches
-        x = self.mask_token.expand(b, n, -1).clone()
-        x.scatter_(1, keep[..., None].expand(-1, -1, x.shape[-1]), self.embed(visible))
+        embedded = self.embed(visible)
+        x = self.mask_token.to(embedded.dtype).expand(b, n, -1).clone()  # autocast: match the embedding's dtype
+        x.scatter_(1, keep[..., None].expand(-1, -1, x.shape[-1]), embedded)
         x = self.blocks(x + self.pos_embed)
         return self.pred(self.norm(x))
 

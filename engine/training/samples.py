@@ -21,10 +21,10 @@ from rasterio.windows import Window
 from rasterio.windows import transform as window_transform
 
 from engine.tiles.graph_store import row_to_graph
+from engine.training.metrics import IGNORE
 from engine.tiles.grid import read_window
 from geolink_model import batch_graphs
 
-IGNORE = 255  # label value for pixels outside the raster or the AOI: no loss, no metric
 LABEL_SETS: dict[str, tuple[str, ...]] = {
     "binary": ("other", "urban_village"),
     "landuse": ("other", "urban_village", "formal_residential", "commercial", "industrial", "institutional", "green", "water",

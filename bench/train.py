@@ -1,0 +1,202 @@
+"""Benchmark training throughput: samples/s per worker for pretraining and fine-tuning, and MFU on a GPU.
+
+Usage:
+    python bench/train.py                      # CPU, `tiny`, one thread per worker, real demo tiles
+    python bench/train.py --device cuda --preset base --batch-size 128   # GPU, bf16 autocast, plus MFU
+
+A "worker" is one training process: on CPU it gets one thread (as a 1-CPU Ray Train worker does). Steps are the
+same forward/backward/AdamW steps the Ray Train loop runs. FLOPs per step are counted by
+``torch.utils.flop_counter.FlopCounterMode`` (forward + backward), and MFU = counted FLOPs / step time / peak bf16
+dense FLOP/s of the device (H100 SXM: 989 TFLOP/s). The image-branch MFU times the ViT encoder alone (patch embed
++ blocks, full 224 px tiles, fine-tuning style), which is where the compute is.
+
+On CPU the batches are real prepared demo tiles (generated and prepared in a temp workspace); with ``--device
+cuda`` the graphs are random but sized like demo tiles (so the benchmark needs only torch, timm, PyG and shapely).
+Writes bench/results/train.json (CPU) or bench/results/train_gpu.json (GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from geolink_model import batch_graphs, build_model, create_config  # noqa: E402
+from geolink_model.osm_graph import EDGE_TYPES, GEOM_FEATURES, NODE_TYPES, NodeSet, TileGraph  # noqa: E402
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def random_graph(rng: np.random.Generator, nodes: dict[str, int], edges_per_type: int, tokens: int = 12) -> TileGraph:
+    """A tile graph with demo-like sizes and random contents (positions in [0, 1], valid edge indices)."""
+    ns = {}
+    for t in NODE_TYPES:
+        n = nodes[t]
+        geom = rng.random((n, len(GEOM_FEATURES[t]))).astype(np.float32)
+        tok = rng.integers(1, 1 << 15, size=(n, tokens)).astype(np.int32)
+        tok[:, 4:] = 0
+        ns[t] = NodeSet(osm_id=np.arange(n, dtype=np.int64), tokens=tok, geom=geom)
+    ed = {}
+    for s, r, d in EDGE_TYPES:
+        if nodes[s] and nodes[d]:
+            ed[(s, r, d)] = np.stack([rng.integers(0, nodes[s], edges_per_type), rng.integers(0, nodes[d], edges_per_type)]).astype(np.int64)
+        else:
+            ed[(s, r, d)] = np.zeros((2, 0), np.int64)
+    return TileGraph(nodes=ns, edges=ed)
+
+
+def real_batches(batch_size: int, n_batches: int):
+    """Batches of real demo tiles (generated and prepared here) as the training loop sees them."""
+    import tempfile
+
+    import pyarrow as pa
+
+    from engine.catalog import load_catalog
+    from engine.synth.config import SynthConfig
+    from engine.synth.demo import write_demo
+    from engine.tiles.city import PrepareConfig, build_chunk, city_input_hash, file_digest, plan_city
+    from engine.training.samples import add_pixels, collate
+
+    tmp = Path(tempfile.mkdtemp())
+    write_demo(tmp, 3, SynthConfig(), seed=0, workers=1)
+    rows = load_catalog(tmp / "catalog.yaml").to_pylist()
+    tables = []
+    cfg = PrepareConfig()
+    for row in rows:
+        digest = file_digest(row["imagery"])
+        plan = plan_city(row, cfg, tmp / "stage" / row["city"], digest, city_input_hash(row, cfg, digest, file_digest(row["osm"])))
+        for chunk in plan.chunks:
+            index, graphs = build_chunk(plan.grid, plan.features_path, chunk, digest, cfg)
+            for name in graphs.column_names:
+                if name != "tile_id":
+                    index = index.append_column(graphs.schema.field(name), graphs[name])
+            tables.append(index)
+    table = pa.concat_tables(tables)
+    refs = {r["city"]: r["reference"] for r in rows}
+    out = []
+    for i in range(n_batches):
+        part = table.slice((i * batch_size) % max(1, table.num_rows - batch_size), batch_size)
+        out.append(collate(add_pixels(part, refs)))
+    return out
+
+
+def time_steps(model, step, batches, warmup: int, device: torch.device, compile_part=None) -> tuple[float, float]:
+    """Mean seconds per step and FLOPs per step (counted once)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    counter = FlopCounterMode(display=False)
+    with counter:  # counted eagerly, before any compilation (compiled graphs bypass the counter)
+        step(model, opt, batches[0])
+    flops = float(counter.get_total_flops())
+    if compile_part is not None:
+        model = compile_part(model)
+    for b in batches[:warmup]:
+        step(model, opt, b)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for b in batches[warmup:]:
+        step(model, opt, b)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / max(1, len(batches) - warmup), flops
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    torch.manual_seed(0)
+    cfg = create_config(args.preset, img_size=224)
+    amp = device.type == "cuda"
+    if device.type == "cpu":
+        batches = real_batches(args.batch_size, args.steps + 2)
+    else:
+        rng = np.random.default_rng(0)
+        batches = []
+        for _ in range(args.steps + 2):
+            graphs = [random_graph(rng, {"point": 4, "line": 6, "polygon": 30}, 40) for _ in range(args.batch_size)]
+            images = torch.randn(args.batch_size, 3, 224, 224)
+            labels = torch.randint(0, 2, (args.batch_size, 224, 224))
+            batches.append((images, batch_graphs(graphs), labels))
+    batches = [(i.to(device), g.to(device), lab.to(device)) for i, g, lab in batches]
+
+    def pretrain_step(model, opt, b):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = model(b[0], b[1], "pretrain")["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def finetune_step(model, opt, b):
+        from engine.training.metrics import segmentation_loss
+
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(b[0], b[1], "fused")
+        loss = segmentation_loss(logits.float(), b[2], None)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def image_step(encoder, opt, b):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            out = encoder(b[0]).tokens
+        loss = out.float().pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    rows = {}
+    for name, step in (("pretrain", pretrain_step), ("finetune", finetune_step)):
+        model = build_model(cfg).to(device).train()
+        compile_part = (lambda m: setattr(m, "image_encoder", torch.compile(m.image_encoder)) or m) if args.compile else None
+        seconds, flops = time_steps(model, step, batches, 3, device, compile_part)
+        rows[name] = {"samples_per_s": args.batch_size / seconds, "tflops_per_step": flops / 1e12, "seconds_per_step": seconds}
+        del model
+    if device.type == "cuda":
+        encoder = build_model(cfg).image_encoder.to(device).train()
+        compile_part = torch.compile if args.compile else None
+        seconds, flops = time_steps(encoder, image_step, batches, 3, device, compile_part)
+        name = torch.cuda.get_device_name()
+        peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+        rows["image_branch"] = {"samples_per_s": args.batch_size / seconds, "tflops_per_step": flops / 1e12,
+                                "achieved_tflops": flops / seconds / 1e12, "mfu": (flops / seconds / peak) if peak else None}
+        for key in ("pretrain", "finetune"):
+            rows[key]["mfu"] = rows[key]["tflops_per_step"] * 1e12 / rows[key]["seconds_per_step"] / peak if peak else None
+    print(f"{'step':<14}{'samples/s':>12}{'TFLOP/step':>12}{'MFU':>8}")
+    for k, v in rows.items():
+        mfu = v.get("mfu")
+        print(f"{k:<14}{v['samples_per_s']:>12.2f}{v['tflops_per_step']:>12.3f}{(f'{mfu:.1%}' if mfu else '-'):>8}")
+    machine_note = torch.cuda.get_device_name() if device.type == "cuda" else "1 CPU thread per worker"
+    metrics = {"samples_per_s_per_worker": {k: round(v["samples_per_s"], 2) for k, v in rows.items()}}
+    if device.type == "cuda":
+        metrics["mfu"] = {k: round(v["mfu"], 4) for k, v in rows.items() if v.get("mfu")}
+    try:
+        from common import write_results
+
+        out = write_results("train_gpu" if device.type == "cuda" else "train", metrics,
+                            {"preset": args.preset, "batch_size": args.batch_size, "compiled": args.compile, "device": machine_note, "detail": rows})
+        print(f"wrote {out}")
+    except Exception as exc:  # on a bare GPU machine the results come back through $OUT instead
+        print(f"results not written ({exc})")
+    import json
+
+    print("JSON", json.dumps({"metrics": metrics, "detail": rows, "device": machine_note}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""Shared argument parsing for the training job entry points (jobs/pretrain.py, jobs/finetune.py)."""
+
+from __future__ import annotations
+
+import argparse
+
+from engine.catalog import find_catalog, load_catalog
+from engine.pipelines.runtime import init_ray
+from engine.pipelines.train import TrainConfig, run_training
+
+
+def run(task: str, description: str) -> None:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--workspace", default="geolink-data")
+    parser.add_argument("--catalog", default=None)
+    parser.add_argument("--name", default=task)
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--workers", default="1", help="N or MIN-MAX (elastic)")
+    parser.add_argument("--gpu", action="store_true")
+    parser.add_argument("--mode", default="fused")
+    parser.add_argument("--label-fraction", type=float, default=1.0)
+    parser.add_argument("--init-from", default=None)
+    parser.add_argument("--storage", default=None, help="local path or s3://bucket/prefix")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    lo, _, hi = args.workers.partition("-")
+    cfg = TrainConfig(task=task, preset=args.preset, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                      num_workers=(int(lo), int(hi)) if hi else int(lo), use_gpu=args.gpu, mode=args.mode,
+                      label_fraction=args.label_fraction, init_from=args.init_from, seed=args.seed)
+    init_ray("auto")
+    catalog = load_catalog(args.catalog or find_catalog(args.workspace))
+    print(run_training(catalog, args.workspace, cfg, name=args.name, storage=args.storage))
