@@ -9,7 +9,6 @@ state as safetensors + JSON, and the trainer state as JSON: nothing is pickled.
 from __future__ import annotations
 
 import json
-import math
 import tempfile
 import time
 from pathlib import Path
@@ -20,19 +19,12 @@ from safetensors.torch import load_file, save_file
 
 from engine.training.metrics import confusion, scores, segmentation_loss
 from engine.training.samples import collate
+from engine.training.schedule import lr_at
 from geolink_model.checkpoint import load_model, save_model
 from geolink_model.config import GeoLinkConfig
 from geolink_model.model import GeoLink, build_model
 
 OPTIM_TENSORS, OPTIM_JSON, STATE_JSON, HISTORY = "optim.safetensors", "optim.json", "trainer_state.json", "metrics.jsonl"
-
-
-def lr_at(step: int, total: int, warmup: int, base: float) -> float:
-    """Linear warmup to ``base`` over ``warmup`` steps, then cosine decay to 0 at ``total``."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return base * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def save_optimizer(opt: torch.optim.Optimizer, directory: Path) -> None:

@@ -21,7 +21,7 @@ from rasterio.windows import Window
 from rasterio.windows import transform as window_transform
 
 from engine.tiles.graph_store import row_to_graph
-from engine.training.metrics import IGNORE
+from engine.training.metrics import IGNORE, MEAN, STD
 from engine.tiles.grid import read_window
 from geolink_model import batch_graphs
 
@@ -30,7 +30,6 @@ LABEL_SETS: dict[str, tuple[str, ...]] = {
     "landuse": ("other", "urban_village", "formal_residential", "commercial", "industrial", "institutional", "green", "water",
                 "farmland", "vacant"),
 }
-MEAN, STD = 0.45, 0.25  # pixel normalisation after scaling to [0, 1]
 
 
 def part_pairs(workspace: str | os.PathLike[str], cities: list[str]) -> list[dict]:

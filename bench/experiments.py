@@ -1,0 +1,220 @@
+"""The paper's claims on our synthetic cities: modes, pretraining with few labels, position-guided attention.
+
+Two phases, so the compute can run on a GPU machine that lacks the geo stack:
+
+    python bench/experiments.py export --workspace geolink-data --out .expdata/tiles.parquet   # here (prepared demo)
+    python bench/experiments.py run --data .expdata/tiles.parquet --out results.json         # anywhere with torch
+
+``export`` packs the prepared tiles of the demo catalog (graph columns, the tile image as PNG, binary UV labels
+rasterised from the reference polygons as PNG, the city and its split) into one Parquet file. ``run`` trains in
+process with the engine's own model, losses and metrics (the Ray Train loop is tested separately; here the point
+is the model), for each seed:
+
+1. pretrain (self-supervised) on every non-test city;
+2. fine-tune from it in each mode (fused, image, osm) with all training labels;
+3. with 10% of the training tiles labelled: fine-tune from the pretrained model and from scratch;
+4. ablation: pretrain + fine-tune (fused) without the position-guided node embedding.
+
+Every fine-tuned model is scored on the held-out test cities (never seen in fine-tuning): UV IoU. Writes JSON
+with per-seed values and mean/std per configuration, plus the pretraining loss curves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import time
+import zlib
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+
+# --- export (needs the geo stack) --------------------------------------------------------------------------------
+def export(workspace: Path, out: Path) -> None:
+    from PIL import Image
+
+    from engine.catalog import load_catalog
+    from engine.training.samples import add_pixels, load_part, part_pairs
+
+    catalog = load_catalog(workspace / "catalog.yaml").to_pylist()
+    tables = []
+    for row in catalog:
+        for pair in part_pairs(workspace, [row["city"]]):
+            part = add_pixels(load_part(pair), {row["city"]: row["reference"]})
+            images = np.concatenate([c.to_numpy() for c in part["image"].chunks])
+            labels = np.concatenate([c.to_numpy() for c in part["label"].chunks])
+            keep = [n for n in part.column_names if n.startswith(("point_", "line_", "polygon_", "edge__")) or n in ("tile_id", "tokens_per_node")]
+            part = part.select(keep)
+            part = part.append_column("image_png", pa.array([_png(np.transpose(i, (1, 2, 0)), Image) for i in images], pa.binary()))
+            part = part.append_column("label_png", pa.array([_png(lab, Image) for lab in labels], pa.binary()))
+            part = part.append_column("city", pa.array([row["city"]] * part.num_rows))
+            part = part.append_column("split", pa.array([row.get("split") or "train"] * part.num_rows))
+            tables.append(part)
+    table = pa.concat_tables(tables)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, out, compression="zstd")
+    print(f"wrote {out}: {table.num_rows} tiles, {out.stat().st_size / 2**20:.1f} MiB")
+
+
+def _png(array: np.ndarray, Image) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+# --- run (torch + PyG + shapely only) ------------------------------------------------------------------------------
+def load_data(path: Path, device):
+    import torch
+    from PIL import Image
+
+    from engine.tiles.graph_store import row_to_graph
+    from engine.training.metrics import MEAN, STD
+
+    table = pq.read_table(path)
+    images = np.stack([np.asarray(Image.open(io.BytesIO(b))) for b in table["image_png"].to_pylist()]).transpose(0, 3, 1, 2)
+    labels = np.stack([np.asarray(Image.open(io.BytesIO(b))) for b in table["label_png"].to_pylist()])
+    graph_cols = [n for n in table.column_names if n.startswith(("point_", "line_", "polygon_", "edge__")) or n == "tokens_per_node"]
+    graphs = [row_to_graph(r) for r in table.select(graph_cols).to_pylist()]
+    x = torch.as_tensor(images, device=device).float().div_(255.0).sub_(MEAN).div_(STD)
+    y = torch.as_tensor(labels, device=device).long()
+    return x, y, graphs, np.array(table["split"].to_pylist()), table["tile_id"].to_pylist()
+
+
+def train(model, x, y, graphs, idx, task: str, epochs: int, batch: int, lr: float, seed: int, mode: str = "fused", history=None):
+    import torch
+
+    from engine.training.schedule import lr_at
+    from engine.training.metrics import segmentation_loss
+    from geolink_model import batch_graphs
+
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    steps_per_epoch = max(1, len(idx) // batch)
+    total, step = steps_per_epoch * epochs, 0
+    weights = torch.tensor([1.0, 3.0], device=x.device)
+    for epoch in range(epochs):
+        order = idx[torch.randperm(len(idx), generator=g).numpy()]
+        sums = {}
+        for s in range(steps_per_epoch):
+            b = order[s * batch:(s + 1) * batch]
+            images = x[b]
+            data = batch_graphs([graphs[i] for i in b]).to(x.device)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, total, max(1, total // 20), lr)
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+                if task == "pretrain":
+                    losses = model(images, data, "pretrain")
+                    loss = losses["loss"]
+                else:
+                    logits = model(images if mode != "osm" else None, data, mode)
+                    losses = {"loss": segmentation_loss(logits.float(), y[b], weights)}
+                    loss = losses["loss"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            step += 1
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+        if history is not None:
+            history.append({k: v / steps_per_epoch for k, v in sums.items()})
+    return model
+
+
+def evaluate(model, x, y, graphs, idx, mode: str, batch: int = 32) -> float:
+    import torch
+
+    from engine.training.metrics import confusion, scores
+    from geolink_model import batch_graphs
+
+    model.eval()
+    matrix = torch.zeros(2, 2, dtype=torch.long, device=x.device)
+    with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+        for s in range(0, len(idx), batch):
+            b = idx[s:s + batch]
+            data = batch_graphs([graphs[i] for i in b]).to(x.device)
+            logits = model(x[b] if mode != "osm" else None, data, mode)
+            matrix += confusion(logits.float(), y[b], 2)
+    model.train()
+    return scores(matrix.cpu().numpy(), ("other", "urban_village"))["iou_urban_village"]
+
+
+def run(data: Path, out: Path, seeds: list[int], preset: str, pre_epochs: int, ft_epochs: int, batch: int, limit: int | None = None) -> None:
+    import torch
+
+    from geolink_model import build_model, create_config
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    x, y, graphs, split, tile_ids = load_data(data, device)
+    pre_idx = np.flatnonzero(split != "test")
+    train_idx = np.flatnonzero(split == "train")
+    test_idx = np.flatnonzero(split == "test")
+    few = np.array([i for i in train_idx if zlib.crc32(tile_ids[i].encode()) % 10 == 0])
+    if limit:  # smoke runs
+        pre_idx, train_idx, test_idx, few = pre_idx[:limit], train_idx[:limit], test_idx[:limit], few[: max(2, limit // 10)]
+    print(f"{len(x)} tiles: pretrain {len(pre_idx)}, train {len(train_idx)} (10%: {len(few)}), test {len(test_idx)}; "
+          f"UV share of test pixels {(y[test_idx] == 1).float().mean().item():.3f}", flush=True)
+    results: dict[str, dict[str, float]] = {}
+    curves: dict[str, list] = {}
+    t0 = time.time()
+    for seed in seeds:
+        for guided in (True, False):
+            torch.manual_seed(seed)
+            cfg = create_config(preset, img_size=x.shape[-1], position_guided=guided)
+            history: list = []
+            pre = train(build_model(cfg).to(device), x, y, graphs, pre_idx, "pretrain", pre_epochs, batch, 3e-4, seed, history=history)
+            curves[f"seed{seed}_{'guided' if guided else 'unguided'}"] = history
+            state = {k: v.detach().clone() for k, v in pre.state_dict().items()}
+            runs = [("fused", train_idx, True), ("image", train_idx, True), ("osm", train_idx, True),
+                    ("fused_10pct_pretrained", few, True), ("fused_10pct_scratch", few, False)] if guided else [("fused_unguided", train_idx, True)]
+            for name, idx, from_pre in runs:
+                torch.manual_seed(seed)
+                model = build_model(cfg).to(device)
+                if from_pre:
+                    model.load_state_dict(state)
+                mode = name.split("_")[0]
+                train(model, x, y, graphs, idx, "finetune", ft_epochs, batch, 2e-4, seed, mode=mode)
+                iou = evaluate(model, x, y, graphs, test_idx, mode)
+                results.setdefault(name, {})[str(seed)] = iou
+                print(f"seed {seed} {name:<24} test UV IoU {iou:.4f}  ({time.time() - t0:.0f} s)", flush=True)
+    summary = {name: {"mean": float(np.mean(list(v.values()))), "std": float(np.std(list(v.values()))), "seeds": v}
+               for name, v in results.items()}
+    doc = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "preset": preset, "pretrain_epochs": pre_epochs,
+           "finetune_epochs": ft_epochs, "batch_size": batch, "tiles": {"pretrain": len(pre_idx), "train": len(train_idx), "train_10pct": len(few),
+           "test": len(test_idx)}, "uv_iou": summary, "pretrain_curves": curves, "seconds": time.time() - t0}
+    out.write_text(json.dumps(doc, indent=2))
+    for name, s in summary.items():
+        print(f"{name:<24} {s['mean']:.4f} +- {s['std']:.4f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("export")
+    e.add_argument("--workspace", type=Path, default=Path("geolink-data"))
+    e.add_argument("--out", type=Path, default=Path(".expdata/tiles.parquet"))
+    r = sub.add_parser("run")
+    r.add_argument("--data", type=Path, default=Path(".expdata/tiles.parquet"))
+    r.add_argument("--out", type=Path, default=Path("bench/results/experiments.json"))
+    r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    r.add_argument("--preset", default="tiny")
+    r.add_argument("--pretrain-epochs", type=int, default=40)
+    r.add_argument("--finetune-epochs", type=int, default=30)
+    r.add_argument("--batch-size", type=int, default=32)
+    r.add_argument("--limit", type=int, default=None, help="tiles per split (smoke runs)")
+    args = parser.parse_args()
+    if args.cmd == "export":
+        export(args.workspace, args.out)
+    else:
+        run(args.data, args.out, args.seeds, args.preset, args.pretrain_epochs, args.finetune_epochs, args.batch_size, args.limit)
+
+
+if __name__ == "__main__":
+    main()
