@@ -1,8 +1,6 @@
 """The prepare stage end to end on Ray Data: outputs, resume, determinism, bad inputs, real data."""
 
 import hashlib
-import json
-import shutil
 from pathlib import Path
 
 import geopandas as gpd

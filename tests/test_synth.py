@@ -102,7 +102,7 @@ def test_urban_villages_look_dense_and_mixed(tmp_path):
 
 def test_class_statistics_within_configured_ranges(tmp_path):
     cfg = SynthConfig(size_km=1.2)
-    shares, targets, completeness, uv_bldg, formal_bldg = [], [], [], [], []
+    shares, targets, completeness = [], [], []
     specs = demo_city_specs(8)
     for spec in specs:
         generate_city(spec, cfg, 11, tmp_path)

@@ -88,7 +88,6 @@ def train_loop_per_worker(config: dict) -> None:
         else:
             model = build_model(GeoLinkConfig.from_json(config["model_config"]))
         opt_dir = None
-    cfg = model.cfg
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
     opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
     if opt_dir is not None:
