@@ -87,8 +87,11 @@ def load_data(path: Path, device):
     return x, y, graphs, np.array(table["split"].to_pylist()), table["tile_id"].to_pylist()
 
 
-def train(model, x, y, graphs, idx, task: str, epochs: int, batch: int, lr: float, seed: int, mode: str = "fused", history=None):
+def train(model, x, y, graphs, idx, task: str, epochs: int, batch: int, lr: float, seed: int, mode: str = "fused", history=None,
+          augment: bool = True):
     import torch
+
+    from engine.training.augment import photometric
 
     from engine.training.schedule import lr_at
     from engine.training.metrics import segmentation_loss
@@ -104,7 +107,7 @@ def train(model, x, y, graphs, idx, task: str, epochs: int, batch: int, lr: floa
         sums = {}
         for s in range(steps_per_epoch):
             b = order[s * batch:(s + 1) * batch]
-            images = x[b]
+            images = photometric(x[b], g) if augment else x[b]
             data = batch_graphs([graphs[i] for i in b]).to(x.device)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, total, max(1, total // 20), lr)

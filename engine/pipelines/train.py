@@ -38,6 +38,7 @@ class TrainConfig:
         num_workers: DDP workers, or ``(min, max)`` for elastic training; cpus_per_worker, use_gpu: resources.
         mode, classes, label_fraction, uv_weight: fine-tuning input mode, label set, share of training tiles
             with labels (deterministic by tile id), and the loss weight of the non-background classes.
+        augment: photometric augmentation (colour, haze, blur, noise) so the image branch carries over to new cities.
         init_from: a model bundle to start from (a pretrained model for fine-tuning).
         max_failures: worker failures survived by resuming from the latest checkpoint.
     """
@@ -58,6 +59,7 @@ class TrainConfig:
     classes: str = "binary"
     label_fraction: float = 1.0
     uv_weight: float = 3.0
+    augment: bool = True
     init_from: str | None = None
     seed: int = 0
     max_failures: int = 2
@@ -151,7 +153,7 @@ def run_training(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: Trai
         "task": cfg.task, "model_config": model_cfg.to_json(), "seed": cfg.seed, "lr": cfg.lr, "weight_decay": cfg.weight_decay,
         "warmup_steps": cfg.warmup_steps, "total_steps": steps_per_epoch * cfg.epochs, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
         "checkpoint_every": cfg.checkpoint_every, "mode": cfg.mode, "classes": list(classes), "has_val": bool(val_cities),
-        "class_weights": [1.0] + [cfg.uv_weight] * (len(classes) - 1), "init_from": cfg.init_from,
+        "class_weights": [1.0] + [cfg.uv_weight] * (len(classes) - 1), "init_from": cfg.init_from, "augment": cfg.augment,
         "fail_at_step": cfg.fail_at_step, "fail_marker": os.path.join(storage, f".{name}.failed-once"),
     }
     datasets = {"train": sample_dataset(workspace, train_cities, references, classes, cfg.label_fraction, cfg.seed)}

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from engine.training.augment import photometric
 from engine.training.metrics import confusion, scores, segmentation_loss
 from engine.training.samples import collate
 from engine.training.schedule import lr_at
@@ -119,6 +120,8 @@ def train_loop_per_worker(config: dict) -> None:
                     marker.write_text("failed once")
                     raise RuntimeError(f"injected failure at step {step}")
             images, graphs, labels = collate(batch, device)
+            if config.get("augment", True):  # cities differ in colour, haze, blur and noise: train across them
+                images = photometric(images)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, total, int(config["warmup_steps"]), float(config["lr"]))
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
