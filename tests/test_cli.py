@@ -8,7 +8,7 @@ from engine.cli import app
 runner = CliRunner()
 
 
-@pytest.mark.parametrize("command", [[], ["demo-data"], ["catalog"], ["catalog", "show"], ["catalog", "validate"], ["ingest-osm"], ["prepare"]])
+@pytest.mark.parametrize("command", [[], ["demo-data"], ["catalog"], ["catalog", "show"], ["catalog", "validate"], ["ingest-osm"], ["prepare"], ["pretrain"], ["finetune"]])
 def test_every_command_has_help(command):
     result = runner.invoke(app, [*command, "--help"])
     assert result.exit_code == 0 and "Usage" in result.output
