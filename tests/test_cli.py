@@ -48,3 +48,12 @@ def test_ingest_osm_command_on_a_real_pbf(tmp_path):
     assert bad.exit_code == 2 and "west < east" in bad.output
     missing = runner.invoke(app, ["ingest-osm", str(tmp_path / "nope.osm.pbf"), str(out)])
     assert missing.exit_code == 2 and "nope.osm.pbf" in missing.output and "Traceback" not in missing.output
+
+
+def test_training_commands_fail_cleanly(ray_session, demo_workspace, tmp_path):
+    catalog = str(demo_workspace / "catalog.yaml")
+    bad_workers = runner.invoke(app, ["--workspace", str(tmp_path), "--catalog", catalog, "finetune", "--workers", "two"])
+    assert bad_workers.exit_code == 2 and "--workers takes N or MIN-MAX" in bad_workers.output
+    unprepared = runner.invoke(app, ["--workspace", str(tmp_path), "--catalog", catalog, "finetune"], terminal_width=250)
+    assert unprepared.exit_code == 2 and "no prepared tiles" in unprepared.output and "geolink-engine prepare" in unprepared.output
+    assert "Traceback" not in unprepared.output
