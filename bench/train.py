@@ -60,24 +60,13 @@ def real_batches(batch_size: int, n_batches: int):
     from engine.catalog import load_catalog
     from engine.synth.config import SynthConfig
     from engine.synth.demo import write_demo
-    from engine.tiles.city import PrepareConfig, build_chunk, city_input_hash, file_digest, plan_city
-    from engine.training.samples import add_pixels, collate
+    from engine.tiles.city import PrepareConfig, tile_city
+    from engine.training.samples import add_pixels, collate, join_graphs
 
     tmp = Path(tempfile.mkdtemp())
     write_demo(tmp, 3, SynthConfig(), seed=0, workers=1)
     rows = load_catalog(tmp / "catalog.yaml").to_pylist()
-    tables = []
-    cfg = PrepareConfig()
-    for row in rows:
-        digest = file_digest(row["imagery"])
-        plan = plan_city(row, cfg, tmp / "stage" / row["city"], digest, city_input_hash(row, cfg, digest, file_digest(row["osm"])))
-        for chunk in plan.chunks:
-            index, graphs = build_chunk(plan.grid, plan.features_path, chunk, digest, cfg)
-            for name in graphs.column_names:
-                if name != "tile_id":
-                    index = index.append_column(graphs.schema.field(name), graphs[name])
-            tables.append(index)
-    table = pa.concat_tables(tables)
+    table = pa.concat_tables([join_graphs(*tile_city(row, PrepareConfig(), tmp / "stage" / row["city"]), row["city"]) for row in rows])
     refs = {r["city"]: r["reference"] for r in rows}
     out = []
     for i in range(n_batches):

@@ -41,14 +41,15 @@ def save_optimizer(opt: torch.optim.Optimizer, directory: Path) -> None:
     (directory / OPTIM_JSON).write_text(json.dumps({"param_groups": state["param_groups"], "scalars": scalars}))
 
 
-def load_optimizer(opt: torch.optim.Optimizer, directory: Path) -> None:
+def read_optimizer_state(directory: Path) -> dict:
+    """The optimizer state saved by :func:`save_optimizer`, in memory (ready for ``load_state_dict``)."""
     meta = json.loads((directory / OPTIM_JSON).read_text())
     tensors = load_file(str(directory / OPTIM_TENSORS))
     state: dict[int, dict] = {}
     for key, value in list(tensors.items()) + list(meta["scalars"].items()):
         pid, name = key.split(".", 1)
         state.setdefault(int(pid), {})[name] = value
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return {"state": state, "param_groups": meta["param_groups"]}
 
 
 def _unwrap(model: torch.nn.Module) -> GeoLink:
@@ -76,9 +77,7 @@ def train_loop_per_worker(config: dict) -> None:
             state = json.loads((Path(d) / STATE_JSON).read_text())
             step, epoch, history = state["step"], state["epoch"], state["history"]
             resumed = state.get("resumed", []) + [step]  # an interrupted epoch restarts; the step count goes on
-            opt_dir = Path(tempfile.mkdtemp())
-            for name in (OPTIM_TENSORS, OPTIM_JSON):
-                (opt_dir / name).write_bytes((Path(d) / name).read_bytes())
+            opt_state = read_optimizer_state(Path(d))
     else:
         if config.get("init_from"):
             model, _ = load_model(config["init_from"])
@@ -88,11 +87,11 @@ def train_loop_per_worker(config: dict) -> None:
             model = fresh
         else:
             model = build_model(GeoLinkConfig.from_json(config["model_config"]))
-        opt_dir = None
+        opt_state = None
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
     opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
-    if opt_dir is not None:
-        load_optimizer(opt, opt_dir)
+    if opt_state is not None:
+        opt.load_state_dict(opt_state)
     weights = torch.tensor(config["class_weights"], dtype=torch.float32, device=device) if config.get("class_weights") else None
     total = int(config["total_steps"])
     use_amp = device.type == "cuda"

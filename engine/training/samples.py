@@ -46,10 +46,13 @@ def part_pairs(workspace: str | os.PathLike[str], cities: list[str]) -> list[dic
 
 def load_part(pair: dict) -> pa.Table:
     """One prepared part as a table: tile-index columns and graph columns side by side (checked: same tiles)."""
-    index = pq.read_table(pair["index"])
-    graphs = pq.read_table(pair["graphs"])
+    return join_graphs(pq.read_table(pair["index"]), pq.read_table(pair["graphs"]), f"{pair['index']} and {pair['graphs']}")
+
+
+def join_graphs(index: pa.Table, graphs: pa.Table, source: str) -> pa.Table:
+    """Tile-index rows with their graph columns appended; both must list the same tiles in the same order."""
     if index["tile_id"].to_pylist() != graphs["tile_id"].to_pylist():
-        raise ValueError(f"{pair['index']} and {pair['graphs']} do not hold the same tiles in the same order; rerun prepare --force")
+        raise ValueError(f"{source} do not hold the same tiles in the same order; rerun prepare --force")
     for name in graphs.column_names:
         if name != "tile_id":
             index = index.append_column(graphs.schema.field(name), graphs[name])
