@@ -198,3 +198,19 @@ def edge_column(edge_type: tuple[str, str, str]) -> str:
 
 
 TILE_GRAPH_SCHEMA = _tile_graph_schema()
+
+
+# --- predictions (one row per tile per mapping run) ------------------------------------------------------------
+PREDICTIONS_SCHEMA = pa.schema(
+    [
+        pa.field("tile_id", pa.string(), nullable=False),
+        pa.field("city", pa.string(), nullable=False),
+        pa.field("input_hash", pa.string(), nullable=False),  # the tile index's input_hash the prediction was made from
+        pa.field("model_version", pa.string(), nullable=False),
+        pa.field("n_classes", pa.int32(), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),  # the tile's window (halo included)
+        pa.field("width", pa.int32(), nullable=False),
+        # uint8 (n_classes - 1, height, width) row-major: round(p * 255) of classes 1..K-1; class 0 = 255 - the rest
+        pa.field("probs", pa.binary(), nullable=False),
+    ]
+)

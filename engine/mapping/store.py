@@ -1,0 +1,221 @@
+"""A mapping run on disk: its manifest, its predictions (Parquet parts per city) and its ledger (DuckDB).
+
+Layout of ``<workspace>/runs/<run>/``::
+
+    run.json                          manifest: model dir + version, classes, mode, tile size/overlap, cities
+    predictions/city=<city>/part-<uuid>.parquet   PREDICTIONS_SCHEMA rows, written atomically by workers
+    ledger.duckdb                     one row per tile (status, attempts, error, timings, the part holding it)
+
+Why a ledger apart from the parts: the commit point of a tile is its ledger row, written by the driver in one
+transaction per batch *after* the part file is in place. A part written by a worker whose batch never reached
+the ledger (the driver was killed in between) is an orphan: nothing reads it and the rerun removes it. So a run
+killed anywhere and rerun has each tile exactly once (the ledger's primary key) and reads only committed rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from engine.atomic import atomic_path
+from engine.schema import CITY_SLUG_RE, PREDICTIONS_SCHEMA
+
+
+def run_dir(workspace: str | os.PathLike[str], run: str) -> Path:
+    """``<workspace>/runs/<run>``; the run name becomes a folder, so it follows the city slug rule."""
+    if not CITY_SLUG_RE.match(run or ""):
+        raise ValueError(f"run name {run!r} must match {CITY_SLUG_RE.pattern}")
+    return Path(workspace) / "runs" / run
+
+
+def predictions_dir(run_path: Path, city: str) -> Path:
+    if not CITY_SLUG_RE.match(city or ""):
+        raise ValueError(f"city {city!r} is not a valid slug ({CITY_SLUG_RE.pattern})")
+    return run_path / "predictions" / f"city={city}"
+
+
+@dataclass(frozen=True)
+class RunManifest:
+    """What a run's predictions mean: which model made them, over which classes, in which grid."""
+
+    run: str
+    model_dir: str
+    model_version: str
+    classes: tuple[str, ...]
+    mode: str
+    tile_size_px: int
+    overlap_px: int
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunManifest:
+        d = json.loads(text)
+        d["classes"] = tuple(d["classes"])
+        return cls(**d)
+
+
+def write_manifest(run_path: Path, manifest: RunManifest) -> None:
+    with atomic_path(run_path / "run.json") as tmp:
+        tmp.write_text(manifest.to_json())
+
+
+def read_manifest(run_path: Path) -> RunManifest:
+    path = run_path / "run.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"run {run_path.name}: no {path}; run `geolink-engine map --run {run_path.name}` first")
+    return RunManifest.from_json(path.read_text())
+
+
+# --- probabilities -------------------------------------------------------------------------------------------
+def encode_probs(probs: np.ndarray) -> bytes:
+    """Class probabilities ``(K, H, W)`` in [0, 1] -> uint8 bytes of channels 1..K-1 (``round(p * 255)``).
+
+    Channel 0 (``other``) is implied as 255 minus the rest, so a binary model stores one byte per pixel.
+    """
+    if probs.ndim != 3 or probs.shape[0] < 2:
+        raise ValueError(f"probabilities must be (K >= 2, H, W), got {probs.shape}")
+    return np.rint(np.clip(probs[1:], 0.0, 1.0) * 255.0).astype(np.uint8).tobytes()
+
+
+def decode_probs(blob: bytes, n_classes: int, height: int, width: int) -> np.ndarray:
+    """Inverse of :func:`encode_probs`: uint8 ``(K, H, W)`` with channel 0 restored (clipped at 0)."""
+    rest = np.frombuffer(blob, np.uint8).reshape(n_classes - 1, height, width)
+    first = np.clip(255 - rest.astype(np.int32).sum(axis=0), 0, 255).astype(np.uint8)
+    return np.concatenate([first[None], rest])
+
+
+def write_part(run_path: Path, city: str, table: pa.Table) -> str:
+    """Write one batch of a city's predictions atomically; returns its path relative to the run folder."""
+    name = f"part-{uuid.uuid4().hex}.parquet"
+    target = predictions_dir(run_path, city) / name
+    with atomic_path(target) as tmp:
+        pq.write_table(table.cast(PREDICTIONS_SCHEMA), tmp, compression="zstd")
+    return str(target.relative_to(run_path))
+
+
+# --- ledger --------------------------------------------------------------------------------------------------
+LEDGER_SQL = """
+CREATE TABLE IF NOT EXISTS ledger (
+    tile_id VARCHAR PRIMARY KEY,
+    city VARCHAR NOT NULL,
+    status VARCHAR NOT NULL,          -- ok | failed
+    attempts INTEGER NOT NULL,
+    error VARCHAR,
+    input_hash VARCHAR NOT NULL,
+    model_version VARCHAR NOT NULL,
+    part VARCHAR,                     -- predictions part (relative to the run folder) holding the tile when ok
+    read_s DOUBLE,
+    predict_s DOUBLE,
+    committed_at DOUBLE NOT NULL
+)
+"""
+LEDGER_COLUMNS = ("tile_id", "city", "status", "attempts", "error", "input_hash", "model_version", "part", "read_s", "predict_s",
+                  "committed_at")
+
+
+class Ledger:
+    """The run's per-tile record; only the driver writes it (one transaction per committed batch)."""
+
+    def __init__(self, run_path: Path, read_only: bool = False) -> None:
+        self.path = run_path / "ledger.duckdb"
+        if read_only and not self.path.is_file():
+            raise FileNotFoundError(f"run {run_path.name}: no ledger at {self.path}")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.con = duckdb.connect(str(self.path), read_only=read_only)
+        if not read_only:
+            self.con.execute(LEDGER_SQL)
+
+    def close(self) -> None:
+        self.con.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def done(self, model_version: str) -> pa.Table:
+        """``tile_id, input_hash`` of tiles committed ok by ``model_version`` (a rerun skips those whose hash matches)."""
+        return self.con.execute("SELECT tile_id, input_hash FROM ledger WHERE status = 'ok' AND model_version = ?",
+                                [model_version]).fetch_arrow_table()
+
+    def attempts(self) -> dict[str, int]:
+        return dict(self.con.execute("SELECT tile_id, attempts FROM ledger").fetchall())
+
+    def commit(self, rows: list[dict]) -> None:
+        """Upsert one batch of tile records in one transaction (a tile is in the ledger once, its latest state)."""
+        if not rows:
+            return
+        now = time.time()
+        values = [[r.get(c) if c != "committed_at" else now for c in LEDGER_COLUMNS] for r in rows]
+        placeholders = ", ".join("?" for _ in LEDGER_COLUMNS)
+        self.con.execute("BEGIN TRANSACTION")
+        try:
+            self.con.executemany(f"INSERT OR REPLACE INTO ledger VALUES ({placeholders})", values)
+            self.con.execute("COMMIT")
+        except Exception:
+            self.con.execute("ROLLBACK")
+            raise
+
+    def committed(self, city: str | None = None) -> pa.Table:
+        """Tiles committed ok (``tile_id, city, part, input_hash, model_version``), sorted by tile id."""
+        where, params = ("AND city = ?", [city]) if city else ("", [])
+        return self.con.execute(f"SELECT tile_id, city, part, input_hash, model_version FROM ledger WHERE status = 'ok' {where} "
+                                "ORDER BY tile_id", params).fetch_arrow_table()
+
+    def table(self) -> pa.Table:
+        return self.con.execute("SELECT * FROM ledger ORDER BY tile_id").fetch_arrow_table()
+
+    def summary(self) -> dict[str, dict[str, int]]:
+        """Per city: tiles ``ok`` and ``failed``."""
+        out: dict[str, dict[str, int]] = {}
+        for city, status, n in self.con.execute("SELECT city, status, count(*) FROM ledger GROUP BY ALL ORDER BY ALL").fetchall():
+            out.setdefault(city, {"ok": 0, "failed": 0})[status] = n
+        return out
+
+    def failures(self) -> list[tuple[str, str, int, str]]:
+        """``(city, tile_id, attempts, error)`` of every failed tile."""
+        return self.con.execute("SELECT city, tile_id, attempts, error FROM ledger WHERE status = 'failed' ORDER BY tile_id").fetchall()
+
+
+def remove_orphans(run_path: Path, ledger: Ledger) -> int:
+    """Delete prediction parts the ledger does not reference (a batch written but never committed); returns the count."""
+    referenced = {row[0] for row in ledger.con.execute("SELECT DISTINCT part FROM ledger WHERE part IS NOT NULL").fetchall()}
+    removed = 0
+    for path in (run_path / "predictions").glob("city=*/*.parquet"):
+        rel = str(path.relative_to(run_path))
+        if rel not in referenced:
+            path.unlink()
+            removed += 1
+    return removed
+
+
+def read_city_predictions(run_path: Path, committed: pa.Table) -> Iterator[tuple[str, np.ndarray]]:
+    """``(tile_id, uint8 probs (K, H, W))`` for the committed tiles of one city, in tile-id order.
+
+    ``committed`` is :meth:`Ledger.committed` for the city; each part is read once and only the rows the ledger
+    assigns to it are used (a part can hold a tile later redone elsewhere).
+    """
+    by_part: dict[str, set[str]] = {}
+    for tile, part in zip(committed["tile_id"].to_pylist(), committed["part"].to_pylist()):
+        by_part.setdefault(part, set()).add(tile)
+    found: dict[str, np.ndarray] = {}
+    for part, tiles in sorted(by_part.items()):
+        table = pq.read_table(run_path / part)
+        for row in table.to_pylist():
+            if row["tile_id"] in tiles:
+                found[row["tile_id"]] = decode_probs(row["probs"], row["n_classes"], row["height"], row["width"])
+    for tile in sorted(found):
+        yield tile, found[tile]
