@@ -241,6 +241,102 @@ def finetune(
     _train(ctx, "finetune", name, preset, epochs, batch_size, lr, workers, gpu, mode, classes, label_fraction, init_from, storage, seed, address)
 
 
+@app.command("map")
+def map_command(
+    ctx: typer.Context,
+    cities: Annotated[str, typer.Option("--cities", help="'all' or a comma list of city slugs.")] = "all",
+    model: Annotated[Path | None, typer.Option("--model", help="Model bundle (models/<name>); default: models/default, trained first if absent.")] = None,
+    run: Annotated[str, typer.Option("--run", help="Run name: runs/<run> (predictions, ledger) and products/<run>; rerun resumes.")] = "default",
+    address: Annotated[str | None, typer.Option("--address", help="Ray address ('auto', 'ray://host:10001'); default: a local Ray.")] = None,
+    mode: Annotated[str | None, typer.Option("--mode", help="fused, image or osm; default: the model's own.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Tiles per model call.")] = 16,
+    devices: Annotated[int, typer.Option("--devices", min=0, help="GPUs to predict on (one actor each); 0 = CPU.")] = 0,
+    actors: Annotated[int | None, typer.Option("--actors", min=1, help="Predictor actors on CPU (default: half the CPUs).")] = None,
+    min_area: Annotated[float, typer.Option("--min-area", help="Drop UV polygons smaller than this (m2).")] = 100.0,
+) -> None:
+    """The main job: prepare -> fused inference -> stitch -> products, for the catalog's cities (demo cities if none)."""
+    from engine.catalog import find_catalog as _find
+    from engine.mapping.infer import InferenceConfig
+    from engine.pipelines.map import MapConfig, default_model, run_map
+    from engine.pipelines.runtime import init_ray
+
+    settings: Settings = ctx.obj
+    if settings.catalog is None:
+        try:
+            _find(settings.workspace)
+        except CatalogError:
+            from engine.synth.config import SynthConfig
+            from engine.synth.demo import write_demo
+
+            console.print(f"no catalog in {settings.workspace}: writing the 12 demo cities (embedded default)")
+            with _progress() as progress:
+                task = progress.add_task("generating cities", total=12)
+                write_demo(settings.workspace, 12, SynthConfig(), seed=0, on_city=lambda row: progress.advance(task))
+    path, table = _load_catalog(settings)
+    try:
+        table = select_cities(table, cities)
+        cfg = MapConfig(run=run, model_dir=str(model) if model else None, mode=mode, min_area_m2=min_area,
+                        inference=InferenceConfig(batch_size=batch_size, gpus=devices, actors=actors))
+    except (CatalogError, ValueError) as exc:
+        _fail(str(exc))
+    errors = [p for p in validate_catalog(table) if p.severity == "error" and p.field == "city"]
+    if errors:
+        _fail("; ".join(str(p) for p in errors) + f" (run `geolink-engine catalog validate` on {path})")
+    if model is not None and not (model / "model.safetensors").is_file():
+        _fail(f"--model {model}: no model.safetensors there (a bundle from `geolink-engine finetune`)")
+    init_ray(address)
+    say = lambda msg: console.print(f"[bold]>[/] {escape(msg)}", soft_wrap=True)  # noqa: E731
+    with _progress() as progress:
+        bar = progress.add_task("tiles predicted", total=None)
+        try:
+            report = run_map(table, settings.workspace, cfg,
+                             ensure_model=lambda cat: default_model(settings.workspace, cat, use_gpu=devices > 0, say=say),
+                             on_stage=say, on_commit=lambda n, total: progress.update(bar, advance=n, total=total))
+        except (ValueError, FileNotFoundError) as exc:
+            _fail(str(exc))
+    _print_city_report(report.cities, f"map run {report.run} (model {report.model_version})")
+    timing = ", ".join(f"{k} {v:.1f} s" for k, v in report.seconds.items())
+    console.print(f"products in [bold]{report.products}[/] (open {report.products / 'index.html'}); {timing}", soft_wrap=True)
+    if report.failed:
+        _fail(f"{len(report.failed)} of {len(report.cities)} cities failed or are incomplete: "
+              + ", ".join(f"{c.city} ({c.stage})" for c in report.failed), code=1)
+
+
+@app.command("stitch")
+def stitch_command(
+    ctx: typer.Context,
+    run: Annotated[str, typer.Option("--run", help="The mapping run whose predictions to stitch.")] = "default",
+    cities: Annotated[str, typer.Option("--cities", help="'all' or a comma list of city slugs.")] = "all",
+    min_area: Annotated[float, typer.Option("--min-area", help="Drop UV polygons smaller than this (m2).")] = 100.0,
+) -> None:
+    """Rebuild products/<run>/ from a run's committed predictions (blend, polygons across seams, STAC, page)."""
+    from engine.pipelines.map import stitch_products
+
+    settings: Settings = ctx.obj
+    path, table = _load_catalog(settings)
+    try:
+        table = select_cities(table, cities)
+        report = stitch_products(str(settings.workspace), run, table, min_area)
+    except (CatalogError, ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    _print_city_report(report, f"stitch run {run}")
+    failed = [c for c in report if c.status != "ok"]
+    if failed:
+        _fail(f"{len(failed)} of {len(report)} cities failed or are incomplete: " + ", ".join(f"{c.city} ({c.stage})" for c in failed), code=1)
+
+
+def _print_city_report(cities: list, title: str) -> None:
+    view = Table(title=title)
+    for name in ("city", "region", "status", "tiles ok", "failed", "UV polygons", "UV km2", "UV share", "error"):
+        view.add_column(name, overflow="fold")
+    for c in cities:
+        colour = {"ok": "green", "partial": "yellow"}.get(c.status, "red")
+        share = f"{c.uv_share:.1%}" if c.uv_share is not None else ""
+        view.add_row(c.city, c.region, f"[{colour}]{c.status}[/]", str(c.tiles_ok), str(c.tiles_failed), str(c.polygons),
+                     f"{c.uv_area_m2 / 1e6:.3f}", share, escape(f"{c.stage}: {c.error}" if c.error else ""))
+    console.print(view)
+
+
 @catalog_app.command("show")
 def catalog_show(ctx: typer.Context) -> None:
     """List the catalog's cities."""

@@ -1,0 +1,216 @@
+"""Fused inference over prepared tiles on Ray Data, committed tile by tile to the run's ledger.
+
+Pipeline (streaming, one direction; the driver only ever sees small status rows):
+
+1. ``from_items(parts)``: one row per prepared Parquet part (a chunk of up to 16 x 16 tiles of one city);
+2. ``map_batches(load_todo)``: the part's tile-index + graph rows, minus tiles the ledger already holds for this
+   model version with the same input hash (a rerun skips them);
+3. ``map_batches(read_pixels)``: each tile's window (halo included, boundless) by rasterio; a tile whose read
+   fails twice gets ``read_error`` and no pixels, and its batch goes on;
+4. ``map_batches(Predictor, compute=ActorPoolStrategy)``: the model, loaded once per actor (GPU when asked);
+5. ``map_batches(write_predictions)``: one Parquet part per city per batch, written atomically;
+6. the driver commits each batch's status rows to the ledger in one transaction: that is the commit point.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import rasterio
+
+from engine.atomic import atomic_path
+from engine.mapping.predict import Predictor
+from engine.mapping.store import Ledger, RunManifest, predictions_dir, remove_orphans, run_dir, write_manifest, write_part
+from engine.tiles.grid import read_window
+from engine.training.samples import load_part
+
+STATUS_COLUMNS = ("tile_id", "city", "status", "attempts", "error", "input_hash", "part", "read_s", "predict_s")
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """How inference is spread over the cluster.
+
+    Args:
+        batch_size: tiles per model call.
+        actors: predictor actors (default: ``gpus`` when using GPUs, else half the CPUs, at least 1).
+        gpus: GPUs to use (0 = CPU); each actor gets one.
+        cpus_per_actor: CPUs reserved per actor (its torch threads on CPU).
+        cpus_per_read: CPUs reserved per read/write task (window reads are mostly I/O and decompression).
+        read_attempts: tries per window read before the tile is recorded as failed.
+    """
+
+    batch_size: int = 16
+    actors: int | None = None
+    gpus: int = 0
+    cpus_per_actor: float = 1.0
+    cpus_per_read: float = 0.5
+    read_attempts: int = 2
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.read_attempts < 1 or self.gpus < 0 or (self.actors is not None and self.actors < 1):
+            raise ValueError("batch_size, read_attempts and actors must be >= 1 and gpus >= 0")
+
+    def pool_size(self, cluster_cpus: float) -> int:
+        if self.actors:
+            return self.actors
+        return self.gpus if self.gpus else max(1, int(cluster_cpus // (2 * self.cpus_per_actor)))
+
+
+@dataclass(frozen=True)
+class InferenceResult:
+    """One inference pass: tiles predicted now, tiles skipped (already done), per-city ledger counts."""
+
+    predicted: int
+    failed: int
+    skipped: int
+    seconds: float
+    cities: dict[str, dict[str, int]]
+    missing: dict[str, str]  # city -> why it has no tiles to predict (not prepared)
+
+
+def load_todo(pairs: pa.Table, done_dir: str) -> pa.Table:
+    """Ray Data step: prepared parts -> tile rows not yet done (same ``tile_id`` and ``input_hash`` in the ledger)."""
+    tables = []
+    for pair in pairs.to_pylist():
+        table = load_part(pair)
+        done_path = Path(done_dir) / f"{pair['city']}.parquet"
+        if done_path.is_file() and table.num_rows:
+            done = pq.read_table(done_path)
+            key = pc.binary_join_element_wise(table["tile_id"], table["input_hash"], "|")
+            done_key = pc.binary_join_element_wise(done["tile_id"], done["input_hash"], "|")
+            table = table.filter(pc.invert(pc.is_in(key, value_set=done_key)))
+        tables.append(table)
+    return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+
+
+def read_pixels(batch: pa.Table, attempts: int = 2) -> pa.Table:
+    """Ray Data step: each tile's window as ``image`` (uint8 3 x H x W); failures go to ``read_error`` (zeros)."""
+    from ray.data.extensions import ArrowTensorArray
+
+    keys = ("imagery", "window_col_off", "window_row_off", "window_width", "window_height", "tile_id")
+    images, errors, seconds = [], [], []
+    for row in batch.select(list(keys)).to_pylist():
+        t0, pixels, error = time.perf_counter(), None, ""
+        for attempt in range(attempts):
+            try:
+                with rasterio.open(row["imagery"]) as src:
+                    pixels = read_window(src, row)
+                error = ""
+                break
+            except Exception as exc:  # a corrupt block or a vanished file: retry, then record
+                error = f"read {row['imagery']}: {type(exc).__name__}: {exc}"
+                time.sleep(0.05 * (attempt + 1))
+        if pixels is None:
+            pixels = np.zeros((3, row["window_height"], row["window_width"]), np.uint8)
+        images.append(pixels)
+        errors.append(error)
+        seconds.append(time.perf_counter() - t0)
+    batch = batch.append_column("image", ArrowTensorArray.from_numpy(np.stack(images)))
+    batch = batch.append_column("read_error", pa.array(errors, pa.string()))
+    return batch.append_column("read_s", pa.array(seconds, pa.float64()))
+
+
+def write_predictions(batch: pa.Table, run_path: str, model_version: str) -> pa.Table:
+    """Ray Data step: the batch's successful tiles as one Parquet part per city; returns status rows (no pixels)."""
+    run = Path(run_path)
+    parts: dict[str, str] = {}
+    ok = batch.filter(pc.equal(batch["status"], "ok"))
+    for city in sorted(set(ok["city"].to_pylist())):
+        rows = ok.filter(pc.equal(ok["city"], city))
+        table = rows.select(["tile_id", "city", "input_hash"]).append_column("model_version", pa.array([model_version] * rows.num_rows))
+        for name in ("n_classes", "height", "width", "probs"):
+            table = table.append_column(name, rows[name])
+        parts[city] = write_part(run, city, table)
+    status = batch.select([c for c in STATUS_COLUMNS if c != "part"])
+    part = [parts.get(c) if s == "ok" else None for c, s in zip(status["city"].to_pylist(), status["status"].to_pylist())]
+    return status.append_column("part", pa.array(part, pa.string()))
+
+
+def _write_done(ledger: Ledger, cities: list[str], model_version: str, done_dir: Path) -> int:
+    """Per city, the tiles already done for this model version, as small Parquet files the read tasks filter on."""
+    total = 0
+    done_dir.mkdir(parents=True, exist_ok=True)
+    for city in cities:
+        done = ledger.con.execute("SELECT tile_id, input_hash FROM ledger WHERE status = 'ok' AND model_version = ? AND city = ?",
+                                  [model_version, city]).fetch_arrow_table()
+        total += done.num_rows
+        with atomic_path(done_dir / f"{city}.parquet") as tmp:
+            pq.write_table(done, tmp)
+    return total
+
+
+def run_inference(workspace: str | os.PathLike[str], manifest: RunManifest, cities: list[str], predictor: type[Predictor],
+                  predictor_kwargs: dict, cfg: InferenceConfig | None = None,
+                  on_commit: Callable[[int, int], None] | None = None) -> InferenceResult:
+    """Predict every prepared tile of ``cities`` not yet in the run's ledger; returns counts per city.
+
+    ``on_commit(tiles_committed_now, tiles_to_do)`` is called after each ledger transaction (progress bars).
+    Ray must be initialised. Cities with no prepared tiles are returned in ``missing``, never fatal.
+    """
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    cfg = cfg or InferenceConfig()
+    t0 = time.perf_counter()
+    run_path = run_dir(workspace, manifest.run)
+    run_path.mkdir(parents=True, exist_ok=True)
+    write_manifest(run_path, manifest)
+    pairs, missing, total = [], {}, 0
+    for city in cities:
+        predictions_dir(run_path, city)  # validates the slug before it becomes a path
+        root = Path(workspace) / "tiles" / f"city={city}" / "index"
+        found = sorted(root.glob("*.parquet")) if root.is_dir() else []
+        if not found:
+            missing[city] = f"no prepared tiles in {root.parent}"
+            continue
+        for index in found:
+            pairs.append({"index": str(index), "graphs": str(index.parent.parent / "graphs" / index.name), "city": city})
+            total += pq.read_metadata(index).num_rows
+    with Ledger(run_path) as ledger:
+        remove_orphans(run_path, ledger)
+        done_dir = run_path / "_done"
+        skipped = _write_done(ledger, [c for c in cities if c not in missing], manifest.model_version, done_dir)
+        predicted = failed = 0
+        if pairs and total > skipped:
+            cluster_cpus = ray.cluster_resources().get("CPU", 1.0)
+            actor_resources = {"num_gpus": 1} if cfg.gpus else {}
+            ds = ray.data.from_items(pairs, override_num_blocks=len(pairs))
+            # readers ask for less CPU than the predictors, which also keeps Ray Data from fusing reads into the actors
+            ds = ds.map_batches(load_todo, fn_kwargs={"done_dir": str(done_dir)}, batch_size=1, batch_format="pyarrow", num_cpus=cfg.cpus_per_read)
+            ds = ds.map_batches(read_pixels, fn_kwargs={"attempts": cfg.read_attempts}, batch_size=cfg.batch_size, batch_format="pyarrow",
+                                num_cpus=cfg.cpus_per_read)
+            ds = ds.map_batches(predictor, fn_constructor_kwargs=predictor_kwargs, batch_size=cfg.batch_size, batch_format="pyarrow",
+                                compute=ActorPoolStrategy(size=cfg.pool_size(cluster_cpus)), num_cpus=cfg.cpus_per_actor, **actor_resources)
+            ds = ds.map_batches(write_predictions, fn_kwargs={"run_path": str(run_path), "model_version": manifest.model_version},
+                                batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=cfg.cpus_per_read)
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                rows = batch.to_pylist()
+                previous = _previous_attempts(ledger, [r["tile_id"] for r in rows if r["status"] != "ok"])
+                for r in rows:
+                    r["model_version"] = manifest.model_version
+                    r["attempts"] = int(r["attempts"]) + previous.get(r["tile_id"], 0)
+                ledger.commit(rows)
+                n_ok = sum(r["status"] == "ok" for r in rows)
+                predicted += n_ok
+                failed += len(rows) - n_ok
+                if on_commit:
+                    on_commit(len(rows), total - skipped)
+        summary = ledger.summary()
+    return InferenceResult(predicted=predicted, failed=failed, skipped=skipped, seconds=time.perf_counter() - t0,
+                           cities={c: summary.get(c, {"ok": 0, "failed": 0}) for c in cities if c not in missing}, missing=missing)
+
+
+def _previous_attempts(ledger: Ledger, tiles: list[str]) -> dict[str, int]:
+    if not tiles:
+        return {}
+    rows = ledger.con.execute("SELECT tile_id, attempts FROM ledger WHERE list_contains(?, tile_id)", [tiles]).fetchall()
+    return dict(rows)

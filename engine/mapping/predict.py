@@ -1,0 +1,146 @@
+"""Predictors for the `map` actor pool: a batch of tiles in, per-tile class probabilities out.
+
+A predictor is a callable class (Ray Data builds it once per actor, so the model is loaded once per actor) taking
+a pyarrow batch with the tile-index, graph and ``image`` columns (see :func:`engine.mapping.infer.read_pixels`)
+and returning one row per tile: ``tile_id, city, input_hash, n_classes, height, width, probs`` (uint8, see
+:func:`engine.mapping.store.encode_probs`), ``status`` (``ok``/``failed``), ``error``, ``attempts``, timings.
+
+- :class:`ModelPredictor` runs a GeoLink bundle (safetensors + JSON) in ``fused``, ``image`` or ``osm`` mode.
+- :class:`OraclePredictor` reads the reference polygons instead: perfect predictions, to test stitching and to
+  measure the pipeline without a model.
+
+Failures stay per tile: a batch that raises is retried tile by tile, each up to ``max_attempts`` times, so one
+bad tile is recorded as failed with its error and never takes its batch down.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from engine.mapping.store import encode_probs
+
+OUTPUT_COLUMNS = ("tile_id", "city", "input_hash", "n_classes", "height", "width", "probs", "status", "error", "attempts",
+                  "read_s", "predict_s")
+
+
+def model_version(model_dir: str | Path) -> str:
+    """``<folder name>-<12 hex of the weights' digest>``: changes whenever the weights do."""
+    weights = Path(model_dir) / "model.safetensors"
+    h = hashlib.blake2b(digest_size=6)
+    with open(weights, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return f"{Path(model_dir).name}-{h.hexdigest()}"
+
+
+class Predictor:
+    """Shared batch handling: per-tile failure isolation, retries, output rows. Subclasses define ``predict``."""
+
+    n_classes: int
+
+    def __init__(self, max_attempts: int = 2, fail_tiles: tuple[str, ...] = ()) -> None:
+        self.max_attempts = max_attempts
+        self.fail_tiles = frozenset(fail_tiles)  # fault drills: these tiles raise, to prove the run reports them
+
+    def predict(self, batch: pa.Table) -> np.ndarray:
+        """Float probabilities ``(B, K, H, W)`` for the rows of ``batch`` (all readable)."""
+        raise NotImplementedError
+
+    def _checked(self, batch: pa.Table) -> np.ndarray:
+        bad = self.fail_tiles.intersection(batch["tile_id"].to_pylist())
+        if bad:
+            raise RuntimeError(f"injected failure for tile {sorted(bad)[0]}")
+        return self.predict(batch)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.select(["tile_id", "city", "input_hash", "read_error", "read_s"]).to_pylist()
+        readable = [i for i, r in enumerate(rows) if not r["read_error"]]
+        out: list[dict] = []
+        for r in rows:
+            out.append({"tile_id": r["tile_id"], "city": r["city"], "input_hash": r["input_hash"], "n_classes": self.n_classes,
+                        "height": 0, "width": 0, "probs": b"", "status": "failed", "error": r["read_error"] or "",
+                        "attempts": 1, "read_s": float(r["read_s"]), "predict_s": 0.0})
+        if readable:
+            t0 = time.perf_counter()
+            try:
+                probs = self._checked(batch.take(readable))
+                seconds = (time.perf_counter() - t0) / len(readable)
+                for i, p in zip(readable, probs):
+                    self._fill(out[i], p, 1, seconds)
+            except Exception:  # isolate the failing tile(s): one at a time, with retries
+                for i in readable:
+                    self._one(batch.slice(i, 1), out[i])
+        return pa.Table.from_pylist(out)
+
+    def _one(self, row: pa.Table, record: dict) -> None:
+        for attempt in range(1, self.max_attempts + 1):
+            t0 = time.perf_counter()
+            try:
+                self._fill(record, self._checked(row)[0], attempt, time.perf_counter() - t0)
+                return
+            except Exception as exc:
+                record.update(status="failed", attempts=attempt, error=f"predict: {type(exc).__name__}: {exc}")
+
+    @staticmethod
+    def _fill(record: dict, probs: np.ndarray, attempts: int, seconds: float) -> None:
+        record.update(status="ok", error="", attempts=attempts, predict_s=seconds, height=int(probs.shape[1]), width=int(probs.shape[2]),
+                      probs=encode_probs(probs))
+
+
+class ModelPredictor(Predictor):
+    """A GeoLink bundle on CPU or GPU (bf16 autocast on GPU); ``torch_threads`` follows the actor's CPUs."""
+
+    def __init__(self, model_dir: str, mode: str = "fused", device: str | None = None, torch_threads: int | None = None,
+                 max_attempts: int = 2, fail_tiles: tuple[str, ...] = ()) -> None:
+        super().__init__(max_attempts, fail_tiles)
+        import torch
+
+        from geolink_model.checkpoint import load_model
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model, _ = load_model(model_dir, device=self.device)
+        self.model.eval()
+        self.mode = mode
+        self.n_classes = self.model.cfg.num_classes
+        self.img_size = self.model.cfg.img_size
+
+    def predict(self, batch: pa.Table) -> np.ndarray:
+        import torch
+
+        from engine.training.samples import collate
+
+        images, graphs, _ = collate(batch, self.device)
+        if images.shape[-1] != self.img_size or images.shape[-2] != self.img_size:
+            raise ValueError(f"tiles are {tuple(images.shape[-2:])} px but the model expects {self.img_size} px; "
+                             "prepare with --tile-size matching the model")
+        with torch.inference_mode(), torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16, enabled=self.device != "cpu"):
+            logits = self.model(images, graphs, mode=self.mode)
+        return torch.softmax(logits.float(), dim=1).cpu().numpy()
+
+
+class OraclePredictor(Predictor):
+    """Perfect predictions from the reference polygons (one-hot), for stitching tests and pipeline benchmarks."""
+
+    def __init__(self, references: dict[str, str], classes: tuple[str, ...], max_attempts: int = 2,
+                 fail_tiles: tuple[str, ...] = ()) -> None:
+        super().__init__(max_attempts, fail_tiles)
+        self.references = references
+        self.classes = tuple(classes)
+        self.n_classes = len(classes)
+
+    def predict(self, batch: pa.Table) -> np.ndarray:
+        from engine.training.samples import tile_labels
+
+        keys = ("tile_id", "city", "imagery", "crs", "window_col_off", "window_row_off", "window_width", "window_height")
+        out = []
+        for row in batch.select(list(keys)).to_pylist():
+            labels = tile_labels(row, self.references[row["city"]], self.classes)
+            out.append((np.arange(self.n_classes)[:, None, None] == labels[None]).astype(np.float32))
+        return np.stack(out)

@@ -1,0 +1,219 @@
+"""`map`: prepare (when inputs changed) -> fused inference (Ray Data) -> stitch (DuckDB) -> STAC + preview page.
+
+The same function serves the CLI (`geolink-engine map`) and the Ray job (`jobs/map.py`). Every stage is resumable:
+prepare skips unchanged cities, inference skips tiles the ledger holds, stitching rewrites products atomically.
+A city that fails at any stage is carried to the end as a failed row of the report; the others complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+
+from engine.mapping.infer import InferenceConfig, InferenceResult, run_inference
+from engine.mapping.predict import ModelPredictor, model_version
+from engine.mapping.store import RunManifest, run_dir
+from engine.pipelines.prepare import CityResult, run_prepare
+from engine.tiles.city import PrepareConfig
+from engine.tiles.grid import TileGridConfig
+from engine.training.samples import LABEL_SETS
+from geolink_model.config import MODES
+
+DEFAULT_MODEL = "default"
+
+
+@dataclass(frozen=True)
+class MapConfig:
+    """One mapping run.
+
+    Args:
+        run: run name (folder under ``runs/`` and ``products/``); rerunning the same name resumes it.
+        model_dir: a model bundle (``models/<name>``); its tile size fixes the prepared grid.
+        mode: ``fused``, ``image`` or ``osm``; default: the mode the model was fine-tuned in.
+        overlap_px: tile overlap of the prepared grid.
+        inference: batch size, actors, GPUs.
+        min_area_m2: polygons smaller than this are dropped as slivers.
+        fail_tiles: fault drill: these tiles raise in the predictor (proves a run completes and reports them).
+    """
+
+    run: str = "default"
+    model_dir: str | None = None
+    mode: str | None = None
+    overlap_px: int = 32
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    min_area_m2: float = 100.0
+    fail_tiles: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        run_dir(".", self.run)  # the run name becomes a folder: refuse a bad one before any work
+        if self.mode is not None and self.mode not in MODES:
+            raise ValueError(f"mode {self.mode!r}: use one of {MODES}")
+
+
+@dataclass(frozen=True)
+class CityReport:
+    """Where one city ended: ``ok``, or ``failed`` with the stage and the error."""
+
+    city: str
+    region: str
+    status: str
+    tiles_ok: int = 0
+    tiles_failed: int = 0
+    polygons: int = 0
+    uv_area_m2: float = 0.0
+    uv_share: float | None = None
+    stage: str = ""
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class MapReport:
+    run: str
+    model_version: str
+    products: Path
+    cities: list[CityReport]
+    inference: InferenceResult | None
+    seconds: dict[str, float]
+
+    @property
+    def failed(self) -> list[CityReport]:
+        return [c for c in self.cities if c.status != "ok"]
+
+
+def model_classes(model_dir: str | os.PathLike[str], num_classes: int) -> tuple[str, ...]:
+    """The class names a bundle predicts: from its training config, else the label set of that size."""
+    train_cfg = Path(model_dir) / "train_config.json"
+    if train_cfg.is_file():
+        name = json.loads(train_cfg.read_text()).get("classes")
+        if name in LABEL_SETS:
+            return LABEL_SETS[name]
+    for names in LABEL_SETS.values():
+        if len(names) == num_classes:
+            return names
+    return tuple(f"class_{i}" for i in range(num_classes))
+
+
+def model_mode(model_dir: str | os.PathLike[str]) -> str:
+    train_cfg = Path(model_dir) / "train_config.json"
+    mode = json.loads(train_cfg.read_text()).get("mode") if train_cfg.is_file() else None
+    return mode if mode in MODES else "fused"
+
+
+def run_map(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: MapConfig,
+            ensure_model: Callable[[pa.Table], str] | None = None,
+            on_stage: Callable[[str], None] | None = None,
+            on_commit: Callable[[int, int], None] | None = None) -> MapReport:
+    """Run every stage for ``catalog`` and return the per-city report (products under ``products/<run>/``).
+
+    ``ensure_model(prepared_catalog) -> model_dir`` is called when ``cfg.model_dir`` is None (the CLI trains the
+    default quick model there). Ray must be initialised.
+    """
+    from geolink_model.checkpoint import load_config
+
+    workspace = str(workspace)
+    say = on_stage or (lambda _msg: None)
+    seconds: dict[str, float] = {}
+    rows = {r["city"]: r for r in catalog.to_pylist()}
+    failures: dict[str, tuple[str, str]] = {}
+
+    model_dir = cfg.model_dir
+    tile_size = load_config(model_dir)[0].img_size if model_dir else 224
+    prepare_cfg = PrepareConfig(grid=TileGridConfig(tile_size_px=tile_size, overlap_px=cfg.overlap_px))
+    say(f"prepare: {len(rows)} cities ({tile_size} px tiles, {cfg.overlap_px} px overlap)")
+    t0 = time.perf_counter()
+    prepared: list[CityResult] = run_prepare(catalog, workspace, prepare_cfg)
+    seconds["prepare"] = time.perf_counter() - t0
+    for r in prepared:
+        if r.status == "failed":
+            failures[r.city] = ("prepare", r.error)
+    ok_cities = [c for c in rows if c not in failures]
+
+    if model_dir is None:
+        if ensure_model is None:
+            raise ValueError("no model: pass --model DIR (a bundle from `geolink-engine finetune`)")
+        t0 = time.perf_counter()
+        ok_catalog = catalog.filter(pa.array([c in ok_cities for c in catalog["city"].to_pylist()]))
+        model_dir = ensure_model(ok_catalog)
+        seconds["train"] = time.perf_counter() - t0
+    model_cfg, _ = load_config(model_dir)
+    if model_cfg.img_size != tile_size:
+        raise ValueError(f"model {model_dir} expects {model_cfg.img_size} px tiles, the workspace was prepared with {tile_size} px")
+    manifest = RunManifest(run=cfg.run, model_dir=str(Path(model_dir).resolve()), model_version=model_version(model_dir),
+                           classes=model_classes(model_dir, model_cfg.num_classes), mode=cfg.mode or model_mode(model_dir),
+                           tile_size_px=tile_size, overlap_px=cfg.overlap_px)
+    say(f"inference: model {manifest.model_version} ({manifest.mode}) on {len(ok_cities)} cities")
+    t0 = time.perf_counter()
+    kwargs = {"model_dir": manifest.model_dir, "mode": manifest.mode, "device": "cuda" if cfg.inference.gpus else "cpu",
+              "torch_threads": max(1, int(cfg.inference.cpus_per_actor)), "fail_tiles": tuple(cfg.fail_tiles)}
+    inference = run_inference(workspace, manifest, ok_cities, ModelPredictor, kwargs, cfg.inference, on_commit=on_commit)
+    seconds["inference"] = time.perf_counter() - t0
+    for city, why in inference.missing.items():
+        failures[city] = ("inference", why)
+    report = stitch_products(workspace, cfg.run, catalog, cfg.min_area_m2, failures, say, seconds)
+    return MapReport(run=cfg.run, model_version=manifest.model_version, products=Path(workspace) / "products" / cfg.run,
+                     cities=report, inference=inference, seconds=seconds)
+
+
+def stitch_products(workspace: str, run: str, catalog: pa.Table, min_area_m2: float = 100.0,
+                    failures: dict[str, tuple[str, str]] | None = None, say: Callable[[str], None] | None = None,
+                    seconds: dict[str, float] | None = None) -> list[CityReport]:
+    """Stitch a run's predictions into products, then the STAC collection and the preview page; one report row per city."""
+    from engine.products.page import write_page
+    from engine.products.stac import validate_stac, write_stac
+    from engine.stitch import StitchConfig, stitch_run
+
+    failures = dict(failures or {})
+    seconds = seconds if seconds is not None else {}
+    say = say or (lambda _msg: None)
+    run_dir(workspace, run)  # validates the name
+    say("stitch: blending tiles, polygons across seams, products")
+    t0 = time.perf_counter()
+    stitched = {s.city: s for s in stitch_run(workspace, run, catalog, StitchConfig(min_area_m2=min_area_m2))}
+    seconds["stitch"] = time.perf_counter() - t0
+    products = Path(workspace) / "products" / run
+    t0 = time.perf_counter()
+    write_stac(products)
+    validate_stac(products)
+    write_page(products, catalog.to_pylist())
+    seconds["publish"] = time.perf_counter() - t0
+    out = []
+    for row in catalog.to_pylist():
+        city = row["city"]
+        s = stitched.get(city)
+        if city in failures:
+            stage, error = failures[city]
+        elif s is None or s.status == "failed":
+            stage, error = "stitch", (s.error if s else "no stitch result")
+        else:
+            stage, error = "", ""
+        share = None
+        if s is not None and s.built_up_area_m2 and s.built_up_area_m2 == s.built_up_area_m2:  # not NaN, not 0
+            share = s.uv_area_m2 / s.built_up_area_m2
+        status = "failed" if error else "ok"
+        if s is not None and not error and s.tiles_failed:  # mapped, but some tiles are missing: say so
+            status, stage, error = "partial", "inference", f"{s.tiles_failed} tile(s) failed (see `runs/{run}/ledger.duckdb`)"
+        out.append(CityReport(city=city, region=row["region"], status=status,
+                              tiles_ok=s.tiles_ok if s else 0, tiles_failed=s.tiles_failed if s else 0, polygons=s.polygons if s else 0,
+                              uv_area_m2=s.uv_area_m2 if s else 0.0, uv_share=share, stage=stage, error=error))
+    return out
+
+
+def default_model(workspace: str | os.PathLike[str], catalog: pa.Table, epochs: int = 3, use_gpu: bool = False,
+                  say: Callable[[str], None] | None = None) -> str:
+    """``models/default``: reused when present, else fine-tuned now (``tiny``, fused, binary UV) on the train split."""
+    from engine.pipelines.train import TrainConfig, run_training
+
+    out = Path(workspace) / "models" / DEFAULT_MODEL
+    if (out / "model.safetensors").is_file():
+        return str(out)
+    if say:
+        say(f"no model given: training the default quick model (tiny, fused, {epochs} epochs) into {out}; "
+            "pass --model DIR to map with your own (e.g. one from `geolink-engine finetune`)")
+    cfg = TrainConfig(task="finetune", preset="tiny", epochs=epochs, batch_size=8, num_workers=1, cpus_per_worker=1.0, use_gpu=use_gpu)
+    return str(run_training(catalog, workspace, cfg, name=DEFAULT_MODEL))

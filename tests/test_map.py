@@ -1,0 +1,143 @@
+"""`map` end to end on Ray Data: ledger and resume, faults, the CLI; products are checked in test_stitch/test_products."""
+
+import hashlib
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import rasterio
+from typer.testing import CliRunner
+
+from engine.catalog import load_catalog, write_catalog
+from engine.cli import app
+from engine.mapping.infer import InferenceConfig, run_inference
+from engine.mapping.predict import OraclePredictor
+from engine.mapping.store import Ledger, RunManifest, run_dir
+from engine.pipelines.map import MapConfig, run_map, stitch_products
+from engine.pipelines.prepare import run_prepare
+from engine.tiles.city import PrepareConfig
+from engine.tiles.grid import TileGridConfig
+from engine.training.samples import LABEL_SETS
+from geolink_model.checkpoint import save_model
+from geolink_model.config import create_config
+from geolink_model.model import build_model
+
+SMALL_MODEL = dict(img_size=128, depth=2, feature_layers=(0, 1), embed_dim=96, num_heads=3, fusion_heads=3, osm_dim=64, decoder_dim=64,
+                   decoder_heads=4, seg_dim=32, num_classes=2)
+
+
+@pytest.fixture(scope="module")
+def prepared(ray_session, demo_workspace, tmp_path_factory):
+    """The demo cities prepared at 128 px, plus an (untrained, seeded) model bundle of that size."""
+    import torch
+
+    ws = tmp_path_factory.mktemp("map")
+    catalog = load_catalog(demo_workspace / "catalog.yaml")
+    results = run_prepare(catalog, ws, PrepareConfig(grid=TileGridConfig(tile_size_px=128, overlap_px=32)))
+    assert {r.status for r in results} == {"done"}
+    torch.manual_seed(0)
+    model_dir = save_model(build_model(create_config("tiny", **SMALL_MODEL)), ws / "models" / "random")
+    return ws, catalog, model_dir
+
+
+def _oracle(catalog: pa.Table) -> dict:
+    return {"references": {r["city"]: r["reference"] for r in catalog.to_pylist()}, "classes": LABEL_SETS["binary"]}
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_killed_run_resumes_to_the_same_products(prepared):
+    ws, catalog, _ = prepared
+    cities = catalog["city"].to_pylist()
+    clean = RunManifest(run="clean", model_dir="oracle", model_version="oracle-1", classes=LABEL_SETS["binary"], mode="fused",
+                        tile_size_px=128, overlap_px=32)
+    cfg = InferenceConfig(batch_size=4, actors=1)
+    first = run_inference(ws, clean, cities, OraclePredictor, _oracle(catalog), cfg)
+    total = first.predicted
+    assert first.failed == 0 and total > 50
+
+    resumed = replace(clean, run="resumed")
+    commits = []
+
+    def interrupt(n: int, _total: int) -> None:  # Ctrl-C after a few committed batches
+        commits.append(n)
+        if len(commits) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_inference(ws, resumed, cities, OraclePredictor, _oracle(catalog), cfg, on_commit=interrupt)
+    path = run_dir(ws, "resumed")
+    with Ledger(path, read_only=True) as ledger:
+        committed = ledger.table().num_rows
+    assert 0 < committed < total
+    # a worker wrote a part that never reached the ledger (the driver died in between): it must not count
+    some_part = next((path / "predictions").rglob("*.parquet"))
+    shutil.copy(some_part, some_part.with_name("part-orphan.parquet"))
+
+    again = run_inference(ws, resumed, cities, OraclePredictor, _oracle(catalog), cfg)
+    assert again.skipped == committed and again.predicted == total - committed
+    assert not list((path / "predictions").rglob("part-orphan.parquet"))
+    with Ledger(path, read_only=True) as a, Ledger(run_dir(ws, "clean"), read_only=True) as b:
+        ta, tb = a.table(), b.table()
+    assert ta.num_rows == tb.num_rows == total == len(set(ta["tile_id"].to_pylist()))
+    assert ta["tile_id"].to_pylist() == tb["tile_id"].to_pylist() and set(ta["status"].to_pylist()) == {"ok"}
+    # a rerun of a finished run does nothing
+    assert run_inference(ws, resumed, cities, OraclePredictor, _oracle(catalog), cfg).predicted == 0
+
+    for run in ("clean", "resumed"):
+        report = stitch_products(str(ws), run, catalog)
+        assert {c.status for c in report} == {"ok"}, report
+    products = ws / "products"
+    for name in ("urban_villages.parquet", "city_stats.csv"):
+        assert _digest(products / "clean" / name) == _digest(products / "resumed" / name), name
+    for city in cities:
+        with rasterio.open(products / "clean" / "cities" / city / "class.tif") as a, \
+                rasterio.open(products / "resumed" / "cities" / city / "class.tif") as b:
+            assert (a.read() == b.read()).all()
+
+
+def test_map_completes_past_a_corrupt_city_and_a_failing_tile(prepared, tmp_path):
+    ws, catalog, model_dir = prepared
+    rows = catalog.to_pylist()
+    broken = tmp_path / "broken.tif"
+    data = Path(rows[0]["imagery"]).read_bytes()
+    broken.write_bytes(data[: len(data) // 3])  # a truncated GeoTIFF
+    rows.append({**rows[0], "city": "broken-city", "imagery": str(broken)})
+    bad_catalog = pa.Table.from_pylist(rows, schema=catalog.schema)
+    index = pq.read_table(ws / "tiles" / f"city={rows[1]['city']}" / "index")
+    bad_tile = sorted(index["tile_id"].to_pylist())[1]
+
+    report = run_map(bad_catalog, ws, MapConfig(run="faults", model_dir=str(model_dir), fail_tiles=(bad_tile,),
+                                                 inference=InferenceConfig(batch_size=8, actors=1)))
+    by_city = {c.city: c for c in report.cities}
+    assert by_city["broken-city"].status == "failed" and by_city["broken-city"].stage == "prepare"
+    assert "broken.tif" in by_city["broken-city"].error or "broken-city" in by_city["broken-city"].error
+    hit = by_city[rows[1]["city"]]
+    assert hit.status == "partial" and hit.tiles_failed == 1 and hit.tiles_ok == index.num_rows - 1
+    assert all(c.status == "ok" and c.tiles_ok > 0 for c in report.cities if c.city not in ("broken-city", rows[1]["city"]))
+    with Ledger(run_dir(ws, "faults"), read_only=True) as ledger:
+        failures = ledger.failures()
+    assert [(f[1], f[2]) for f in failures] == [(bad_tile, 2)] and "injected failure" in failures[0][3]
+    stats = (ws / "products" / "faults" / "city_stats.csv").read_text()
+    assert "broken-city" in stats and (ws / "products" / "faults" / "index.html").is_file()
+
+
+def test_cli_map_reports_and_exits_nonzero_on_failure(prepared, tmp_path):
+    ws, catalog, model_dir = prepared
+    rows = catalog.to_pylist()[:2]
+    rows.append({**rows[0], "city": "no-osm-overlap", "osm": rows[1]["osm"]})
+    cat = write_catalog(rows, tmp_path / "catalog.yaml")
+    runner = CliRunner()
+    result = runner.invoke(app, ["--workspace", str(ws), "--catalog", str(cat), "map", "--model", str(model_dir), "--run", "cli",
+                                 "--batch-size", "8", "--actors", "1"])
+    assert result.exit_code == 1, result.output
+    assert "no-osm-overlap" in result.output and "products in" in result.output
+    bad = runner.invoke(app, ["--workspace", str(ws), "--catalog", str(cat), "map", "--model", str(tmp_path), "--run", "cli"])
+    assert bad.exit_code == 2 and "model.safetensors" in bad.output
+    bad = runner.invoke(app, ["--workspace", str(ws), "--catalog", str(cat), "map", "--model", str(model_dir), "--run", "../x"])
+    assert bad.exit_code == 2 and "run name" in bad.output
