@@ -1,0 +1,90 @@
+"""The products folder of a run (``products/<run>/``), as the publishing steps read it back from disk.
+
+Why a module of its own: the STAC writer and the preview page read the same files (run manifest, city stats,
+per-city COGs) and must agree on names and on how a failed city looks (a stats row, maybe no COGs).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from pathlib import Path
+
+from engine.catalog import city_path
+
+RUN_JSON = "run.json"
+UV_PARQUET = "urban_villages.parquet"
+UV_GPKG = "urban_villages.gpkg"
+CITY_STATS = "city_stats.csv"
+INDEX_HTML = "index.html"
+OVERVIEW_PNG = "overview.png"
+STAC_DIR = "stac"
+CITIES_DIR = "cities"
+ACCURACY_DIR = "accuracy"
+PREVIEW_PNG = "preview.png"
+COGS = {"uv_prob": "uv_prob.tif", "class": "class.tif"}
+PROB_SCALE = 250  # uv_prob.tif stores round(p * 250); 255 is nodata
+PROB_NODATA = 255
+
+STATS_INT = ("polygons", "tiles_ok", "tiles_failed")
+STATS_FLOAT = ("uv_area_m2", "built_up_area_m2", "uv_share")
+
+
+def read_run(products_dir: str | os.PathLike[str]) -> dict:
+    """The run manifest as a dict (extra keys such as ``start_datetime`` kept); error says how to make it."""
+    path = Path(products_dir) / RUN_JSON
+    if not path.is_file():
+        raise FileNotFoundError(f"products {products_dir}: no {RUN_JSON}; run `geolink-engine stitch` for this run first")
+    run = json.loads(path.read_text())
+    missing = [k for k in ("run", "model_version") if not run.get(k)]
+    if missing:
+        raise ValueError(f"{path}: missing {', '.join(missing)}; it must be a RunManifest written by `map`")
+    return run
+
+
+def read_city_stats(products_dir: str | os.PathLike[str]) -> list[dict]:
+    """Rows of ``city_stats.csv`` with numbers parsed (empty or NaN cells become ``None``), sorted by city."""
+    path = Path(products_dir) / CITY_STATS
+    if not path.is_file():
+        raise FileNotFoundError(f"products {products_dir}: no {CITY_STATS}; run `geolink-engine stitch` for this run first")
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    out = []
+    for i, row in enumerate(rows, start=1):
+        if not row.get("city"):
+            raise ValueError(f"{path} row {i}: empty city")
+        parsed: dict = {}
+        for key, value in row.items():
+            value = (value or "").strip()
+            try:
+                if key in STATS_INT:
+                    parsed[key] = int(float(value)) if value else None
+                elif key in STATS_FLOAT:
+                    number = float(value) if value else None
+                    parsed[key] = None if number is None or math.isnan(number) else number
+                else:
+                    parsed[key] = value or None
+            except ValueError:
+                raise ValueError(f"{path} row {i} ({row['city']}): {key}={value!r} is not a number") from None
+        out.append(parsed)
+    return sorted(out, key=lambda r: r["city"])
+
+
+def city_folder(products_dir: str | os.PathLike[str], city: str) -> Path:
+    """``products/<run>/cities/<city>`` after the slug check (no value can point outside the folder)."""
+    return city_path(Path(products_dir) / CITIES_DIR, city)
+
+
+def city_cogs(products_dir: str | os.PathLike[str], city: str) -> dict[str, Path]:
+    """The COGs of a city that exist, by asset key (``uv_prob``, ``class``); empty for a failed city."""
+    folder = city_folder(products_dir, city)
+    return {key: folder / name for key, name in COGS.items() if (folder / name).is_file()}
+
+
+def product_cities(products_dir: str | os.PathLike[str], stats: list[dict]) -> list[str]:
+    """Every city named in the stats or holding a folder under ``cities/``, sorted."""
+    root = Path(products_dir) / CITIES_DIR
+    folders = {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")} if root.is_dir() else set()
+    return sorted(folders | {r["city"] for r in stats})
