@@ -47,7 +47,7 @@ OUTLINE_COLOUR = "#00e5ff"
 MIN_PROB_SHOWN = 0.05  # below this the overlay is transparent, so the imagery stays readable
 
 
-def write_page(products_dir: str | os.PathLike[str], catalog_rows: list[dict], max_px: int = 800) -> Path:
+def write_page(products_dir: str | os.PathLike[str], catalog_rows: list[dict], max_px: int = 800, link_stac: bool | None = None) -> Path:
     """Write ``index.html``, ``cities/<city>/preview.png`` for every city with products, and ``overview.png``.
 
     A city whose picture cannot be drawn (imagery unreadable, say) is reported on the page and never stops the
@@ -58,6 +58,8 @@ def write_page(products_dir: str | os.PathLike[str], catalog_rows: list[dict], m
         catalog_rows: catalog rows (``city``, ``imagery`` resolved, optional ``region``); a city without a row is
             drawn on its probability grid without imagery.
         max_px: longest side of each city picture's raster, in pixels.
+        link_stac: link ``stac/collection.json``; default: when it exists (the pipeline writes the page first, so
+            the collection can list the page and its pictures, then the STAC: it passes True).
 
     Returns:
         The path of ``index.html``.
@@ -89,7 +91,9 @@ def write_page(products_dir: str | os.PathLike[str], catalog_rows: list[dict], m
         if imagery is None and city not in notes:
             notes[city] = "imagery not in the catalog rows: probability drawn without imagery"
     overview = render_overview(products_dir, stats, rows, products_dir / OVERVIEW_PNG)
-    page = _page_html(products_dir, run, stats, cities, previews, notes, overview)
+    if link_stac is None:
+        link_stac = (products_dir / STAC_DIR / "collection.json").is_file()
+    page = _page_html(products_dir, run, stats, cities, previews, notes, overview, link_stac)
     target = products_dir / INDEX_HTML
     with atomic_path(target) as tmp:
         tmp.write_text(page, encoding="utf-8")
@@ -245,7 +249,7 @@ p.note { color: #a00; }
 
 
 def _page_html(products_dir: Path, run: dict, stats: list[dict], cities: list[str], previews: dict[str, Path],
-               notes: dict[str, str], overview: Path | None) -> str:
+               notes: dict[str, str], overview: Path | None, link_stac: bool) -> str:
     e = html.escape
     title = f"Urban villages: run {run['run']}, model {run['model_version']}"
     by_city = {r["city"]: r for r in stats}
@@ -258,7 +262,7 @@ def _page_html(products_dir: Path, run: dict, stats: list[dict], cities: list[st
          f"{len(cities)} cities, {len(failed)} failed{': ' + e(', '.join(failed)) if failed else ''}.</p>"),
     ]
     links = [(name, name) for name in (UV_PARQUET, UV_GPKG, CITY_STATS) if (products_dir / name).is_file()]
-    if (products_dir / STAC_DIR / "collection.json").is_file():
+    if link_stac:
         links.append((f"{STAC_DIR}/collection.json", "STAC collection"))
     accuracy = products_dir / ACCURACY_DIR
     if accuracy.is_dir():
