@@ -202,20 +202,44 @@ def remove_orphans(run_path: Path, ledger: Ledger) -> int:
     return removed
 
 
-def read_city_predictions(run_path: Path, committed: pa.Table) -> Iterator[tuple[str, np.ndarray]]:
-    """``(tile_id, uint8 probs (K, H, W))`` for the committed tiles of one city, in tile-id order.
+def read_city_predictions(run_path: Path, committed: pa.Table, batch_rows: int = 64,
+                          con: duckdb.DuckDBPyConnection | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """``(tile_id, uint8 probs (K, H, W))`` for the committed tiles of one city, in the order of ``committed``'s rows.
 
-    ``committed`` is :meth:`Ledger.committed` for the city; each part is read once and only the rows the ledger
-    assigns to it are used (a part can hold a tile later redone elsewhere).
+    ``committed`` holds ``tile_id`` and ``part`` (as :meth:`Ledger.committed` gives them, sorted by tile id; a
+    caller may reorder the rows, e.g. by grid position). Only the row of each tile in the part the ledger assigns
+    it to is used (a part can hold a tile later redone elsewhere). DuckDB scans the parts and streams the rows in
+    batches of ``batch_rows``, so memory holds one batch, not the city (a large sort spills to disk).
+    A committed tile missing from its part is an error naming the tile and the part. ``con``: a DuckDB connection
+    to use (a cursor of it is opened and closed here); a fresh one by default.
     """
-    by_part: dict[str, set[str]] = {}
-    for tile, part in zip(committed["tile_id"].to_pylist(), committed["part"].to_pylist()):
-        by_part.setdefault(part, set()).add(tile)
-    found: dict[str, np.ndarray] = {}
-    for part, tiles in sorted(by_part.items()):
-        table = pq.read_table(run_path / part)
-        for row in table.to_pylist():
-            if row["tile_id"] in tiles:
-                found[row["tile_id"]] = decode_probs(row["probs"], row["n_classes"], row["height"], row["width"])
-    for tile in sorted(found):
-        yield tile, found[tile]
+    if committed.num_rows == 0:
+        return
+    parts = committed["part"].to_pylist()
+    wanted = pa.table({
+        "tile_id": committed["tile_id"],
+        "path": pa.array([str(run_path / part) for part in parts], pa.string()),
+        "ordinal": pa.array(np.arange(committed.num_rows), pa.int64()),
+    })
+    con = con.cursor() if con is not None else duckdb.connect()
+    try:
+        con.register("wanted", wanted)
+        reader = con.execute(
+            "SELECT w.tile_id, p.n_classes, p.height, p.width, p.probs FROM read_parquet(?, filename = true) p "
+            "JOIN wanted w ON p.tile_id = w.tile_id AND p.filename = w.path ORDER BY w.ordinal",
+            [sorted(set(wanted["path"].to_pylist()))],
+        ).to_arrow_reader(batch_rows)
+        expected = iter(zip(committed["tile_id"].to_pylist(), parts))
+        for batch in reader:
+            for row in batch.to_pylist():
+                tile, part = next(expected)
+                if row["tile_id"] != tile:
+                    raise FileNotFoundError(f"run {run_path.name}: tile {tile} is committed in {part} but that part does not hold it; "
+                                            f"rerun `geolink-engine map --run {run_path.name}`")
+                yield tile, decode_probs(row["probs"], row["n_classes"], row["height"], row["width"])
+        missing = next(expected, None)
+        if missing is not None:
+            raise FileNotFoundError(f"run {run_path.name}: tile {missing[0]} is committed in {missing[1]} but that part does not hold it; "
+                                    f"rerun `geolink-engine map --run {run_path.name}`")
+    finally:
+        con.close()

@@ -1,0 +1,83 @@
+"""The run-wide products of stitching: UV polygons (GeoParquet + GeoPackage), per-city statistics, the manifest.
+
+Layout of ``<workspace>/products/<run>/``::
+
+    run.json                       copy of the run's manifest (what the products were made from)
+    urban_villages.parquet         URBAN_VILLAGES_SCHEMA, GeoParquet 1.1, EPSG:4326, sorted by uv_id
+    urban_villages.gpkg            the same rows, layer ``urban_villages``
+    city_stats.csv                 one row per catalog city (failed and empty ones included)
+    cities/<city>/uv_prob.tif      COG, uint8 round(p_uv * 250), scale 0.004, nodata 255
+    cities/<city>/class.tif        COG, uint8 class index in run.json's ``classes`` order, nodata 255
+
+Every file is written to a temporary name and renamed. The Parquet file has no timestamps and a fixed row order
+and compression, so stitching the same predictions again gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+import pyarrow as pa
+
+from engine.atomic import atomic_path
+from engine.geoparquet import table_to_gdf, write_geoparquet
+
+UV_PARQUET = "urban_villages.parquet"
+UV_GPKG = "urban_villages.gpkg"
+UV_LAYER = "urban_villages"
+CITY_STATS = "city_stats.csv"
+RUN_JSON = "run.json"
+
+URBAN_VILLAGES_SCHEMA = pa.schema([
+    pa.field("uv_id", pa.string(), nullable=False),  # <city>-<n>, n from 1 in raster-scan order of the village's first pixel
+    pa.field("city", pa.string(), nullable=False),
+    pa.field("region", pa.string(), nullable=False),
+    pa.field("area_m2", pa.float64(), nullable=False),  # in EPSG:6933 (equal-area)
+    pa.field("mean_prob", pa.float64(), nullable=False),  # mean blended p(urban_village) over the village's pixels
+    pa.field("n_tiles", pa.int32(), nullable=False),  # tiles whose core's interior meets the village
+    pa.field("model_version", pa.string(), nullable=False),
+    pa.field("geometry", pa.binary(), nullable=False),  # WKB, EPSG:4326 (lon, lat)
+])
+CITY_STATS_COLUMNS = ("city", "region", "uv_area_m2", "built_up_area_m2", "uv_share", "polygons", "tiles_ok", "tiles_failed", "status")
+
+
+def write_urban_villages(tables: Iterable[pa.Table], out_dir: Path) -> tuple[Path, Path]:
+    """Concatenate the cities' polygons, sort by ``uv_id``, write GeoParquet and GeoPackage; return both paths."""
+    tables = [t.cast(URBAN_VILLAGES_SCHEMA) for t in tables]
+    table = pa.concat_tables(tables) if tables else URBAN_VILLAGES_SCHEMA.empty_table()
+    table = table.sort_by("uv_id").combine_chunks()
+    parquet = write_geoparquet(table, out_dir / UV_PARQUET, 4326)
+    gpkg = out_dir / UV_GPKG
+    with atomic_path(gpkg) as tmp:
+        gdf = table_to_gdf(table, 4326)
+        kwargs = {"geometry_type": "Polygon"} if len(gdf) == 0 else {}  # nothing to infer the type from
+        gdf.to_file(tmp, layer=UV_LAYER, driver="GPKG", engine="pyogrio", **kwargs)
+    return parquet, gpkg
+
+
+def write_city_stats(rows: Iterable[dict], out_dir: Path) -> Path:
+    """``city_stats.csv``: numbers as Python writes them (``repr``), NaN and missing values as empty cells."""
+    path = out_dir / CITY_STATS
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(CITY_STATS_COLUMNS)
+        for row in rows:
+            writer.writerow([_cell(row.get(name)) for name in CITY_STATS_COLUMNS])
+    return path
+
+
+def copy_manifest(run_path: Path, out_dir: Path) -> Path:
+    target = out_dir / RUN_JSON
+    with atomic_path(target) as tmp:
+        shutil.copyfile(run_path / RUN_JSON, tmp)
+    return target
+
+
+def _cell(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return repr(value) if isinstance(value, float) else str(value)
