@@ -106,7 +106,7 @@ def test_map_completes_past_a_corrupt_city_and_a_failing_tile(prepared, tmp_path
     rows = catalog.to_pylist()
     broken = tmp_path / "broken.tif"
     data = Path(rows[0]["imagery"]).read_bytes()
-    broken.write_bytes(data[: len(data) // 3])  # a truncated GeoTIFF
+    broken.write_bytes(data[:1500])  # a truncated GeoTIFF: not even its header survives
     rows.append({**rows[0], "city": "broken-city", "imagery": str(broken)})
     bad_catalog = pa.Table.from_pylist(rows, schema=catalog.schema)
     index = pq.read_table(ws / "tiles" / f"city={rows[1]['city']}" / "index")

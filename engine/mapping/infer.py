@@ -141,7 +141,7 @@ def _write_done(ledger: Ledger, cities: list[str], model_version: str, done_dir:
     done_dir.mkdir(parents=True, exist_ok=True)
     for city in cities:
         done = ledger.con.execute("SELECT tile_id, input_hash FROM ledger WHERE status = 'ok' AND model_version = ? AND city = ?",
-                                  [model_version, city]).fetch_arrow_table()
+                                  [model_version, city]).to_arrow_table()
         total += done.num_rows
         with atomic_path(done_dir / f"{city}.parquet") as tmp:
             pq.write_table(done, tmp)
@@ -185,14 +185,16 @@ def run_inference(workspace: str | os.PathLike[str], manifest: RunManifest, citi
             actor_resources = {"num_gpus": 1} if cfg.gpus else {}
             ds = ray.data.from_items(pairs, override_num_blocks=len(pairs))
             # readers ask for less CPU than the predictors, which also keeps Ray Data from fusing reads into the actors
-            ds = ds.map_batches(load_todo, fn_kwargs={"done_dir": str(done_dir)}, batch_size=1, batch_format="pyarrow", num_cpus=cfg.cpus_per_read)
+            # its own (smaller) CPU ask keeps it unfused from the reads, so each part is one task, not a bundle of parts
+            ds = ds.map_batches(load_todo, fn_kwargs={"done_dir": str(done_dir)}, batch_size=1, batch_format="pyarrow",
+                                num_cpus=cfg.cpus_per_read / 2)
             ds = ds.map_batches(read_pixels, fn_kwargs={"attempts": cfg.read_attempts}, batch_size=cfg.batch_size, batch_format="pyarrow",
                                 num_cpus=cfg.cpus_per_read)
             ds = ds.map_batches(predictor, fn_constructor_kwargs=predictor_kwargs, batch_size=cfg.batch_size, batch_format="pyarrow",
                                 compute=ActorPoolStrategy(size=cfg.pool_size(cluster_cpus)), num_cpus=cfg.cpus_per_actor, **actor_resources)
             ds = ds.map_batches(write_predictions, fn_kwargs={"run_path": str(run_path), "model_version": manifest.model_version},
                                 batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=cfg.cpus_per_read)
-            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for batch in ds.iter_batches(batch_size=cfg.batch_size, batch_format="pyarrow"):
                 rows = batch.to_pylist()
                 previous = _previous_attempts(ledger, [r["tile_id"] for r in rows if r["status"] != "ok"])
                 for r in rows:

@@ -14,12 +14,13 @@ killed anywhere and rerun has each tile exactly once (the ledger's primary key) 
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 import os
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import duckdb
@@ -55,6 +56,7 @@ class RunManifest:
     mode: str
     tile_size_px: int
     overlap_px: int
+    datetime: str = ""  # when the run started (ISO 8601, UTC); kept on resume, so reruns give the same products
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -66,9 +68,15 @@ class RunManifest:
         return cls(**d)
 
 
-def write_manifest(run_path: Path, manifest: RunManifest) -> None:
+def write_manifest(run_path: Path, manifest: RunManifest) -> RunManifest:
+    """Write ``run.json``, keeping the start time of an earlier pass of the same run; returns what was written."""
+    if not manifest.datetime:
+        previous = RunManifest.from_json((run_path / "run.json").read_text()).datetime if (run_path / "run.json").is_file() else ""
+        stamp = previous or _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        manifest = replace(manifest, datetime=stamp)
     with atomic_path(run_path / "run.json") as tmp:
         tmp.write_text(manifest.to_json())
+    return manifest
 
 
 def read_manifest(run_path: Path) -> RunManifest:
@@ -149,7 +157,7 @@ class Ledger:
     def done(self, model_version: str) -> pa.Table:
         """``tile_id, input_hash`` of tiles committed ok by ``model_version`` (a rerun skips those whose hash matches)."""
         return self.con.execute("SELECT tile_id, input_hash FROM ledger WHERE status = 'ok' AND model_version = ?",
-                                [model_version]).fetch_arrow_table()
+                                [model_version]).to_arrow_table()
 
     def attempts(self) -> dict[str, int]:
         return dict(self.con.execute("SELECT tile_id, attempts FROM ledger").fetchall())
@@ -173,10 +181,10 @@ class Ledger:
         """Tiles committed ok (``tile_id, city, part, input_hash, model_version``), sorted by tile id."""
         where, params = ("AND city = ?", [city]) if city else ("", [])
         return self.con.execute(f"SELECT tile_id, city, part, input_hash, model_version FROM ledger WHERE status = 'ok' {where} "
-                                "ORDER BY tile_id", params).fetch_arrow_table()
+                                "ORDER BY tile_id", params).to_arrow_table()
 
     def table(self) -> pa.Table:
-        return self.con.execute("SELECT * FROM ledger ORDER BY tile_id").fetch_arrow_table()
+        return self.con.execute("SELECT * FROM ledger ORDER BY tile_id").to_arrow_table()
 
     def summary(self) -> dict[str, dict[str, int]]:
         """Per city: tiles ``ok`` and ``failed``."""

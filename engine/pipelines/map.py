@@ -178,9 +178,9 @@ def stitch_products(workspace: str, run: str, catalog: pa.Table, min_area_m2: fl
     seconds["stitch"] = time.perf_counter() - t0
     products = Path(workspace) / "products" / run
     t0 = time.perf_counter()
+    write_page(products, catalog.to_pylist(), link_stac=True)  # first, so the collection lists the page and pictures
     write_stac(products)
     validate_stac(products)
-    write_page(products, catalog.to_pylist())
     seconds["publish"] = time.perf_counter() - t0
     out = []
     for row in catalog.to_pylist():
@@ -196,8 +196,9 @@ def stitch_products(workspace: str, run: str, catalog: pa.Table, min_area_m2: fl
         if s is not None and s.built_up_area_m2 and s.built_up_area_m2 == s.built_up_area_m2:  # not NaN, not 0
             share = s.uv_area_m2 / s.built_up_area_m2
         status = "failed" if error else "ok"
-        if s is not None and not error and s.tiles_failed:  # mapped, but some tiles are missing: say so
-            status, stage, error = "partial", "inference", f"{s.tiles_failed} tile(s) failed (see `runs/{run}/ledger.duckdb`)"
+        if s is not None and not error and s.tiles_failed:  # some (or all) tiles are missing: say so
+            status = "partial" if s.tiles_ok else "failed"
+            stage, error = "inference", f"{s.tiles_failed} tile(s) failed (see `runs/{run}/ledger.duckdb`)"
         out.append(CityReport(city=city, region=row["region"], status=status,
                               tiles_ok=s.tiles_ok if s else 0, tiles_failed=s.tiles_failed if s else 0, polygons=s.polygons if s else 0,
                               uv_area_m2=s.uv_area_m2 if s else 0.0, uv_share=share, stage=stage, error=error))

@@ -89,7 +89,11 @@ def _plan(row: dict, cfg: PrepareConfig, workspace: str, force: bool) -> list[di
         return [_status(city=city, status="chunk", chunk=ch, n_chunks=len(plan.chunks), staging=str(staging), imagery_digest=imagery_digest,
                         input_hash=input_hash, seconds=seconds / len(plan.chunks)) for ch in plan.chunks]
     except Exception as exc:  # one bad city is reported, never fatal to the run
-        return [_status(city=city, status="failed", error=_describe(exc), seconds=time.perf_counter() - t0)]
+        error = _describe(exc)
+        inputs = [f"{k} {row.get(k)}" for k in ("imagery", "osm") if row.get(k) and str(row.get(k)) not in error]
+        if inputs:  # name the files, so the message says what to fix
+            error += f" [{'; '.join(inputs)}]"
+        return [_status(city=city, status="failed", error=error, seconds=time.perf_counter() - t0)]
 
 
 def _build(row: dict, cfg: PrepareConfig) -> dict:
