@@ -1,8 +1,11 @@
 """Design-based accuracy assessment: sample design, Stehman (2014) / Olofsson et al. (2014) estimators, file entry.
 
 The statistics core (``estimators``, ``design``, ``tables``) is pure numpy/pandas; sampling, reference labels and
-the report build on it.
+the report build on it (``sampling``, ``reference``, ``report``, ``assess``: the `assess` stage, :func:`run_assess`).
+The stage's names are imported on first use, so ``assess-table`` does not pay for rasterio, geopandas and matplotlib.
 """
+
+import importlib
 
 from engine.accuracy.design import allocate, sample_size_overall
 from engine.accuracy.estimators import (
@@ -16,10 +19,30 @@ from engine.accuracy.estimators import (
 )
 from engine.accuracy.tables import AccuracyInputError, assess_table, read_samples_csv, read_strata_csv
 
+_LAZY = {
+    "AssessConfig": "engine.accuracy.assess",
+    "run_assess": "engine.accuracy.assess",
+    "AssessReport": "engine.accuracy.report",
+    "DomainResult": "engine.accuracy.report",
+    "SampleConfig": "engine.accuracy.sampling",
+    "read_labels": "engine.accuracy.reference",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'engine.accuracy' has no attribute {name!r}")
+
+
 __all__ = [
     "Z95",
     "AccuracyInputError",
     "AccuracyResult",
+    "AssessConfig",
+    "AssessReport",
+    "DomainResult",
+    "SampleConfig",
     "Estimate",
     "allocate",
     "assess_table",
@@ -27,7 +50,9 @@ __all__ = [
     "estimates_from_counts",
     "olofsson_estimates",
     "read_samples_csv",
+    "read_labels",
     "read_strata_csv",
+    "run_assess",
     "sample_size_overall",
     "stratified_estimates",
 ]

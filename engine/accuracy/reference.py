@@ -1,0 +1,243 @@
+"""Reference labels of the sample points, and the census truth, from reference polygons or from people.
+
+Two sources, one rule: a point's reference class is ``urban_village`` when it lies in (or on the edge of) a
+reference polygon of class ``urban_village`` and ``other`` everywhere else (other classes, roads, unlabelled land).
+
+- The catalog's ``reference`` polygons (synthetic cities; any city with complete reference mapping): point in
+  polygon with a shapely STRtree, in the reference's own CRS. The same polygons rasterised onto a city's class grid
+  (pixel centres) are the census truth the sampled estimates are checked against.
+- People: :func:`export_label_sheet` writes a blind sheet (``samples_to_label.gpkg`` and ``.csv``: id, city,
+  lon/lat and an image chip per point, never the map class, so labels are not anchored on the map), and
+  :func:`read_labels` reads the filled sheet back, checking every row.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import rasterio
+import shapely
+from affine import Affine
+from PIL import Image
+from pyproj import CRS, Transformer
+from rasterio.features import rasterize
+from rasterio.transform import array_bounds
+from rasterio.windows import Window
+
+from engine.accuracy.sampling import ASSESS_CLASSES, OTHER_CLASS, UV_CLASS, CityGrid, TruthStrip
+from engine.accuracy.tables import AccuracyInputError, _first_bad, _read_csv
+from engine.atomic import atomic_path
+
+SHEET_CSV = "samples_to_label.csv"
+SHEET_GPKG = "samples_to_label.gpkg"
+SHEET_LAYER = "samples_to_label"
+CHIPS_DIR = "chips"
+SHEET_COLUMNS = ("id", "city", "lon", "lat", "chip", "label")
+LONLAT_TOLERANCE_DEG = 1e-6  # the sheet writes 8 decimals; a larger difference means another sample
+
+
+def load_reference(path: str | os.PathLike[str]) -> gpd.GeoDataFrame:
+    """Reference polygons (``class``, ``geometry``) of a GeoParquet, GeoPackage, GeoJSON... file; empty rows dropped.
+
+    A file without a CRS is read as EPSG:4326 (the reference contract).
+
+    Raises:
+        ValueError: unreadable file or no ``class`` column, naming the file.
+    """
+    path = str(path)
+    try:
+        gdf = gpd.read_parquet(path) if path.endswith((".parquet", ".geoparquet")) else gpd.read_file(path, engine="pyogrio")
+    except Exception as exc:  # noqa: BLE001 (any reader failure becomes one clear message)
+        raise ValueError(f"reference {path} cannot be read: {exc}") from None
+    if "class" not in gdf.columns:
+        raise ValueError(f"reference {path} has no 'class' column (columns: {list(gdf.columns)})")
+    if gdf.crs is None:
+        gdf = gdf.set_crs(4326)
+    gdf = gdf[["class", gdf.geometry.name]]
+    return gdf[~(gdf.geometry.isna() | gdf.geometry.is_empty)].reset_index(drop=True)
+
+
+def _uv_geometries(reference: gpd.GeoDataFrame, crs: CRS | None = None) -> np.ndarray:
+    uv = reference[reference["class"].astype(str) == UV_CLASS]
+    if crs is not None:
+        uv = uv.to_crs(crs)
+    return np.asarray(uv.geometry.values, dtype=object)
+
+
+def label_points(lon: np.ndarray, lat: np.ndarray, reference: gpd.GeoDataFrame) -> np.ndarray:
+    """Reference class of each point (lon/lat, EPSG:4326): ``urban_village`` inside a UV polygon, else ``other``.
+
+    Example:
+        >>> ref = gpd.GeoDataFrame({"class": ["urban_village"]}, geometry=[shapely.box(0, 0, 1, 1)], crs=4326)
+        >>> label_points(np.array([0.5, 2.0]), np.array([0.5, 0.5]), ref).tolist()
+        ['urban_village', 'other']
+    """
+    lon, lat = np.asarray(lon, float), np.asarray(lat, float)
+    out = np.full(lon.size, OTHER_CLASS, dtype=object)
+    geoms = _uv_geometries(reference)
+    if lon.size == 0 or geoms.size == 0:
+        return out
+    x, y = lon, lat
+    if not CRS.from_user_input(reference.crs).equals(CRS.from_epsg(4326)):
+        x, y = Transformer.from_crs(4326, reference.crs, always_xy=True).transform(lon, lat)
+    points = shapely.points(np.asarray(x, float), np.asarray(y, float))
+    hit, _ = shapely.STRtree(geoms).query(points, predicate="intersects")
+    out[np.unique(hit)] = UV_CLASS
+    return out
+
+
+def truth_strips(reference: gpd.GeoDataFrame, grid: CityGrid) -> TruthStrip:
+    """A function ``(y0, y1) -> bool UV mask`` of those rows of the city's grid: the reference rasterised there.
+
+    Pixel centres decide (``rasterize`` without ``all_touched``); only polygons meeting the strip are burnt.
+    """
+    geoms = _uv_geometries(reference, grid.crs)
+    tree = shapely.STRtree(geoms)
+
+    def strip(y0: int, y1: int) -> np.ndarray:
+        shape = (y1 - y0, grid.width_px)
+        transform = grid.transform @ Affine.translation(0, y0)
+        hits = tree.query(shapely.box(*array_bounds(shape[0], shape[1], transform)))
+        if hits.size == 0:
+            return np.zeros(shape, bool)
+        return rasterize(((g, 1) for g in geoms[np.sort(hits)]), out_shape=shape, transform=transform, fill=0,
+                         dtype="uint8").astype(bool)
+
+    return strip
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the labelling sheet
+
+
+def _chip(src: rasterio.DatasetReader, x: float, y: float, chip_px: int) -> np.ndarray:
+    """RGB uint8 ``chip_px`` square centred on (x, y) (imagery CRS), with a hollow marker around the centre pixel."""
+    col, row = ~src.transform @ (x, y)
+    half = chip_px // 2
+    window = Window(int(np.floor(col)) - half, int(np.floor(row)) - half, chip_px, chip_px)
+    data = src.read([1, 2, 3] if src.count >= 3 else [1, 1, 1], window=window, boundless=True, fill_value=0)
+    if data.dtype != np.uint8:  # stretch other depths to 2-98 percent
+        lo, hi = np.percentile(data, [2, 98]) if data.size else (0, 1)
+        data = np.clip((data - lo) / max(hi - lo, 1e-9) * 255, 0, 255)
+    rgb = np.ascontiguousarray(np.moveaxis(data.astype(np.uint8), 0, -1))
+    r0, r1 = max(half - 3, 0), min(half + 3, chip_px - 1)
+    for a, b in ((r0, slice(r0, r1 + 1)), (r1, slice(r0, r1 + 1))):  # a 7-pixel square ring, yellow
+        rgb[a, b] = (255, 255, 0)
+        rgb[b, a] = (255, 255, 0)
+    return rgb
+
+
+def export_label_sheet(points: pd.DataFrame, imagery: Mapping[str, str], out_dir: str | os.PathLike[str],
+                       chip_px: int = 96) -> tuple[dict[str, Path], list[str]]:
+    """Write the blind labelling sheet of ``points`` under ``out_dir``: CSV, GeoPackage and one PNG chip per point.
+
+    The sheet has :data:`SHEET_COLUMNS`; ``label`` is empty, to be filled with ``urban_village`` or ``other``. The
+    map class and stratum are left out on purpose. Chips (``chips/<id>.png``, the imagery around the point with a
+    yellow square on its pixel) are read by window from the catalog imagery of each city.
+
+    Args:
+        points: rows of :func:`engine.accuracy.sampling.draw_sample` (``id, city, x, y, crs, lon, lat``).
+        imagery: city -> imagery path.
+        out_dir: the run's ``accuracy/`` folder.
+        chip_px: chip side in imagery pixels.
+
+    Returns:
+        The files written (``csv``, ``gpkg``, ``chips``) and warnings (a city whose imagery cannot be read gets
+        no chips; its rows say so in ``chip``).
+    """
+    out_dir = Path(out_dir)
+    sheet = points.sort_values("id").reset_index(drop=True)
+    chip = np.full(len(sheet), "", dtype=object)
+    warnings: list[str] = []
+    with atomic_path(out_dir / CHIPS_DIR) as tmp_dir:
+        tmp_dir.mkdir(parents=True)
+        for city, idx in sheet.groupby("city").groups.items():
+            path = imagery.get(city)
+            try:
+                with rasterio.open(path) as src:
+                    rows = sheet.loc[idx]
+                    x, y = rows["x"].to_numpy(), rows["y"].to_numpy()
+                    crs = CRS.from_user_input(rows["crs"].iloc[0])
+                    if src.crs is not None and not CRS.from_user_input(src.crs).equals(crs):
+                        x, y = Transformer.from_crs(crs, src.crs, always_xy=True).transform(x, y)
+                    for i, xi, yi in zip(idx, np.asarray(x), np.asarray(y)):
+                        name = f"{sheet.at[i, 'id']}.png"
+                        Image.fromarray(_chip(src, float(xi), float(yi), chip_px)).save(tmp_dir / name, optimize=True)
+                        chip[i] = f"{CHIPS_DIR}/{name}"
+            except Exception as exc:  # noqa: BLE001 (no chips for this city; the sheet is still usable)
+                warnings.append(f"city {city}: no image chips, imagery {path} cannot be read ({exc})")
+                chip[np.asarray(idx)] = "no chip: imagery unreadable"
+    table = pd.DataFrame({"id": sheet["id"], "city": sheet["city"], "lon": sheet["lon"].round(8),
+                          "lat": sheet["lat"].round(8), "chip": chip, "label": ""})
+    csv_path, gpkg_path = out_dir / SHEET_CSV, out_dir / SHEET_GPKG
+    with atomic_path(csv_path) as tmp:
+        table.to_csv(tmp, index=False, float_format="%.8f")
+    with atomic_path(gpkg_path) as tmp:
+        gpd.GeoDataFrame(table, geometry=shapely.points(table["lon"], table["lat"]), crs=4326).to_file(
+            tmp, layer=SHEET_LAYER, driver="GPKG", engine="pyogrio")
+    return {"csv": csv_path, "gpkg": gpkg_path, "chips": out_dir / CHIPS_DIR}, warnings
+
+
+def read_labels(path: str | os.PathLike[str], sample: pd.DataFrame, required: set[str] | None = None,
+                classes: tuple[str, ...] = ASSESS_CLASSES) -> pd.DataFrame:
+    """Read a filled labelling sheet (CSV with ``id`` and ``label``) and check it against the run's sample.
+
+    Args:
+        path: the filled ``samples_to_label.csv`` (other columns are ignored, except ``lon``/``lat``, which must
+            match the sample's points when present: a sheet of another draw is refused).
+        sample: the run's points (``id``, ``city``, ``lon``, ``lat``).
+        required: ids that must have a label (default: every point of ``sample``).
+        classes: allowed labels.
+
+    Returns:
+        ``id``, ``ref_class`` per labelled row, indexed by line number in the file.
+
+    Raises:
+        AccuracyInputError: naming the file and line: missing file or column, empty or repeated id, an id that is
+            not a sample point, an empty or unknown label, coordinates of another sample, or required ids without a
+            row.
+
+    Example:
+        >>> import tempfile
+        >>> p = Path(tempfile.mkdtemp()) / "labels.csv"
+        >>> _ = p.write_text("id,label\\np00001,urban_village\\n")
+        >>> read_labels(p, pd.DataFrame({"id": ["p00001"], "city": ["a"], "lon": [0.0], "lat": [0.0]}))["ref_class"].tolist()
+        ['urban_village']
+    """
+    path = Path(path)
+    df = _read_csv(path, ("id", "label"))
+    allowed = [str(c) for c in classes]
+    _first_bad(path, df["id"] == "", lambda line: "id is empty; copy the id of the sheet's row")
+    first = df.reset_index().groupby("id")["line"].transform("min").to_numpy()
+    _first_bad(path, pd.Series(first != df.index.to_numpy(), index=df.index),
+               lambda line: f"id {df.loc[line, 'id']!r} is listed again (first on line "
+                            f"{int(df.index[(df['id'] == df.loc[line, 'id']).to_numpy()][0])}); label each point once")
+    known = sample.set_index("id")
+    _first_bad(path, ~df["id"].isin(known.index),
+               lambda line: f"id {df.loc[line, 'id']!r} is not a point of this run's sample; was the sheet made for "
+                            f"another run or seed?")
+    _first_bad(path, df["label"] == "",
+               lambda line: f"id {df.loc[line, 'id']!r} has no label; write one of {allowed}")
+    _first_bad(path, ~df["label"].isin(allowed),
+               lambda line: f"label {df.loc[line, 'label']!r} of id {df.loc[line, 'id']!r} is not one of {allowed}")
+    for axis in ("lon", "lat"):
+        if axis not in df.columns:
+            continue
+        value = pd.to_numeric(df[axis], errors="coerce")
+        expected = known.loc[df["id"], axis].to_numpy()
+        _first_bad(path, pd.Series(~(np.abs(value.to_numpy() - expected) <= LONLAT_TOLERANCE_DEG), index=df.index),
+                   lambda line, a=axis: f"id {df.loc[line, 'id']!r} has {a} {df.loc[line, a]!r}, but this run's point "
+                                        f"{df.loc[line, 'id']} lies at {a} {known.at[df.loc[line, 'id'], a]:.8f}: the "
+                                        f"sheet belongs to another draw (products or seed changed); export a new sheet")
+    required = set(known.index) if required is None else set(required)
+    missing = sorted(required - set(df["id"]))
+    if missing:
+        first_id = missing[0]
+        raise AccuracyInputError(f"{path}: {len(missing)} sample point(s) have no row, e.g. id {first_id!r} "
+                                 f"(city {known.at[first_id, 'city']}); label every point of the sheet")
+    return pd.DataFrame({"id": df["id"], "ref_class": df["label"]}, index=df.index)

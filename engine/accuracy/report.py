@@ -1,0 +1,420 @@
+"""The assessment's results (:class:`AssessReport`) and their files: JSON, Markdown, charts, sample points.
+
+Why everything derives from one JSON document: ``report.json`` is the record; the Markdown tables and the charts
+are drawn from it alone (:func:`report_markdown`, :func:`write_charts`), so the three can never disagree and a
+report can be redrawn from the JSON without the products.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import geopandas as gpd
+import matplotlib
+import numpy as np
+import pandas as pd
+import shapely
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from engine.accuracy.estimators import AccuracyResult  # noqa: E402
+from engine.accuracy.sampling import ASSESS_CLASSES, UV_CLASS, SampleDesign  # noqa: E402
+from engine.atomic import atomic_path  # noqa: E402
+
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+ACCURACY_PNG = "accuracy_by_region.png"
+AREA_PNG = "uv_area_by_region.png"
+SAMPLES_GPKG = "samples.gpkg"
+SAMPLES_LAYER = "samples"
+SAMPLES_CSV = "samples.csv"  # assess-table input: stratum,map_class,ref_class (+ id, city, region, lon, lat)
+STRATA_CSV = "strata.csv"  # assess-table input: stratum,size (m2)
+QUANTITIES = ("overall_accuracy", "users_accuracy", "producers_accuracy", "area")
+
+
+@dataclass(frozen=True)
+class DomainResult:
+    """Estimates for one domain (the nation, a region or a city), or why there are none.
+
+    ``status``: ``estimated``; ``too_few_samples`` (a stratum part of the domain has fewer points than the
+    minimum, ``note`` says which); ``no_mapped_area`` (no valid pixel); ``awaiting_labels``.
+    """
+
+    level: str
+    name: str
+    status: str
+    n: int
+    mapped_area_m2: dict[str, float]
+    result: AccuracyResult | None = None
+    note: str = ""
+    flags: tuple[str, ...] = ()  # estimates whose CI is degenerate (SE 0 at 0 or 1): see degenerate_flags
+
+    def to_json(self) -> dict:
+        """``assess-table``'s R.json keys (when estimated), then status, mapped areas, the note and the flags."""
+        doc = self.result.to_json() if self.result is not None else {"n": self.n}
+        doc.update({"status": self.status, "mapped_area_m2": {k: float(v) for k, v in self.mapped_area_m2.items()}})
+        if self.note:
+            doc["note"] = self.note
+        if self.flags:
+            doc["flags"] = list(self.flags)
+        return doc
+
+
+def degenerate_flags(result: AccuracyResult) -> tuple[str, ...]:
+    """Estimates at exactly 0 or 1 with SE 0: the sample holds no error of that kind, so the CI is a single point.
+
+    Why flag them: the Wald interval cannot express the uncertainty of an error too rare to be sampled (e.g. UV
+    omitted far from any mapped UV, in a large ``other`` stratum with a few dozen points); such a producer's accuracy
+    of 1 is an upper bound, not a measurement (bench/accuracy_coverage.py shows how often it misses).
+    """
+    out = []
+    named = [("overall accuracy", result.overall_accuracy)] + [
+        (f"{what} of {k}", d[k]) for what, d in (("user's accuracy", result.users_accuracy),
+                                                 ("producer's accuracy", result.producers_accuracy)) for k in result.classes]
+    for name, e in named:
+        if e.se == 0 and e.estimate in (0.0, 1.0):
+            out.append(f"{name} is {e.estimate:g} with SE 0: no sampled error of this kind, the 95% CI understates "
+                       f"the uncertainty (more points in the other strata, or a buffer stratum, would test it)")
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class Census:
+    """The census of one domain: ``confusion_m2[i, j]`` = area with map class i and true class j (ASSESS_CLASSES)."""
+
+    pixels: int
+    confusion_m2: np.ndarray
+
+    def values(self) -> dict:
+        """True overall/user's/producer's accuracy and true/mapped area per class (NaN where undefined)."""
+        c = self.confusion_m2
+        total = c.sum()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ua = np.diag(c) / c.sum(axis=1)
+            pa = np.diag(c) / c.sum(axis=0)
+        return {
+            "overall_accuracy": float(np.trace(c) / total) if total > 0 else math.nan,
+            "users_accuracy": dict(zip(ASSESS_CLASSES, ua.tolist())),
+            "producers_accuracy": dict(zip(ASSESS_CLASSES, pa.tolist())),
+            "area": dict(zip(ASSESS_CLASSES, c.sum(axis=0).tolist())),
+            "mapped_area_m2": dict(zip(ASSESS_CLASSES, c.sum(axis=1).tolist())),
+        }
+
+
+def _unseen_bound(errors: int, n: int, area_m2: float) -> float | None:
+    """Where a stratum's ``n`` points show no error: the one-sided 95% upper bound of the area its errors may cover,
+    ``(1 - 0.05^(1/n)) x area`` (about ``3/n`` of it, the "rule of three"); None where errors were sampled."""
+    if errors or n == 0:
+        return None
+    return (1.0 - 0.05 ** (1.0 / n)) * area_m2
+
+
+def _num(value: float) -> float | None:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+
+
+def census_json(census: Census, domain: DomainResult | None) -> dict:
+    """Census values, and per estimate whether its 95% CI holds the census value (when the domain was estimated)."""
+    v = census.values()
+    doc = {"pixels": int(census.pixels),
+           "overall_accuracy": _num(v["overall_accuracy"]),
+           "users_accuracy": {k: _num(x) for k, x in v["users_accuracy"].items()},
+           "producers_accuracy": {k: _num(x) for k, x in v["producers_accuracy"].items()},
+           "area": {k: _num(x) for k, x in v["area"].items()},
+           "mapped_area_m2": {k: _num(x) for k, x in v["mapped_area_m2"].items()}}
+    if domain is not None and domain.result is not None:
+        r = domain.result
+        within = {}
+        for name, truth, est in [("overall_accuracy", v["overall_accuracy"], r.overall_accuracy)] + [
+                (f"{q}.{k}", v[q][k], getattr(r, q)[k]) for q in QUANTITIES[1:] for k in ASSESS_CLASSES]:
+            lo, hi = est.ci95
+            within[name] = None if math.isnan(truth) or math.isnan(lo) else bool(lo <= truth <= hi)
+        doc["within_ci95"] = within
+    return doc
+
+
+@dataclass(frozen=True)
+class AssessReport:
+    """What :func:`engine.accuracy.assess.run_assess` found and wrote.
+
+    ``status``: ``done``, or ``awaiting_labels`` (points lack a reference: the labelling sheet was written, rerun
+    with the filled sheet). ``points``: every sample point with ``ref_class`` (None while awaiting labels) and
+    ``ref_source`` (``catalog``/``labels``). ``census``: level (``national``/``region``/``city``) -> name -> census,
+    where the catalog reference gives the truth; None otherwise.
+    """
+
+    run: str
+    model_version: str
+    status: str
+    out_dir: Path
+    config: dict
+    design: SampleDesign
+    points: pd.DataFrame
+    national: DomainResult
+    regions: dict[str, DomainResult]
+    cities: dict[str, DomainResult]
+    census: dict[str, dict[str, Census]] | None
+    skipped: dict[str, str]
+    files: dict[str, Path]
+    warnings: tuple[str, ...] = field(default=())
+
+    def to_json(self) -> dict:
+        """The ``report.json`` document."""
+        strata = self.design.strata
+        labelled = self.points[self.points["ref_class"].notna()] if "ref_class" in self.points else self.points.iloc[:0]
+        errors = (labelled["map_class"] != labelled["ref_class"]).groupby(labelled["stratum"]).sum()
+        census = None
+        if self.census is not None:
+            domains = {"national": {"national": self.national}, "region": self.regions, "city": self.cities}
+            census = {level: {name: census_json(c, domains[level].get(name)) for name, c in sorted(by_name.items())}
+                      for level, by_name in self.census.items()}
+            census["source"] = "catalog reference polygons rasterised on each class grid (pixel centres)"
+        source = self.points["ref_source"].value_counts().to_dict() if "ref_source" in self.points else {}
+        return {
+            "run": self.run,
+            "model_version": self.model_version,
+            "status": self.status,
+            "classes": list(ASSESS_CLASSES),
+            "area_unit": "m2",
+            "config": self.config,
+            "design": {
+                "strata_by": self.design.config.strata,
+                "buffer_m": self.design.config.buffer_m,
+                "seed": self.design.config.seed,
+                "n_cochran": int(self.design.n_cochran),
+                "n_total": int(self.design.n_total),
+                "strata": [{"stratum": r.stratum, "unit": r.unit, "map_stratum": r.map_stratum, "cities": int(r.cities),
+                            "pixels": int(r.pixels), "area_m2": float(r.area_m2), "n": int(r.n),
+                            "disagreements": int(errors.get(r.stratum, 0)) if self.status == "done" else None,
+                            "unseen_error_bound_m2": _unseen_bound(int(errors.get(r.stratum, 0)), int(r.n), float(r.area_m2))
+                            if self.status == "done" else None}
+                           for r in strata.itertuples()],
+            },
+            "reference": {"points_by_source": {str(k): int(v) for k, v in source.items()},
+                          "awaiting_labels": int(self.points["ref_class"].isna().sum()) if "ref_class" in self.points else 0},
+            "national": self.national.to_json(),
+            "regions": {k: v.to_json() for k, v in sorted(self.regions.items())},
+            "cities": {k: v.to_json() for k, v in sorted(self.cities.items())},
+            "census": census,
+            "skipped_cities": dict(sorted(self.skipped.items())),
+            "files": {k: p.name if p.parent == self.out_dir else str(p.relative_to(self.out_dir))
+                      for k, p in self.files.items()},
+            "warnings": list(self.warnings),
+        }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Markdown
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}%"
+
+
+def _ha(v: float | None) -> str:
+    return "n/a" if v is None else f"{v / 1e4:,.2f}"
+
+
+def _est_row(label: str, e: dict, fmt, truth: float | None = None, with_truth: bool = False) -> str:
+    lo, hi = e["ci95"]
+    cells = [label, fmt(e["estimate"]), fmt(e["se"]), f"{fmt(lo)} - {fmt(hi)}"]
+    if with_truth:
+        inside = "" if truth is None or lo is None else (" (in CI)" if lo <= truth <= hi else " (outside CI)")
+        cells.append(fmt(truth) + inside if truth is not None else "n/a")
+    return "| " + " | ".join(cells) + " |"
+
+
+def _domain_table(doc: dict, census: dict | None) -> list[str]:
+    with_truth = census is not None
+    head = "| quantity | estimate | SE | 95% CI |" + (" census |" if with_truth else "")
+    out = [head, "|" + "---|" * (5 if with_truth else 4)]
+    truth = census or {}
+    out.append(_est_row("overall accuracy", doc["overall_accuracy"], _pct, truth.get("overall_accuracy"), with_truth))
+    for q, name in (("users_accuracy", "user's accuracy"), ("producers_accuracy", "producer's accuracy")):
+        for k in ASSESS_CLASSES:
+            out.append(_est_row(f"{name}, {k}", doc[q][k], _pct, (truth.get(q) or {}).get(k), with_truth))
+    for k in ASSESS_CLASSES:
+        out.append(_est_row(f"area (ha), {k}", doc["area"][k], _ha, (truth.get("area") or {}).get(k), with_truth))
+    mapped = doc["mapped_area_m2"]
+    out.append(f"| mapped area (ha), {UV_CLASS} | {_ha(mapped.get(UV_CLASS))} | | |" + (" |" if with_truth else ""))
+    return out
+
+
+def _summary_table(kind: str, domains: dict, census: dict | None) -> list[str]:
+    out = [f"| {kind} | n | overall accuracy | UA {UV_CLASS} | PA {UV_CLASS} | UV area, ha (95% CI) | mapped UV, ha |"
+           + (" census: OA / UA / PA / UV ha |" if census else ""),
+           "|" + "---|" * (8 if census else 7)]
+    for name, d in domains.items():
+        if d["status"] != "estimated":
+            out.append(f"| {name} | {d['n']} | {d['status'].replace('_', ' ')} | | | | {_ha(d['mapped_area_m2'].get(UV_CLASS))} |"
+                       + (" |" if census else ""))
+            continue
+
+        def ci(e: dict, f) -> str:
+            return f"{f(e['estimate'])} ({f(e['ci95'][0])} - {f(e['ci95'][1])})"
+        row = [name, str(d["n"]), ci(d["overall_accuracy"], _pct), ci(d["users_accuracy"][UV_CLASS], _pct),
+               ci(d["producers_accuracy"][UV_CLASS], _pct), ci(d["area"][UV_CLASS], _ha),
+               _ha(d["mapped_area_m2"].get(UV_CLASS))]
+        if census:
+            c = census.get(name)
+            row.append("n/a" if c is None else " / ".join([_pct(c["overall_accuracy"]), _pct(c["users_accuracy"][UV_CLASS]),
+                                                            _pct(c["producers_accuracy"][UV_CLASS]), _ha(c["area"][UV_CLASS])]))
+        out.append("| " + " | ".join(row) + " |")
+    return out
+
+
+def report_markdown(doc: dict) -> str:
+    """``report.md`` from the ``report.json`` document: design, national/regional/city tables, census, warnings."""
+    d = doc["design"]
+    census = doc.get("census") or {}
+    out = [f"# Accuracy assessment of run `{doc['run']}`", "",
+           f"Model `{doc['model_version']}`. Status: **{doc['status'].replace('_', ' ')}**. "
+           f"{d['n_total']} sample points (Cochran's size for the target SE of overall accuracy: {d['n_cochran']}), "
+           f"stratified by {d['strata_by']} x map class" + (f" with a {d['buffer_m']:g} m buffer stratum" if d["buffer_m"] else "")
+           + f", seed {d['seed']}. Estimators: Stehman (2014) stratified ratio estimators; 95% CI = estimate +- 1.96 SE. "
+           f"Areas in hectares (m2 in report.json, measured in EPSG:6933).", ""]
+    if doc["status"] == "awaiting_labels":
+        out += [f"**{doc['reference']['awaiting_labels']} points have no reference label.** Label the points of "
+                f"`samples_to_label.csv` (column `label`: {' or '.join(doc['classes'])}; chips in `chips/`), then run "
+                f"`geolink-engine assess --run {doc['run']} --reference samples_to_label.csv`.", ""]
+    out += ["## Design", "", "Points whose reference class differs from the map class are counted per stratum. A stratum "
+            "with none adds no variance, so an error too rare to be sampled there is invisible to every CI; the last "
+            "column bounds the area such unseen errors may cover (one-sided 95%, about 3/n of the stratum).", "",
+            "| stratum | cities | mapped area (ha) | points | map != reference | unseen errors, ha (95% bound) |",
+            "|---|---|---|---|---|---|"]
+    out += [f"| {s['stratum']} | {s['cities']} | {_ha(s['area_m2'])} | {s['n']} | "
+            f"{'' if s.get('disagreements') is None else s['disagreements']} | "
+            f"{'' if s.get('unseen_error_bound_m2') is None else '<= ' + _ha(s['unseen_error_bound_m2'])} |" for s in d["strata"]]
+    out.append("")
+    if doc["status"] == "done":
+        out += ["## National estimates", ""] + _domain_table(doc["national"], census.get("national", {}).get("national")
+                                                            if census else None)
+        out += ["", f"![user's and producer's accuracy by region]({ACCURACY_PNG})",
+                f"![UV area by region]({AREA_PNG})", "", "## Regions", ""]
+        out += _summary_table("region", doc["regions"], census.get("region") if census else None)
+        out += ["", "## Cities", "", "Cities are domains of the regional strata (post-stratified); a city is estimated only "
+                "where each of its stratum parts holds enough points.", ""]
+        out += _summary_table("city", doc["cities"], census.get("city") if census else None)
+        notes = [f"- {name}: {c['note']}" for name, c in doc["cities"].items() if c.get("note")]
+        if notes:
+            out += ["", "Not estimated:", ""] + notes
+        flags = [f"- {name}: {f}" for name, d in [("national", doc["national"])] + list(doc["regions"].items())
+                 + list(doc["cities"].items()) for f in d.get("flags", [])]
+        if flags:
+            out += ["", "## Degenerate intervals", ""] + flags
+    if doc["skipped_cities"]:
+        out += ["", "## Skipped cities", ""] + [f"- {c}: {why}" for c, why in doc["skipped_cities"].items()]
+    if doc["warnings"]:
+        out += ["", "## Warnings", ""] + [f"- {w}" for w in doc["warnings"]]
+    return "\n".join(out) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# charts
+
+
+def _bars(ax, x: np.ndarray, entries: list[dict | None], offset: float, label: str, color: str) -> None:
+    est = np.array([np.nan if e is None or e["estimate"] is None else e["estimate"] for e in entries])
+    lo = np.array([np.nan if e is None or e["ci95"][0] is None else e["ci95"][0] for e in entries])
+    hi = np.array([np.nan if e is None or e["ci95"][1] is None else e["ci95"][1] for e in entries])
+    ax.errorbar(x + offset, est, yerr=[est - lo, hi - est], fmt="o", capsize=4, color=color, label=label)
+
+
+def write_charts(doc: dict, out_dir: Path) -> dict[str, Path]:
+    """Two PNGs from the report document: UA/PA of UV with 95% CI per region (and nationally); estimated UV area
+    with 95% CI against the mapped (and, when known, the census) UV area per region."""
+    names = [n for n, d in doc["regions"].items() if d["status"] == "estimated"] + ["national"]
+    domains = [doc["regions"].get(n) if n != "national" else doc["national"] for n in names]
+    census = doc.get("census") or {}
+    truth = [(census.get("national", {}).get("national") if n == "national" else census.get("region", {}).get(n))
+             for n in names]
+    x = np.arange(len(names), dtype=float)
+    paths = {}
+
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(names) + 2), 4.2))
+    _bars(ax, x, [d["users_accuracy"][UV_CLASS] for d in domains], -0.12, "user's accuracy (UV)", "tab:blue")
+    _bars(ax, x, [d["producers_accuracy"][UV_CLASS] for d in domains], 0.12, "producer's accuracy (UV)", "tab:orange")
+    if any(t is not None for t in truth):
+        for key, off, color in (("users_accuracy", -0.12, "tab:blue"), ("producers_accuracy", 0.12, "tab:orange")):
+            values = [np.nan if t is None or t[key][UV_CLASS] is None else t[key][UV_CLASS] for t in truth]
+            ax.scatter(x + off, values, marker="x", s=50, color=color, zorder=3)
+        ax.scatter([], [], marker="x", color="k", label="census value")
+    ax.set_xticks(x, names, rotation=30, ha="right")
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"Run {doc['run']}: accuracy of the urban-village class (95% CI)")
+    ax.legend(loc="lower left", fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    paths["accuracy_chart"] = _save(fig, out_dir / ACCURACY_PNG)
+
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(names) + 2), 4.2))
+    est = [{k: (v / 1e4 if v is not None else None) if k == "estimate" else
+            ([c / 1e4 if c is not None else None for c in v] if k == "ci95" else v)
+            for k, v in d["area"][UV_CLASS].items()} for d in domains]
+    ax.bar(x - 0.15, [d["mapped_area_m2"].get(UV_CLASS, 0) / 1e4 for d in domains], width=0.3, color="tab:gray",
+           label="mapped UV area")
+    _bars(ax, x, est, 0.15, "estimated UV area (95% CI)", "tab:red")
+    if any(t is not None for t in truth):
+        ax.scatter(x + 0.15, [np.nan if t is None else t["area"][UV_CLASS] / 1e4 for t in truth], marker="x", s=50,
+                   color="k", zorder=3, label="census UV area")
+    ax.set_xticks(x, names, rotation=30, ha="right")
+    ax.set_ylabel("area (ha)")
+    ax.set_title(f"Run {doc['run']}: urban-village area, estimated vs mapped")
+    ax.legend(loc="best", fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    paths["area_chart"] = _save(fig, out_dir / AREA_PNG)
+    return paths
+
+
+def _save(fig, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# files
+
+
+def write_samples(points: pd.DataFrame, out_dir: Path) -> Path:
+    """``samples.gpkg``: every point (EPSG:4326) with its stratum, map class, reference class and source."""
+    path = out_dir / SAMPLES_GPKG
+    gdf = gpd.GeoDataFrame(points.reset_index(drop=True),
+                           geometry=shapely.points(points["lon"].to_numpy(), points["lat"].to_numpy()), crs=4326)
+    with atomic_path(path) as tmp:
+        gdf.to_file(tmp, layer=SAMPLES_LAYER, driver="GPKG", engine="pyogrio")
+    return path
+
+
+def write_tables(points: pd.DataFrame, design: SampleDesign, out_dir: Path) -> dict[str, Path]:
+    """``samples.csv`` and ``strata.csv`` in the ``assess-table`` format (sizes in m2; use ``--no-fpc``), so anyone can
+    recompute the national estimates from the files alone."""
+    cols = ["stratum", "map_class", "ref_class", "id", "city", "region", "lon", "lat"]
+    paths = {"samples_csv": out_dir / SAMPLES_CSV, "strata_csv": out_dir / STRATA_CSV}
+    with atomic_path(paths["samples_csv"]) as tmp:
+        points[cols].to_csv(tmp, index=False, float_format="%.8f")
+    with atomic_path(paths["strata_csv"]) as tmp:
+        design.strata[["stratum", "area_m2"]].rename(columns={"area_m2": "size"}).to_csv(tmp, index=False, float_format="%.6f")
+    return paths
+
+
+def write_report(report: AssessReport) -> dict[str, Path]:
+    """``report.json``, ``report.md`` and (once estimated) the charts; returns what was written."""
+    doc = report.to_json()
+    out = {}
+    if report.status == "done":
+        out.update(write_charts(doc, report.out_dir))
+    with atomic_path(report.out_dir / REPORT_MD) as tmp:
+        tmp.write_text(report_markdown(doc))
+    out["report_md"] = report.out_dir / REPORT_MD
+    with atomic_path(report.out_dir / REPORT_JSON) as tmp:
+        tmp.write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
+    out["report_json"] = report.out_dir / REPORT_JSON
+    return out

@@ -1,0 +1,431 @@
+"""The sample design of an accuracy assessment: strata from the class maps, their sizes, allocation, random points.
+
+Strata are ``unit x map stratum``: the unit is the region (default) or the city, the map stratum is
+``urban_village`` or ``other`` (a multi-class run is collapsed to these two), plus optionally ``buffer``: pixels
+mapped as other within ``buffer_m`` of a mapped UV pixel, where the UV the map missed (omission) concentrates, so
+a few dozen points there shrink the producer's accuracy CI far more than the same points spread over all of other.
+
+Why points and not pixels: a stratum spans cities of different pixel sizes (0.5-1.2 m), so the sampling unit is a
+point drawn uniformly over the stratum's *area*: the stratum's n is split over its cities by a multinomial on their
+areas, each city's points fall on pixels chosen uniformly (with replacement) among its stratum pixels, and each
+point gets a uniform offset inside its pixel. The points are i.i.d. uniform on the stratum's area, so stratum sizes
+are areas (m2) and no finite population correction applies (the population of points is infinite).
+
+Why two passes over each class map, strip by strip: memory stays at one strip (plus a halo of ``buffer_m`` for the
+distance transform) whatever the city's size. The first pass counts stratum pixels per strip; the draw picks ranks
+among a stratum's pixels (in raster order, so the points do not depend on the strip height); the second pass reads
+only the strips holding a drawn rank and finds its pixel.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import rasterio
+from affine import Affine
+from pyproj import CRS, Transformer
+from rasterio.windows import Window
+from scipy import ndimage
+
+from engine.accuracy.design import allocate, sample_size_overall
+from engine.db import connect
+
+UV_CLASS = "urban_village"
+OTHER_CLASS = "other"
+BUFFER = "buffer"
+ASSESS_CLASSES = (OTHER_CLASS, UV_CLASS)  # the two classes every estimate is made for, in report order
+MAP_STRATA = (OTHER_CLASS, UV_CLASS, BUFFER)  # stratum codes 0, 1, 2 of the stratum strips
+CODE_NODATA = 255
+RARE_STRATA = (UV_CLASS, BUFFER)
+STRATA_BY = ("region", "city")
+EQUAL_AREA_CRS = "EPSG:6933"  # the products measure areas here (engine.stitch.merge), so the assessment does too
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """How the sample is designed and drawn.
+
+    Args:
+        strata: the unit of the strata, ``region`` (default) or ``city`` (crossed with the map strata).
+        buffer_m: width of the buffer stratum (``other`` within this distance of mapped UV); 0 = no buffer stratum.
+        users_accuracy: anticipated user's accuracy per map class, for Cochran's sample size.
+        target_se: wanted standard error of overall accuracy, for Cochran's sample size.
+        min_rare: minimum points per rare stratum (``urban_village``, ``buffer``); added on top of Cochran's n, so
+            the area-proportional rest still meets ``target_se``.
+        min_common: minimum points per ``other`` stratum (>= 2, so its variance is estimable).
+        n_total: fix the total instead (still at least the sum of the minimums).
+        seed: seed of the random draw (numpy ``default_rng``): the same seed and class maps give the same points.
+        block_rows: class-map rows per strip (memory: about 20 bytes per pixel of a strip plus its halo).
+
+    Example:
+        >>> SampleConfig(buffer_m=30.0, seed=1).strata
+        'region'
+    """
+
+    strata: str = "region"
+    buffer_m: float = 0.0
+    users_accuracy: Mapping[str, float] = field(default_factory=lambda: {UV_CLASS: 0.7, OTHER_CLASS: 0.95})
+    target_se: float = 0.01
+    min_rare: int = 50
+    min_common: int = 10
+    n_total: int | None = None
+    seed: int = 0
+    block_rows: int = 256
+
+    def __post_init__(self) -> None:
+        if self.strata not in STRATA_BY:
+            raise ValueError(f"strata={self.strata!r}: use one of {STRATA_BY}")
+        if not (math.isfinite(self.buffer_m) and self.buffer_m >= 0):
+            raise ValueError(f"buffer_m={self.buffer_m}: must be >= 0 (0 = no buffer stratum)")
+        missing = [c for c in ASSESS_CLASSES if c not in self.users_accuracy]
+        if missing or set(self.users_accuracy) - set(ASSESS_CLASSES):
+            raise ValueError(f"users_accuracy={dict(self.users_accuracy)}: give exactly the classes {ASSESS_CLASSES}")
+        if not all(0 <= float(v) <= 1 for v in self.users_accuracy.values()):
+            raise ValueError(f"users_accuracy={dict(self.users_accuracy)}: values must lie in [0, 1]")
+        if not (math.isfinite(self.target_se) and self.target_se > 0):
+            raise ValueError(f"target_se={self.target_se}: must be > 0")
+        if self.min_rare < 2 or self.min_common < 2:
+            raise ValueError(f"min_rare={self.min_rare}, min_common={self.min_common}: need at least 2 each "
+                             f"(a stratum with one point has no estimable variance)")
+        if self.n_total is not None and self.n_total < 1:
+            raise ValueError(f"n_total={self.n_total}: must be >= 1 (or None for Cochran's size)")
+        if self.block_rows < 1:
+            raise ValueError(f"block_rows={self.block_rows}: need at least 1")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one city's class map -> stratum strips
+
+
+@dataclass(frozen=True)
+class CityGrid:
+    """A city's class map: where it is, its grid, which index is UV and the ground area of one pixel."""
+
+    city: str
+    region: str
+    path: Path
+    width_px: int
+    height_px: int
+    transform: Affine
+    crs: CRS
+    n_classes: int
+    uv_index: int
+    nodata: int
+    pixel_area_m2: float  # in EPSG:6933, at the map's centre
+
+    @property
+    def res_m(self) -> tuple[float, float]:
+        """Pixel height and width in metres (the CRS is projected in metres)."""
+        return abs(self.transform.e), abs(self.transform.a)
+
+
+def open_city_grid(path: str | os.PathLike[str], city: str, region: str, classes: tuple[str, ...]) -> CityGrid:
+    """Open and check a city's ``class.tif`` (one uint8 band, north-up, projected CRS in metres).
+
+    Raises:
+        ValueError: naming the city and file: not a single uint8 band, rotated, geographic CRS, or a ``classes``
+            tag that disagrees with the run's classes.
+    """
+    path = Path(path)
+    if UV_CLASS not in classes:
+        raise ValueError(f"the run's classes {list(classes)} have no {UV_CLASS!r}; nothing to assess")
+    with rasterio.open(path) as src:
+        where = f"city {city}: {path}"
+        if src.count != 1 or src.dtypes[0] != "uint8":
+            raise ValueError(f"{where}: expected one uint8 band of class indices, found {src.count} band(s) of {src.dtypes[0]}")
+        if src.transform.b != 0 or src.transform.d != 0 or src.transform.e >= 0:
+            raise ValueError(f"{where}: the grid is rotated or south-up; the class map must be north-up")
+        crs = CRS.from_user_input(src.crs) if src.crs else None
+        if crs is None or not crs.is_projected or crs.axis_info[0].unit_name not in ("metre", "meter"):
+            raise ValueError(f"{where}: CRS {crs} is not projected in metres (the buffer and areas need metres); "
+                             f"stitch into the city's UTM zone")
+        tag = src.tags(1).get("classes")
+        if tag is not None and tuple(json.loads(tag)) != tuple(classes):
+            raise ValueError(f"{where}: its classes tag {json.loads(tag)} differs from the run's {list(classes)}; "
+                             f"stitch the run again")
+        nodata = 255 if src.nodata is None else int(src.nodata)
+        grid = CityGrid(city, region, path, src.width, src.height, src.transform, crs, len(classes),
+                        classes.index(UV_CLASS), nodata, 0.0)
+    return CityGrid(**{**grid.__dict__, "pixel_area_m2": _pixel_area_m2(grid)})
+
+
+def _pixel_area_m2(grid: CityGrid) -> float:
+    """Ground area of the centre pixel in the equal-area CRS (the quadrilateral of its projected corners)."""
+    col, row = grid.width_px // 2, grid.height_px // 2
+    corners = np.array([(col, row), (col + 1, row), (col + 1, row + 1), (col, row + 1)], dtype=float)
+    x, y = grid.transform @ (corners[:, 0], corners[:, 1])
+    x, y = Transformer.from_crs(grid.crs, CRS.from_user_input(EQUAL_AREA_CRS), always_xy=True).transform(x, y)
+    x, y = np.asarray(x) - x[0], np.asarray(y) - y[0]  # local origin: absolute coordinates (~1e7 m) would cancel
+    return float(0.5 * abs(np.dot(x, np.roll(y, -1)) - np.dot(np.roll(x, -1), y)))
+
+
+def stratum_codes(classes_px: np.ndarray, grid: CityGrid, buffer_m: float) -> np.ndarray:
+    """Stratum code per pixel: 0 other, 1 UV, 2 buffer (other within ``buffer_m`` of UV), 255 nodata.
+
+    Distances are Euclidean between pixel centres (``scipy.ndimage.distance_transform_edt`` with the pixel size in
+    metres); a pixel at exactly ``buffer_m`` is in the buffer.
+
+    Raises:
+        ValueError: a pixel holds a class index the run does not have.
+    """
+    valid = classes_px != grid.nodata
+    bad = valid & (classes_px >= grid.n_classes)
+    if bad.any():
+        raise ValueError(f"city {grid.city}: {grid.path} holds class index {int(classes_px[bad][0])}, but the run has "
+                         f"{grid.n_classes} classes")
+    uv = valid & (classes_px == grid.uv_index)
+    codes = np.where(valid, uv.astype(np.uint8), np.uint8(CODE_NODATA))
+    if buffer_m > 0 and uv.any() and not uv.all():
+        dist = ndimage.distance_transform_edt(~uv, sampling=grid.res_m)
+        codes[valid & ~uv & (dist <= buffer_m)] = 2
+    return codes
+
+
+def strip_rows(grid: CityGrid, block_rows: int) -> list[tuple[int, int]]:
+    """``(y0, y1)`` of every strip, top to bottom."""
+    return [(y0, min(y0 + block_rows, grid.height_px)) for y0 in range(0, grid.height_px, block_rows)]
+
+
+def strata_strips(grid: CityGrid, buffer_m: float, block_rows: int,
+                  only: set[int] | None = None) -> Iterator[tuple[int, int, np.ndarray]]:
+    """``(strip index, y0, codes)`` per strip (``only``: just those strips), codes of rows ``[y0, y1)``.
+
+    Each strip is read with a halo of ``ceil(buffer_m / pixel)`` rows above and below, so every UV pixel within
+    ``buffer_m`` of the strip's pixels is seen and the buffer is exact (the same as on the whole raster).
+    """
+    halo = math.ceil(buffer_m / min(grid.res_m)) + 1 if buffer_m > 0 else 0
+    with rasterio.open(grid.path) as src:
+        for i, (y0, y1) in enumerate(strip_rows(grid, block_rows)):
+            if only is not None and i not in only:
+                continue
+            e0, e1 = max(0, y0 - halo), min(grid.height_px, y1 + halo)
+            block = src.read(1, window=Window(0, e0, grid.width_px, e1 - e0))
+            yield i, y0, stratum_codes(block, grid, buffer_m)[y0 - e0:y1 - e0]
+
+
+TruthStrip = Callable[[int, int], np.ndarray]  # (y0, y1) -> bool UV mask of those rows (the reference's truth)
+
+
+@dataclass(frozen=True)
+class CityStrata:
+    """First pass over a city: stratum pixels per strip, and the census confusion when the truth is given.
+
+    ``census[i, j]``: pixels with map class i and true class j (index in :data:`ASSESS_CLASSES`).
+    """
+
+    grid: CityGrid
+    buffer_m: float
+    block_rows: int
+    strip_counts: np.ndarray  # (strips, 3) int64: pixels of each stratum code per strip
+    census: np.ndarray | None
+
+    @property
+    def pixels(self) -> np.ndarray:
+        """Pixels per stratum code (other, UV, buffer)."""
+        return self.strip_counts.sum(axis=0)
+
+
+def scan_city(grid: CityGrid, buffer_m: float, block_rows: int, truth: TruthStrip | None = None) -> CityStrata:
+    """Count each stratum's pixels per strip (and the census confusion against ``truth``) in one pass.
+
+    Example:
+        >>> # scan_city(open_city_grid("products/run/cities/wuhan/class.tif", "wuhan", "central", classes), 30.0, 256)
+    """
+    counts = []
+    census = np.zeros((2, 2), np.int64) if truth is not None else None
+    for _, y0, codes in strata_strips(grid, buffer_m, block_rows):
+        counts.append(np.bincount(codes.ravel(), minlength=256)[:3])
+        if truth is not None:
+            ref = truth(y0, y0 + codes.shape[0])
+            valid = codes != CODE_NODATA
+            mapped_uv = codes[valid] == 1
+            census += np.bincount(mapped_uv * 2 + ref[valid], minlength=4).reshape(2, 2)
+    return CityStrata(grid, buffer_m, block_rows, np.array(counts, np.int64).reshape(-1, 3), census)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# strata sizes and allocation (DuckDB does the bookkeeping)
+
+CELLS_SCHEMA = pa.schema([("city", pa.string()), ("region", pa.string()), ("map_stratum", pa.string()),
+                          ("pixels", pa.int64()), ("area_m2", pa.float64())])
+
+STRATA_SQL = """
+SELECT CASE WHEN $by = 'city' THEN city ELSE region END AS unit,
+       map_stratum,
+       (CASE WHEN $by = 'city' THEN city ELSE region END) || ':' || map_stratum AS stratum,
+       SUM(pixels)::BIGINT AS pixels,
+       SUM(area_m2) AS area_m2,
+       COUNT(*)::INTEGER AS cities
+FROM cells
+WHERE pixels > 0
+GROUP BY ALL
+ORDER BY unit, map_stratum
+"""
+
+
+@dataclass(frozen=True)
+class SampleDesign:
+    """Strata, their sizes and sample sizes.
+
+    ``cells``: one row per city and map stratum with pixels > 0 (``city, region, map_stratum, stratum, pixels,
+    area_m2``), in city then code order: the pieces a stratum's points are split over. ``strata``: one row per
+    stratum (``stratum, unit, map_stratum, map_class, pixels, area_m2, cities, n``).
+    """
+
+    config: SampleConfig
+    cells: pd.DataFrame
+    strata: pd.DataFrame
+    n_cochran: int
+
+    @property
+    def n_total(self) -> int:
+        return int(self.strata["n"].sum())
+
+    def sizes(self) -> dict[str, float]:
+        """Stratum -> area in m2 (what the estimators take)."""
+        return dict(zip(self.strata["stratum"], self.strata["area_m2"].astype(float)))
+
+
+def city_cells(scan: CityStrata) -> list[dict]:
+    """The city's rows of the cells table (every map stratum, pixels and m2)."""
+    return [{"city": scan.grid.city, "region": scan.grid.region, "map_stratum": name, "pixels": int(px),
+             "area_m2": float(px) * scan.grid.pixel_area_m2} for name, px in zip(MAP_STRATA, scan.pixels)]
+
+
+def plan_design(scans: list[CityStrata], cfg: SampleConfig) -> SampleDesign:
+    """Aggregate the cities' stratum pixels into strata (DuckDB) and allocate the sample.
+
+    ``n = sample_size_overall(W, U, target_se)`` with ``W`` the mapped area shares of UV and other (buffer counted
+    as other) and ``U`` the anticipated user's accuracies; then :func:`engine.accuracy.design.allocate` of
+    ``n + min_rare x (rare strata)`` points, at least ``min_rare`` per rare stratum and ``min_common`` per other
+    stratum, the rest proportional to area.
+
+    Raises:
+        ValueError: no city has a valid pixel.
+    """
+    rows = [r for s in scans for r in city_cells(s)]
+    cells = pa.Table.from_pylist(rows, schema=CELLS_SCHEMA)
+    con = connect(threads=1)  # one thread: the float sums come out in the same order every time
+    try:
+        con.register("cells", cells)
+        strata = con.execute(STRATA_SQL, {"by": cfg.strata}).df()
+    finally:
+        con.close()
+    if strata.empty:
+        raise ValueError("no city has a valid pixel in its class map: nothing to sample")
+    strata["map_class"] = np.where(strata["map_stratum"] == UV_CLASS, UV_CLASS, OTHER_CLASS)
+    area_by_class = strata.groupby("map_class")["area_m2"].sum()
+    n_cochran = sample_size_overall(area_by_class.to_dict(), cfg.users_accuracy, cfg.target_se)
+    rare = strata["map_stratum"].isin(RARE_STRATA).to_numpy()
+    mins = dict(zip(strata["stratum"], np.where(rare, cfg.min_rare, cfg.min_common).tolist()))
+    n_wanted = cfg.n_total if cfg.n_total is not None else n_cochran + cfg.min_rare * int(rare.sum())
+    n = allocate(dict(zip(strata["stratum"], strata["area_m2"])), n_wanted, mins)
+    strata["n"] = [n[h] for h in strata["stratum"]]
+    cells_df = cells.to_pandas()
+    cells_df = cells_df[cells_df["pixels"] > 0].reset_index(drop=True)
+    cells_df["stratum"] = cells_df[cfg.strata] + ":" + cells_df["map_stratum"]
+    return SampleDesign(cfg, cells_df, strata, n_cochran)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the random draw
+
+
+def draw_ranks(cell_stratum: np.ndarray, cell_area: np.ndarray, cell_pixels: np.ndarray, n_per_stratum: np.ndarray,
+               rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Which cell (city part of a stratum) and which of its pixels (rank in raster order) each point lands on.
+
+    A stratum's ``n`` is split over its cells by a multinomial on their areas, then each point picks a pixel of
+    its cell uniformly (with replacement): together, i.i.d. points uniform on the stratum's area. Numpy only, so a
+    benchmark can redraw thousands of times in milliseconds.
+
+    Args:
+        cell_stratum: stratum index of every cell; cell_area, cell_pixels: its area and pixel count (> 0).
+        n_per_stratum: points per stratum index.
+
+    Returns:
+        ``(cell, rank)`` per point, grouped by cell in cell order.
+    """
+    counts = np.zeros(len(cell_stratum), np.int64)
+    for h, n in enumerate(n_per_stratum):
+        idx = np.flatnonzero(cell_stratum == h)
+        if n and idx.size:
+            area = cell_area[idx]
+            counts[idx] = rng.multinomial(int(n), area / area.sum())
+    cell = np.repeat(np.arange(len(cell_stratum)), counts)
+    rank = np.minimum((rng.random(cell.size) * cell_pixels[cell]).astype(np.int64), cell_pixels[cell] - 1)
+    return cell, rank
+
+
+def locate(scan: CityStrata, code: np.ndarray, rank: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column of the ``rank``-th pixel (raster order) of stratum ``code``, reading only the needed strips."""
+    rows = np.zeros(rank.size, np.int64)
+    cols = np.zeros(rank.size, np.int64)
+    if rank.size == 0:
+        return rows, cols
+    cum = np.cumsum(scan.strip_counts, axis=0)  # (strips, 3)
+    strip = np.zeros(rank.size, np.int64)
+    for c in np.unique(code):
+        strip[code == c] = np.searchsorted(cum[:, c], rank[code == c], side="right")
+    if (strip >= len(cum)).any():
+        raise ValueError(f"city {scan.grid.city}: a drawn pixel lies beyond the class map; has {scan.grid.path} "
+                         f"changed since it was scanned?")
+    before = np.where(strip > 0, cum[np.maximum(strip - 1, 0), code], 0)
+    for i, y0, codes in strata_strips(scan.grid, scan.buffer_m, scan.block_rows, set(strip.tolist())):
+        flat = codes.ravel()
+        for c in np.unique(code[strip == i]):
+            mine = np.flatnonzero((strip == i) & (code == c))
+            pos = np.flatnonzero(flat == c)[rank[mine] - before[mine]]
+            rows[mine] = y0 + pos // scan.grid.width_px
+            cols[mine] = pos % scan.grid.width_px
+    return rows, cols
+
+
+POINT_COLUMNS = ("id", "city", "region", "stratum", "map_stratum", "map_class", "row", "col", "x", "y", "crs", "lon", "lat")
+
+
+def draw_sample(scans: list[CityStrata], design: SampleDesign) -> pd.DataFrame:
+    """The sample points of ``design`` (seeded by ``design.config.seed``), sorted by id.
+
+    Ids (``p00001``...) are assigned in a random order, so neither their order nor the sheet's row order tells a
+    labeller the stratum (which would reveal the map class).
+
+    Returns:
+        One row per point: :data:`POINT_COLUMNS` (``x``/``y`` in the city's CRS ``crs``, ``lon``/``lat`` in
+        EPSG:4326, ``row``/``col`` the pixel of the class map).
+    """
+    rng = np.random.default_rng(design.config.seed)
+    cells, strata = design.cells, design.strata
+    h_index = {h: i for i, h in enumerate(strata["stratum"])}
+    cell, rank = draw_ranks(cells["stratum"].map(h_index).to_numpy(), cells["area_m2"].to_numpy(),
+                            cells["pixels"].to_numpy(), strata["n"].to_numpy(), rng)
+    offset = rng.random((cell.size, 2))
+    order = rng.permutation(cell.size)
+    width = max(5, len(str(cell.size)))
+    ids = np.array([f"p{i + 1:0{width}d}" for i in order], dtype=object)
+    by_city = {s.grid.city: s for s in scans}
+    code_of = {name: i for i, name in enumerate(MAP_STRATA)}
+    parts = []
+    for city, idx in pd.Series(np.arange(cell.size)).groupby(cells["city"].to_numpy()[cell]):
+        idx = idx.to_numpy()
+        scan = by_city[city]
+        code = cells["map_stratum"].map(code_of).to_numpy()[cell[idx]]
+        rows, cols = locate(scan, code, rank[idx])
+        x, y = scan.grid.transform @ (cols + offset[idx, 0], rows + offset[idx, 1])
+        lon, lat = Transformer.from_crs(scan.grid.crs, "EPSG:4326", always_xy=True).transform(x, y)
+        parts.append(pd.DataFrame({
+            "id": ids[idx], "city": city, "region": scan.grid.region, "stratum": cells["stratum"].to_numpy()[cell[idx]],
+            "map_stratum": np.array(MAP_STRATA, dtype=object)[code], "row": rows, "col": cols,
+            "x": np.asarray(x, float), "y": np.asarray(y, float), "crs": scan.grid.crs.to_string(),
+            "lon": np.asarray(lon, float), "lat": np.asarray(lat, float)}))
+    points = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=list(POINT_COLUMNS))
+    points["map_class"] = np.where(points["map_stratum"] == UV_CLASS, UV_CLASS, OTHER_CLASS)
+    return points[list(POINT_COLUMNS)].sort_values("id", kind="stable").reset_index(drop=True)
