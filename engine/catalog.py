@@ -95,7 +95,7 @@ def load_catalog(path: str | os.PathLike[str]) -> pa.Table:
         raise CatalogError(f"catalog {path}: missing required column(s) {', '.join(missing)}; required: {', '.join(CATALOG_REQUIRED)}")
     if not rows:
         raise CatalogError(f"catalog {path} has no rows")
-    base = path.parent
+    base = path.parent.absolute()  # absolute: workers (and a cluster's nodes) do not share the driver's cwd
     out = {name: [] for name in CATALOG_SCHEMA.names}
     for r in rows:
         for name in CATALOG_SCHEMA.names:

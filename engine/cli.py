@@ -295,6 +295,8 @@ def map_command(
         except (ValueError, FileNotFoundError) as exc:
             _fail(str(exc))
     _print_city_report(report.cities, f"map run {report.run} (model {report.model_version})")
+    if report.assessment is not None:
+        _print_assessment(report.assessment)
     timing = ", ".join(f"{k} {v:.1f} s" for k, v in report.seconds.items())
     console.print(f"products in [bold]{report.products}[/] (open {report.products / 'index.html'}); {timing}", soft_wrap=True)
     if report.failed:
@@ -325,15 +327,100 @@ def stitch_command(
         _fail(f"{len(failed)} of {len(report)} cities failed or are incomplete: " + ", ".join(f"{c.city} ({c.stage})" for c in failed), code=1)
 
 
+@app.command("assess")
+def assess_command(
+    ctx: typer.Context,
+    run: Annotated[str, typer.Option("--run", help="The mapping run whose products to assess.")] = "default",
+    cities: Annotated[str, typer.Option("--cities", help="'all' or a comma list of city slugs.")] = "all",
+    strata: Annotated[str, typer.Option("--strata", help="Strata: region or city, crossed with the map class.")] = "region",
+    buffer_m: Annotated[float, typer.Option("--buffer-m", help="Buffer stratum: 'other' within this many metres of mapped UV (0 = none).")] = 0.0,
+    n_total: Annotated[int | None, typer.Option("--n-total", min=1, help="Total sample size (default: Cochran's n + minimums).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random sample.")] = 0,
+    reference: Annotated[Path | None, typer.Option("--reference", help="Filled labelling sheet (CSV: id,label) for points without a catalog reference.")] = None,
+) -> None:
+    """Design-based accuracy and area estimates (stratified random sample, Stehman 2014) for a run's products."""
+    from engine.accuracy.assess import AssessConfig
+    from engine.accuracy.sampling import SampleConfig
+    from engine.pipelines.map import assess, publish_products
+
+    settings: Settings = ctx.obj
+    path, table = _load_catalog(settings)
+    say = lambda msg: console.print(f"[bold]>[/] {escape(msg)}", soft_wrap=True)  # noqa: E731
+    try:
+        table = select_cities(table, cities)
+        cfg = AssessConfig(sampling=SampleConfig(strata=strata, buffer_m=buffer_m, n_total=n_total, seed=seed))
+        result = assess(str(settings.workspace), run, table, cfg, reference_labels=reference, say=say)
+        publish_products(settings.workspace / "products" / run, table)  # the page and the STAC now link the report
+    except (CatalogError, ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    _print_assessment(result)
+
+
+@app.command("assess-table")
+def assess_table_command(
+    samples: Annotated[Path, typer.Option("--samples", help="CSV, one row per sample unit: stratum,map_class,ref_class.")],
+    strata: Annotated[Path, typer.Option("--strata", help="CSV: stratum,size (any area unit; areas come out in it).")],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the estimates (JSON).")],
+    no_fpc: Annotated[bool, typer.Option("--no-fpc", help="No finite population correction (sizes are areas, not unit counts).")] = False,
+) -> None:
+    """Stratified estimators (Stehman 2014) on your own sample: accuracy and area with SE and 95% CI."""
+    from engine.accuracy import AccuracyInputError, assess_table
+
+    try:
+        result = assess_table(samples, strata, out, fpc=not no_fpc)
+    except (AccuracyInputError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    oa = result.overall_accuracy
+    console.print(f"[green]ok:[/] n={result.n}, overall accuracy {oa.estimate:.3f} (SE {oa.se:.3f}, 95% CI {oa.ci95[0]:.3f}-{oa.ci95[1]:.3f}); "
+                  f"wrote {out}", soft_wrap=True)
+    for warning in result.warnings:
+        console.print(f"[yellow]warning[/] {escape(warning)}", soft_wrap=True)
+
+
+def _print_assessment(result) -> None:
+    if isinstance(result, str):
+        console.print(f"[red]accuracy assessment {escape(result)}[/]", soft_wrap=True)
+        return
+    if result.status != "done":
+        sheet = result.files.get("sheet_csv") or result.out_dir
+        console.print(f"[yellow]accuracy:[/] {len(result.points)} points need a reference label: fill {sheet} and rerun "
+                      "`geolink-engine assess --reference FILLED.csv`", soft_wrap=True)
+        return
+    view = Table(title=f"accuracy (design-based, 95% CI): {result.out_dir / 'report.md'}")
+    for name in ("domain", "n", "overall acc.", "UV user's acc.", "UV producer's acc.", "UV area km2"):
+        view.add_column(name, overflow="fold")
+
+    def fmt(est, scale: float = 1.0) -> str:
+        if est is None or est.estimate != est.estimate:
+            return "n/a"
+        return f"{est.estimate * scale:.3f} [{est.ci95[0] * scale:.3f}, {est.ci95[1] * scale:.3f}]"
+
+    for domain in [result.national, *result.regions.values()]:
+        r = domain.result
+        if r is None:
+            view.add_row(domain.name, str(domain.n), escape(domain.status), "", "", "")
+            continue
+        view.add_row(domain.name, str(domain.n), fmt(r.overall_accuracy), fmt(r.users_accuracy.get("urban_village")),
+                     fmt(r.producers_accuracy.get("urban_village")), fmt(r.area.get("urban_village"), 1e-6))
+    console.print(view)
+
+
 def _print_city_report(cities: list, title: str) -> None:
     view = Table(title=title)
-    for name in ("city", "region", "status", "tiles ok", "failed", "UV polygons", "UV km2", "UV share", "error"):
-        view.add_column(name, overflow="fold")
+    errors = any(c.error for c in cities)
+    shares = any(c.uv_share is not None for c in cities)
+    names = ["city", "region", "status", "tiles", "failed", "UVs", "UV ha"] + (["UV share"] if shares else []) + (["error"] if errors else [])
+    for name in names:
+        view.add_column(name, overflow="fold", no_wrap=name not in ("error",))
     for c in cities:
         colour = {"ok": "green", "partial": "yellow"}.get(c.status, "red")
-        share = f"{c.uv_share:.1%}" if c.uv_share is not None else ""
-        view.add_row(c.city, c.region, f"[{colour}]{c.status}[/]", str(c.tiles_ok), str(c.tiles_failed), str(c.polygons),
-                     f"{c.uv_area_m2 / 1e6:.3f}", share, escape(f"{c.stage}: {c.error}" if c.error else ""))
+        cells = [c.city, c.region, f"[{colour}]{c.status}[/]", str(c.tiles_ok), str(c.tiles_failed), str(c.polygons),
+                 f"{c.uv_area_m2 / 1e4:.1f}" if c.uv_area_m2 == c.uv_area_m2 else ""]
+        if shares:
+            cells.append(f"{c.uv_share:.1%}" if c.uv_share is not None else "")
+        if errors:
+            cells.append(escape(f"{c.stage}: {c.error}" if c.error else ""))
+        view.add_row(*cells)
     console.print(view)
 
 

@@ -18,6 +18,7 @@ from engine.mapping.predict import OraclePredictor
 from engine.mapping.store import Ledger, RunManifest, run_dir
 from engine.pipelines.map import MapConfig, run_map, stitch_products
 from engine.pipelines.prepare import run_prepare
+from engine.stitch import StreamingStitch
 from engine.tiles.city import PrepareConfig
 from engine.tiles.grid import TileGridConfig
 from engine.training.samples import LABEL_SETS
@@ -57,7 +58,9 @@ def test_killed_run_resumes_to_the_same_products(prepared):
     clean = RunManifest(run="clean", model_dir="oracle", model_version="oracle-1", classes=LABEL_SETS["binary"], mode="fused",
                         tile_size_px=128, overlap_px=32)
     cfg = InferenceConfig(batch_size=4, actors=1)
-    first = run_inference(ws, clean, cities, OraclePredictor, _oracle(catalog), cfg)
+    stitcher = StreamingStitch(ws, "clean", catalog, manifest=clean)  # the clean run stitches cities as they complete
+    first = run_inference(ws, clean, cities, OraclePredictor, _oracle(catalog), cfg, on_city_done=stitcher.submit)
+    assert set(stitcher.futures) == set(cities), "every city was stitched during inference"
     total = first.predicted
     assert first.failed == 0 and total > 50
 
@@ -89,8 +92,8 @@ def test_killed_run_resumes_to_the_same_products(prepared):
     # a rerun of a finished run does nothing
     assert run_inference(ws, resumed, cities, OraclePredictor, _oracle(catalog), cfg).predicted == 0
 
-    for run in ("clean", "resumed"):
-        report = stitch_products(str(ws), run, catalog)
+    for run, done in (("clean", stitcher), ("resumed", None)):  # streamed during inference vs stitched afterwards
+        report = stitch_products(str(ws), run, catalog, stitcher=done)
         assert {c.status for c in report} == {"ok"}, report
     products = ws / "products"
     for name in ("urban_villages.parquet", "city_stats.csv"):

@@ -7,9 +7,10 @@ Pipeline (streaming, one direction; the driver only ever sees small status rows)
    model version with the same input hash (a rerun skips them);
 3. ``map_batches(read_pixels)``: each tile's window (halo included, boundless) by rasterio; a tile whose read
    fails twice gets ``read_error`` and no pixels, and its batch goes on;
-4. ``map_batches(Predictor, compute=ActorPoolStrategy)``: the model, loaded once per actor (GPU when asked);
-5. ``map_batches(write_predictions)``: one Parquet part per city per batch, written atomically;
-6. the driver commits each batch's status rows to the ledger in one transaction: that is the commit point.
+   (steps 2 and 3 run as one task per part);
+4. ``map_batches(PredictAndWrite, compute=ActorPoolStrategy)``: the model, loaded once per actor (GPU when asked),
+   then one Parquet part per city per batch, written atomically by the actor (so probabilities never travel back);
+5. the driver commits each batch's status rows to the ledger in one transaction: that is the commit point.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from engine.atomic import atomic_path
 from engine.mapping.predict import Predictor
 from engine.mapping.store import Ledger, RunManifest, predictions_dir, remove_orphans, run_dir, write_manifest, write_part
 from engine.tiles.grid import read_window
-from engine.training.samples import load_part
+from engine.tiles.parts import load_part
 
 STATUS_COLUMNS = ("tile_id", "city", "status", "attempts", "error", "input_hash", "part", "read_s", "predict_s")
 
@@ -82,6 +83,8 @@ def load_todo(pairs: pa.Table, done_dir: str) -> pa.Table:
     tables = []
     for pair in pairs.to_pylist():
         table = load_part(pair)
+        if pair.get("imagery"):  # where the imagery is now (the catalog), not where it was when prepared
+            table = table.set_column(table.schema.get_field_index("imagery"), "imagery", pa.array([pair["imagery"]] * table.num_rows, pa.string()))
         done_path = Path(done_dir) / f"{pair['city']}.parquet"
         if done_path.is_file() and table.num_rows:
             done = pq.read_table(done_path)
@@ -98,22 +101,31 @@ def read_pixels(batch: pa.Table, attempts: int = 2) -> pa.Table:
 
     keys = ("imagery", "window_col_off", "window_row_off", "window_width", "window_height", "tile_id")
     images, errors, seconds = [], [], []
-    for row in batch.select(list(keys)).to_pylist():
-        t0, pixels, error = time.perf_counter(), None, ""
-        for attempt in range(attempts):
-            try:
-                with rasterio.open(row["imagery"]) as src:
-                    pixels = read_window(src, row)
-                error = ""
-                break
-            except Exception as exc:  # a corrupt block or a vanished file: retry, then record
-                error = f"read {row['imagery']}: {type(exc).__name__}: {exc}"
-                time.sleep(0.05 * (attempt + 1))
-        if pixels is None:
-            pixels = np.zeros((3, row["window_height"], row["window_width"]), np.uint8)
-        images.append(pixels)
-        errors.append(error)
-        seconds.append(time.perf_counter() - t0)
+    sources: dict[str, rasterio.io.DatasetReader] = {}  # one open per raster per batch, not per tile
+    try:
+        for row in batch.select(list(keys)).to_pylist():
+            t0, pixels, error = time.perf_counter(), None, ""
+            for attempt in range(attempts):
+                try:
+                    if row["imagery"] not in sources:
+                        sources[row["imagery"]] = rasterio.open(row["imagery"])
+                    pixels = read_window(sources[row["imagery"]], row)
+                    error = ""
+                    break
+                except Exception as exc:  # a corrupt block or a vanished file: reopen and retry, then record
+                    error = f"read {row['imagery']}: {type(exc).__name__}: {exc}"
+                    stale = sources.pop(row["imagery"], None)
+                    if stale is not None:
+                        stale.close()
+                    time.sleep(0.05 * (attempt + 1))
+            if pixels is None:
+                pixels = np.zeros((3, row["window_height"], row["window_width"]), np.uint8)
+            images.append(pixels)
+            errors.append(error)
+            seconds.append(time.perf_counter() - t0)
+    finally:
+        for src in sources.values():
+            src.close()
     batch = batch.append_column("image", ArrowTensorArray.from_numpy(np.stack(images)))
     batch = batch.append_column("read_error", pa.array(errors, pa.string()))
     return batch.append_column("read_s", pa.array(seconds, pa.float64()))
@@ -135,23 +147,45 @@ def write_predictions(batch: pa.Table, run_path: str, model_version: str) -> pa.
     return status.append_column("part", pa.array(part, pa.string()))
 
 
-def _write_done(ledger: Ledger, cities: list[str], model_version: str, done_dir: Path) -> int:
-    """Per city, the tiles already done for this model version, as small Parquet files the read tasks filter on."""
-    total = 0
+def load_and_read(pairs: pa.Table, done_dir: str, attempts: int = 2) -> pa.Table:
+    """Ray Data step: :func:`load_todo` then :func:`read_pixels`, in one task per prepared part."""
+    return read_pixels(load_todo(pairs, done_dir), attempts)
+
+
+class PredictAndWrite:
+    """The actor: a predictor (built once per actor) followed by :func:`write_predictions`; returns status rows."""
+
+    def __init__(self, predictor: type[Predictor], predictor_kwargs: dict, run_path: str, model_version: str) -> None:
+        self.predictor = predictor(**predictor_kwargs)
+        self.run_path, self.model_version = run_path, model_version
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return write_predictions(self.predictor(batch), self.run_path, self.model_version)
+
+
+def _write_done(ledger: Ledger, cities: list[str], model_version: str, done_dir: Path) -> dict[str, int]:
+    """Per city, the tiles already done for this model version, as small Parquet files the read tasks filter on;
+    returns their count per city."""
+    counts = {}
     done_dir.mkdir(parents=True, exist_ok=True)
     for city in cities:
         done = ledger.con.execute("SELECT tile_id, input_hash FROM ledger WHERE status = 'ok' AND model_version = ? AND city = ?",
                                   [model_version, city]).to_arrow_table()
-        total += done.num_rows
+        counts[city] = done.num_rows
         with atomic_path(done_dir / f"{city}.parquet") as tmp:
             pq.write_table(done, tmp)
-    return total
+    return counts
 
 
 def run_inference(workspace: str | os.PathLike[str], manifest: RunManifest, cities: list[str], predictor: type[Predictor],
                   predictor_kwargs: dict, cfg: InferenceConfig | None = None,
-                  on_commit: Callable[[int, int], None] | None = None) -> InferenceResult:
+                  on_commit: Callable[[int, int], None] | None = None, imagery: dict[str, str] | None = None,
+                  on_city_done: Callable[[str, pa.Table, int], None] | None = None) -> InferenceResult:
     """Predict every prepared tile of ``cities`` not yet in the run's ledger; returns counts per city.
+
+    ``imagery`` (city -> path, from the catalog) says where each city's raster is now, when it moved since prepare.
+    ``on_city_done(city, committed, tiles_failed)`` is called once a city's last tile is in the ledger (``map``
+    starts stitching it then), with the city's :meth:`Ledger.committed` rows; cities with nothing to do are not.
 
     ``on_commit(tiles_committed_now, tiles_to_do)`` is called after each ledger transaction (progress bars).
     Ray must be initialised. Cities with no prepared tiles are returned in ``missing``, never fatal.
@@ -164,7 +198,7 @@ def run_inference(workspace: str | os.PathLike[str], manifest: RunManifest, citi
     run_path = run_dir(workspace, manifest.run)
     run_path.mkdir(parents=True, exist_ok=True)
     write_manifest(run_path, manifest)
-    pairs, missing, total = [], {}, 0
+    pairs, missing, total, per_city = [], {}, 0, {}
     for city in cities:
         predictions_dir(run_path, city)  # validates the slug before it becomes a path
         root = Path(workspace) / "tiles" / f"city={city}" / "index"
@@ -173,27 +207,30 @@ def run_inference(workspace: str | os.PathLike[str], manifest: RunManifest, citi
             missing[city] = f"no prepared tiles in {root.parent}"
             continue
         for index in found:
-            pairs.append({"index": str(index), "graphs": str(index.parent.parent / "graphs" / index.name), "city": city})
-            total += pq.read_metadata(index).num_rows
+            pairs.append({"index": str(index), "graphs": str(index.parent.parent / "graphs" / index.name), "city": city,
+                          "imagery": (imagery or {}).get(city) or ""})
+            n = pq.read_metadata(index).num_rows
+            total += n
+            per_city[city] = per_city.get(city, 0) + n
     with Ledger(run_path) as ledger:
         remove_orphans(run_path, ledger)
         done_dir = run_path / "_done"
-        skipped = _write_done(ledger, [c for c in cities if c not in missing], manifest.model_version, done_dir)
+        done_counts = _write_done(ledger, [c for c in cities if c not in missing], manifest.model_version, done_dir)
+        skipped = sum(done_counts.values())
+        remaining = {c: n - done_counts.get(c, 0) for c, n in per_city.items()}
         predicted = failed = 0
         if pairs and total > skipped:
             cluster_cpus = ray.cluster_resources().get("CPU", 1.0)
             actor_resources = {"num_gpus": 1} if cfg.gpus else {}
             ds = ray.data.from_items(pairs, override_num_blocks=len(pairs))
-            # readers ask for less CPU than the predictors, which also keeps Ray Data from fusing reads into the actors
-            # its own (smaller) CPU ask keeps it unfused from the reads, so each part is one task, not a bundle of parts
-            ds = ds.map_batches(load_todo, fn_kwargs={"done_dir": str(done_dir)}, batch_size=1, batch_format="pyarrow",
-                                num_cpus=cfg.cpus_per_read / 2)
-            ds = ds.map_batches(read_pixels, fn_kwargs={"attempts": cfg.read_attempts}, batch_size=cfg.batch_size, batch_format="pyarrow",
-                                num_cpus=cfg.cpus_per_read)
-            ds = ds.map_batches(predictor, fn_constructor_kwargs=predictor_kwargs, batch_size=cfg.batch_size, batch_format="pyarrow",
-                                compute=ActorPoolStrategy(size=cfg.pool_size(cluster_cpus)), num_cpus=cfg.cpus_per_actor, **actor_resources)
-            ds = ds.map_batches(write_predictions, fn_kwargs={"run_path": str(run_path), "model_version": manifest.model_version},
-                                batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=cfg.cpus_per_read)
+            # one task per part: its graph rows, minus done tiles, plus its windows' pixels (CPU, many in parallel)
+            ds = ds.map_batches(load_and_read, fn_kwargs={"done_dir": str(done_dir), "attempts": cfg.read_attempts}, batch_size=1,
+                                batch_format="pyarrow", num_cpus=cfg.cpus_per_read)
+            # the actors predict and write their own parts: probabilities never travel back through the object store
+            ds = ds.map_batches(PredictAndWrite, fn_constructor_kwargs={"predictor": predictor, "predictor_kwargs": predictor_kwargs,
+                                                                        "run_path": str(run_path), "model_version": manifest.model_version},
+                                batch_size=cfg.batch_size, batch_format="pyarrow", compute=ActorPoolStrategy(size=cfg.pool_size(cluster_cpus)),
+                                num_cpus=cfg.cpus_per_actor, **actor_resources)
             for batch in ds.iter_batches(batch_size=cfg.batch_size, batch_format="pyarrow"):
                 rows = batch.to_pylist()
                 previous = _previous_attempts(ledger, [r["tile_id"] for r in rows if r["status"] != "ok"])
@@ -201,6 +238,11 @@ def run_inference(workspace: str | os.PathLike[str], manifest: RunManifest, citi
                     r["model_version"] = manifest.model_version
                     r["attempts"] = int(r["attempts"]) + previous.get(r["tile_id"], 0)
                 ledger.commit(rows)
+                for r in rows:
+                    remaining[r["city"]] -= 1
+                    if remaining[r["city"]] == 0 and on_city_done:
+                        city = r["city"]
+                        on_city_done(city, ledger.committed(city), ledger.summary().get(city, {}).get("failed", 0))
                 n_ok = sum(r["status"] == "ok" for r in rows)
                 predicted += n_ok
                 failed += len(rows) - n_ok

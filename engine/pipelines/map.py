@@ -20,6 +20,7 @@ from engine.mapping.infer import InferenceConfig, InferenceResult, run_inference
 from engine.mapping.predict import ModelPredictor, model_version
 from engine.mapping.store import RunManifest, run_dir
 from engine.pipelines.prepare import CityResult, run_prepare
+from engine.stitch import StitchConfig, StreamingStitch
 from engine.tiles.city import PrepareConfig
 from engine.tiles.grid import TileGridConfig
 from engine.training.samples import LABEL_SETS
@@ -40,6 +41,7 @@ class MapConfig:
         inference: batch size, actors, GPUs.
         min_area_m2: polygons smaller than this are dropped as slivers.
         fail_tiles: fault drill: these tiles raise in the predictor (proves a run completes and reports them).
+        assess: run the accuracy assessment on the products (reference from the catalog, or a labelling sheet).
     """
 
     run: str = "default"
@@ -49,6 +51,7 @@ class MapConfig:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     min_area_m2: float = 100.0
     fail_tiles: tuple[str, ...] = ()
+    assess: bool = True
 
     def __post_init__(self) -> None:
         run_dir(".", self.run)  # the run name becomes a folder: refuse a bad one before any work
@@ -80,6 +83,7 @@ class MapReport:
     cities: list[CityReport]
     inference: InferenceResult | None
     seconds: dict[str, float]
+    assessment: object | None = None  # the AssessReport, or "failed: ..." when the assessment could not run
 
     @property
     def failed(self) -> list[CityReport]:
@@ -151,37 +155,73 @@ def run_map(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: MapConfig
     t0 = time.perf_counter()
     kwargs = {"model_dir": manifest.model_dir, "mode": manifest.mode, "device": "cuda" if cfg.inference.gpus else "cpu",
               "torch_threads": max(1, int(cfg.inference.cpus_per_actor)), "fail_tiles": tuple(cfg.fail_tiles)}
-    inference = run_inference(workspace, manifest, ok_cities, ModelPredictor, kwargs, cfg.inference, on_commit=on_commit)
+    stitcher = StreamingStitch(workspace, cfg.run, catalog, StitchConfig(min_area_m2=cfg.min_area_m2), manifest=manifest)
+    try:
+        inference = run_inference(workspace, manifest, ok_cities, ModelPredictor, kwargs, cfg.inference, on_commit=on_commit,
+                                  imagery={c: rows[c]["imagery"] for c in ok_cities}, on_city_done=stitcher.submit)
+    except BaseException:
+        stitcher.close()
+        raise
     seconds["inference"] = time.perf_counter() - t0
     for city, why in inference.missing.items():
         failures[city] = ("inference", why)
-    report = stitch_products(workspace, cfg.run, catalog, cfg.min_area_m2, failures, say, seconds)
+    say("stitch: the cities not stitched during inference, then the run-wide products")
+    report = stitch_products(workspace, cfg.run, catalog, cfg.min_area_m2, failures, say, seconds, publish=False, stitcher=stitcher)
+    assessment = None
+    if cfg.assess:
+        say("assess: stratified sample, design-based accuracy and area estimates")
+        t0 = time.perf_counter()
+        try:
+            assessment = assess(workspace, cfg.run, catalog)
+        except Exception as exc:  # an assessment that cannot run never takes the products down; it is reported
+            say(f"assess failed: {type(exc).__name__}: {exc}")
+            assessment = f"failed: {type(exc).__name__}: {exc}"
+        seconds["assess"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    publish_products(Path(workspace) / "products" / cfg.run, catalog)
+    seconds["publish"] = time.perf_counter() - t0
     return MapReport(run=cfg.run, model_version=manifest.model_version, products=Path(workspace) / "products" / cfg.run,
-                     cities=report, inference=inference, seconds=seconds)
+                     cities=report, inference=inference, seconds=seconds, assessment=assessment)
+
+
+def assess(workspace: str | os.PathLike[str], run: str, catalog: pa.Table, cfg=None, reference_labels=None, say=None):
+    """The `assess` stage on a run's products (see :func:`engine.accuracy.assess.run_assess`)."""
+    from engine.accuracy.assess import AssessConfig, run_assess
+
+    return run_assess(workspace, run, catalog, cfg or AssessConfig(), reference_labels=reference_labels, say=say)
+
+
+def publish_products(products: Path, catalog: pa.Table) -> None:
+    """The preview page, then the STAC collection (which lists the page and its pictures), validated offline."""
+    from engine.products.page import write_page
+    from engine.products.stac import validate_stac, write_stac
+
+    write_page(products, catalog.to_pylist(), link_stac=True)
+    write_stac(products)
+    validate_stac(products)
 
 
 def stitch_products(workspace: str, run: str, catalog: pa.Table, min_area_m2: float = 100.0,
                     failures: dict[str, tuple[str, str]] | None = None, say: Callable[[str], None] | None = None,
-                    seconds: dict[str, float] | None = None) -> list[CityReport]:
-    """Stitch a run's predictions into products, then the STAC collection and the preview page; one report row per city."""
-    from engine.products.page import write_page
-    from engine.products.stac import validate_stac, write_stac
-    from engine.stitch import StitchConfig, stitch_run
+                    seconds: dict[str, float] | None = None, publish: bool = True,
+                    stitcher: StreamingStitch | None = None) -> list[CityReport]:
+    """Stitch a run's predictions into products (then, with ``publish``, the preview page and the STAC collection);
+    one report row per catalog city. ``stitcher``: one that already stitched some cities during inference."""
 
     failures = dict(failures or {})
     seconds = seconds if seconds is not None else {}
     say = say or (lambda _msg: None)
     run_dir(workspace, run)  # validates the name
-    say("stitch: blending tiles, polygons across seams, products")
+    if stitcher is None:
+        say("stitch: blending tiles, polygons across seams, products")
+        stitcher = StreamingStitch(workspace, run, catalog, StitchConfig(min_area_m2=min_area_m2))
     t0 = time.perf_counter()
-    stitched = {s.city: s for s in stitch_run(workspace, run, catalog, StitchConfig(min_area_m2=min_area_m2))}
+    stitched = {s.city: s for s in stitcher.finish()}
     seconds["stitch"] = time.perf_counter() - t0
-    products = Path(workspace) / "products" / run
-    t0 = time.perf_counter()
-    write_page(products, catalog.to_pylist(), link_stac=True)  # first, so the collection lists the page and pictures
-    write_stac(products)
-    validate_stac(products)
-    seconds["publish"] = time.perf_counter() - t0
+    if publish:
+        t0 = time.perf_counter()
+        publish_products(Path(workspace) / "products" / run, catalog)
+        seconds["publish"] = time.perf_counter() - t0
     out = []
     for row in catalog.to_pylist():
         city = row["city"]

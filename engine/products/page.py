@@ -267,10 +267,15 @@ def _page_html(products_dir: Path, run: dict, stats: list[dict], cities: list[st
     accuracy = products_dir / ACCURACY_DIR
     if accuracy.is_dir():
         links += [(p.relative_to(products_dir).as_posix(), p.relative_to(products_dir).as_posix())
-                  for p in sorted(accuracy.rglob("*")) if p.is_file() and not p.name.startswith(".")]
+                  for p in sorted(accuracy.glob("*")) if p.is_file() and not p.name.startswith(".")]
     out.append("<p>Files: " + " | ".join(f'<a href="{e(href)}">{e(label)}</a>' for href, label in links) + "</p>")
     if overview is not None:
         out.append(f'<img src="{e(overview.name)}" alt="UV share by city">')
+    charts = sorted(accuracy.glob("*.png")) if accuracy.is_dir() else []
+    if charts:  # the accuracy assessment's pictures, when `assess` has run
+        out.append('<h2>Accuracy</h2><p>Design-based estimates with 95% confidence intervals: see '
+                   f'<a href="{ACCURACY_DIR}/report.md">report.md</a>.</p>')
+        out += [f'<img src="{e(p.relative_to(products_dir).as_posix())}" alt="{e(p.stem)}">' for p in charts]
 
     out += ["<h2>Cities</h2>", "<table>", ("<tr><th>City</th><th>Region</th><th>UV area (ha)</th><th>Built-up area (ha)</th>"
                                            "<th>UV share</th><th>Polygons</th><th>Tiles ok</th><th>Tiles failed</th></tr>")]

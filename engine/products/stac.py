@@ -134,7 +134,7 @@ def write_stac(products_dir: str | os.PathLike[str], run_title: str | None = Non
             collection.add_asset(key, _asset(products_dir / name, stac_dir, roles, title))
     accuracy = products_dir / ACCURACY_DIR
     if accuracy.is_dir():
-        for path in sorted(p for p in accuracy.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        for path in sorted(p for p in accuracy.glob("*") if p.is_file() and not p.name.startswith(".")):
             key = "accuracy_" + "_".join(path.relative_to(accuracy).with_suffix("").parts)
             collection.add_asset(key, _asset(path, stac_dir, ["metadata"], f"Accuracy assessment: {path.name}"))
 

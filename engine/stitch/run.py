@@ -14,7 +14,7 @@ import os
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,40 +158,71 @@ def stitch_run(workspace: str | os.PathLike[str], run: str, catalog: pa.Table, c
     Example:
         >>> # results = stitch_run("geolink-data", "default", load_catalog("geolink-data/catalog.yaml"))
     """
-    workspace = Path(workspace)
-    run_path = run_dir(workspace, run)
-    manifest = read_manifest(run_path)
-    if UV_CLASS not in manifest.classes:
-        raise ValueError(f"run {run}: classes {list(manifest.classes)} have no {UV_CLASS!r}; nothing to map")
-    with Ledger(run_path, read_only=True) as ledger:
-        committed = ledger.committed()
-        summary = ledger.summary()
-    out_dir = workspace / "products" / run
-    rows = catalog.to_pylist()
-    results: list[CityStitch] = []
-    tables: list[pa.Table] = []
-    con = connect()
-    workers = cfg.workers or min(4, os.cpu_count() or 1)
+    return StreamingStitch(workspace, run, catalog, cfg).finish(on_city)
 
-    def one(row: dict) -> tuple[CityStitch, pa.Table | None]:
-        city = row.get("city") or ""
-        mine = committed.filter(pc.equal(committed["city"], city))
-        return stitch_city(workspace, run_path, manifest, row, mine, summary.get(city, {}).get("failed", 0), cfg, out_dir, con)
 
-    try:
-        with ThreadPoolExecutor(max_workers=max(1, min(workers, len(rows)))) as pool:
-            for result, table in pool.map(one, rows):  # results in catalog order, whatever order they finish in
+class StreamingStitch:
+    """Stitching that can start before inference ends: :meth:`submit` a city as soon as its last tile is committed
+    (``map`` does, from the ledger), :meth:`finish` stitches the rest and writes the run-wide products.
+
+    Why: stitching a city needs only that city's predictions, so it overlaps with inference of the others and the
+    run ends shortly after its last tile. Cities are stitched in background threads (numpy, GDAL and DuckDB release
+    the GIL); results come back in catalog order, so the products are the same whichever order cities finish in.
+    """
+
+    def __init__(self, workspace: str | os.PathLike[str], run: str, catalog: pa.Table, cfg: StitchConfig = StitchConfig(),
+                 manifest: RunManifest | None = None) -> None:
+        self.workspace = Path(workspace)
+        self.run_path = run_dir(self.workspace, run)
+        self.manifest = manifest or read_manifest(self.run_path)
+        if UV_CLASS not in self.manifest.classes:
+            raise ValueError(f"run {run}: classes {list(self.manifest.classes)} have no {UV_CLASS!r}; nothing to map")
+        self.cfg = cfg
+        self.rows = catalog.to_pylist()
+        self.by_city = {r.get("city") or "": r for r in self.rows}
+        self.out_dir = self.workspace / "products" / run
+        self.con = connect()
+        workers = cfg.workers or min(4, os.cpu_count() or 1)
+        self.pool = ThreadPoolExecutor(max_workers=max(1, min(workers, len(self.rows))))
+        self.futures: dict[str, Future] = {}
+
+    def submit(self, city: str, committed: pa.Table, tiles_failed: int) -> None:
+        """Stitch ``city`` in the background from its committed tiles (ignored for cities not in the catalog)."""
+        if city in self.by_city and city not in self.futures:
+            self.futures[city] = self.pool.submit(stitch_city, self.workspace, self.run_path, self.manifest, self.by_city[city],
+                                                  committed, tiles_failed, self.cfg, self.out_dir, self.con)
+
+    def finish(self, on_city: Callable[[CityStitch], None] | None = None) -> list[CityStitch]:
+        """Stitch the cities not submitted yet (from the ledger), wait for all, write the run-wide products."""
+        try:
+            pending = [r.get("city") or "" for r in self.rows if (r.get("city") or "") not in self.futures]
+            if pending or not self.rows:
+                with Ledger(self.run_path, read_only=True) as ledger:
+                    committed, summary = ledger.committed(), ledger.summary()
+                for city in pending:
+                    self.futures[city] = self.pool.submit(
+                        stitch_city, self.workspace, self.run_path, self.manifest, self.by_city[city],
+                        committed.filter(pc.equal(committed["city"], city)), summary.get(city, {}).get("failed", 0),
+                        self.cfg, self.out_dir, self.con)
+            results: list[CityStitch] = []
+            tables: list[pa.Table] = []
+            for row in self.rows:  # catalog order, whatever order they finished in
+                result, table = self.futures[row.get("city") or ""].result()
                 results.append(result)
                 if table is not None:
                     tables.append(table)
                 if on_city:
                     on_city(result)
-    finally:
-        con.close()
-    write_urban_villages(tables, out_dir)
-    write_city_stats([r.stats_row() for r in results], out_dir)
-    copy_manifest(run_path, out_dir)
-    return results
+        finally:
+            self.close()
+        write_urban_villages(tables, self.out_dir)
+        write_city_stats([r.stats_row() for r in results], self.out_dir)
+        copy_manifest(self.run_path, self.out_dir)
+        return results
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.con.close()
 
 
 def stitch_city(workspace: Path, run_path: Path, manifest: RunManifest, row: dict, committed: pa.Table, tiles_failed: int,
@@ -298,6 +329,7 @@ def _row_area_m2(raster: RasterGrid) -> np.ndarray:
         xs.append(x)
         ys.append(y)
     x, y = np.array(xs), np.array(ys)
+    x, y = x - x[0], y - y[0]  # local origin: the shoelace on ~1e6 m coordinates would lose the sub-m2 digits
     return 0.5 * np.abs(np.sum(x * np.roll(y, -1, axis=0) - np.roll(x, -1, axis=0) * y, axis=0))
 
 

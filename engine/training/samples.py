@@ -7,12 +7,9 @@ Pixels are read from the GeoTIFF window of each tile (halo included, boundless),
 from __future__ import annotations
 
 import functools
-import os
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import rasterio
 import torch
 from pyproj import CRS
@@ -21,6 +18,7 @@ from rasterio.windows import Window
 from rasterio.windows import transform as window_transform
 
 from engine.tiles.graph_store import row_to_graph
+from engine.tiles.parts import join_graphs, load_part, part_pairs  # noqa: F401  (re-exported: training reads parts too)
 from engine.training.metrics import IGNORE, MEAN, STD
 from engine.tiles.grid import read_window
 from geolink_model import batch_graphs
@@ -30,33 +28,6 @@ LABEL_SETS: dict[str, tuple[str, ...]] = {
     "landuse": ("other", "urban_village", "formal_residential", "commercial", "industrial", "institutional", "green", "water",
                 "farmland", "vacant"),
 }
-
-
-def part_pairs(workspace: str | os.PathLike[str], cities: list[str]) -> list[dict]:
-    """The prepared Parquet parts of ``cities``: one ``{"index": path, "graphs": path}`` per chunk (same rows, same order)."""
-    out = []
-    for city in cities:
-        root = Path(workspace) / "tiles" / f"city={city}"
-        if not root.is_dir():
-            raise FileNotFoundError(f"city {city}: no prepared tiles in {root}; run `geolink-engine prepare --cities {city}`")
-        for index in sorted((root / "index").glob("*.parquet")):
-            out.append({"index": str(index), "graphs": str(root / "graphs" / index.name)})
-    return out
-
-
-def load_part(pair: dict) -> pa.Table:
-    """One prepared part as a table: tile-index columns and graph columns side by side (checked: same tiles)."""
-    return join_graphs(pq.read_table(pair["index"]), pq.read_table(pair["graphs"]), f"{pair['index']} and {pair['graphs']}")
-
-
-def join_graphs(index: pa.Table, graphs: pa.Table, source: str) -> pa.Table:
-    """Tile-index rows with their graph columns appended; both must list the same tiles in the same order."""
-    if index["tile_id"].to_pylist() != graphs["tile_id"].to_pylist():
-        raise ValueError(f"{source} do not hold the same tiles in the same order; rerun prepare --force")
-    for name in graphs.column_names:
-        if name != "tile_id":
-            index = index.append_column(graphs.schema.field(name), graphs[name])
-    return index
 
 
 @functools.lru_cache(maxsize=8)

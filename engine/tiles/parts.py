@@ -1,0 +1,40 @@
+"""Prepared Parquet parts of a city: tile-index and graph files side by side (same tiles, same order).
+
+Torch-free on purpose: Ray Data read tasks import this, and a worker that does not import torch starts in a
+fraction of the time.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def part_pairs(workspace: str | os.PathLike[str], cities: list[str]) -> list[dict]:
+    """The prepared Parquet parts of ``cities``: one ``{"index": path, "graphs": path}`` per chunk (same rows, same order)."""
+    out = []
+    for city in cities:
+        root = Path(workspace) / "tiles" / f"city={city}"
+        if not root.is_dir():
+            raise FileNotFoundError(f"city {city}: no prepared tiles in {root}; run `geolink-engine prepare --cities {city}`")
+        for index in sorted((root / "index").glob("*.parquet")):
+            out.append({"index": str(index), "graphs": str(root / "graphs" / index.name)})
+    return out
+
+
+def load_part(pair: dict) -> pa.Table:
+    """One prepared part as a table: tile-index columns and graph columns side by side (checked: same tiles)."""
+    return join_graphs(pq.read_table(pair["index"]), pq.read_table(pair["graphs"]), f"{pair['index']} and {pair['graphs']}")
+
+
+def join_graphs(index: pa.Table, graphs: pa.Table, source: str) -> pa.Table:
+    """Tile-index rows with their graph columns appended; both must list the same tiles in the same order."""
+    if index["tile_id"].to_pylist() != graphs["tile_id"].to_pylist():
+        raise ValueError(f"{source} do not hold the same tiles in the same order; rerun prepare --force")
+    for name in graphs.column_names:
+        if name != "tile_id":
+            index = index.append_column(graphs.schema.field(name), graphs[name])
+    return index
