@@ -1,6 +1,7 @@
 """`map` end to end on Ray Data: ledger and resume, faults, the CLI; products are checked in test_stitch/test_products."""
 
 import hashlib
+import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -140,6 +141,15 @@ def test_cli_map_reports_and_exits_nonzero_on_failure(prepared, tmp_path):
                                  "--batch-size", "8", "--actors", "1"])
     assert result.exit_code == 1, result.output
     assert "no-osm-overlap" in result.output and "products in" in result.output
+    assert "accuracy" in result.output and (ws / "products" / "cli" / "accuracy" / "report.json").is_file()
+    acc = ws / "products" / "cli" / "accuracy"  # the sample, re-estimated from files by anyone
+    table = runner.invoke(app, ["assess-table", "--samples", str(acc / "samples.csv"), "--strata", str(acc / "strata.csv"),
+                                "--out", str(tmp_path / "R.json"), "--no-fpc"])
+    assert table.exit_code == 0, table.output
+    assert json.loads((tmp_path / "R.json").read_text())["n"] > 0
+    bad = runner.invoke(app, ["assess-table", "--samples", str(acc / "strata.csv"), "--strata", str(acc / "strata.csv"),
+                              "--out", str(tmp_path / "R2.json")])
+    assert bad.exit_code == 2 and "strata.csv" in bad.output
     bad = runner.invoke(app, ["--workspace", str(ws), "--catalog", str(cat), "map", "--model", str(tmp_path), "--run", "cli"])
     assert bad.exit_code == 2 and "model.safetensors" in bad.output
     bad = runner.invoke(app, ["--workspace", str(ws), "--catalog", str(cat), "map", "--model", str(model_dir), "--run", "../x"])
