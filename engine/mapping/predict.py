@@ -68,7 +68,7 @@ class Predictor:
         if readable:
             t0 = time.perf_counter()
             try:
-                probs = self._checked(batch.take(readable))
+                probs = self._checked(batch if len(readable) == batch.num_rows else batch.take(readable))
                 seconds = (time.perf_counter() - t0) / len(readable)
                 for i, p in zip(readable, probs):
                     self._fill(out[i], p, 1, seconds)
