@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
@@ -25,6 +26,10 @@ from engine.tiles.city import PrepareConfig
 from engine.tiles.grid import TileGridConfig
 from engine.training.samples import LABEL_SETS
 from geolink_model.config import MODES
+
+if TYPE_CHECKING:
+    from engine.accuracy.assess import AssessConfig
+    from engine.accuracy.report import AssessReport
 
 DEFAULT_MODEL = "default"
 
@@ -83,7 +88,7 @@ class MapReport:
     cities: list[CityReport]
     inference: InferenceResult | None
     seconds: dict[str, float]
-    assessment: object | None = None  # the AssessReport, or "failed: ..." when the assessment could not run
+    assessment: AssessReport | str | None = None  # "failed: ..." when the assessment could not run
 
     @property
     def failed(self) -> list[CityReport]:
@@ -184,7 +189,8 @@ def run_map(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: MapConfig
                      cities=report, inference=inference, seconds=seconds, assessment=assessment)
 
 
-def assess(workspace: str | os.PathLike[str], run: str, catalog: pa.Table, cfg=None, reference_labels=None, say=None):
+def assess(workspace: str | os.PathLike[str], run: str, catalog: pa.Table, cfg: AssessConfig | None = None,
+           reference_labels: str | os.PathLike[str] | None = None, say: Callable[[str], None] | None = None) -> AssessReport:
     """The `assess` stage on a run's products (see :func:`engine.accuracy.assess.run_assess`)."""
     from engine.accuracy.assess import AssessConfig, run_assess
 
