@@ -129,8 +129,13 @@ CREATE TABLE IF NOT EXISTS ledger (
     committed_at DOUBLE NOT NULL
 )
 """
+COMMITTED_SQL = """
+SELECT tile_id, city, part, input_hash, model_version FROM ledger
+WHERE status = 'ok' AND (CAST(? AS VARCHAR) IS NULL OR city = ?) ORDER BY tile_id
+"""
 LEDGER_COLUMNS = ("tile_id", "city", "status", "attempts", "error", "input_hash", "model_version", "part", "read_s", "predict_s",
                   "committed_at")
+LEDGER_UPSERT = f"INSERT OR REPLACE INTO ledger VALUES ({', '.join('?' for _ in LEDGER_COLUMNS)})"  # placeholders only
 
 
 class Ledger:
@@ -168,10 +173,9 @@ class Ledger:
             return
         now = time.time()
         values = [[r.get(c) if c != "committed_at" else now for c in LEDGER_COLUMNS] for r in rows]
-        placeholders = ", ".join("?" for _ in LEDGER_COLUMNS)
         self.con.execute("BEGIN TRANSACTION")
         try:
-            self.con.executemany(f"INSERT OR REPLACE INTO ledger VALUES ({placeholders})", values)
+            self.con.executemany(LEDGER_UPSERT, values)
             self.con.execute("COMMIT")
         except Exception:
             self.con.execute("ROLLBACK")
@@ -179,9 +183,7 @@ class Ledger:
 
     def committed(self, city: str | None = None) -> pa.Table:
         """Tiles committed ok (``tile_id, city, part, input_hash, model_version``), sorted by tile id."""
-        where, params = ("AND city = ?", [city]) if city else ("", [])
-        return self.con.execute(f"SELECT tile_id, city, part, input_hash, model_version FROM ledger WHERE status = 'ok' {where} "
-                                "ORDER BY tile_id", params).to_arrow_table()
+        return self.con.execute(COMMITTED_SQL, [city, city]).to_arrow_table()
 
     def table(self) -> pa.Table:
         return self.con.execute("SELECT * FROM ledger ORDER BY tile_id").to_arrow_table()
