@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -28,7 +29,8 @@ app = typer.Typer(help="geolink-engine: city-scale urban-village mapping with Ge
 catalog_app = typer.Typer(help="Show and validate the city catalog.", no_args_is_help=True)
 app.add_typer(catalog_app, name="catalog")
 
-console = Console(stderr=False)
+# piped output (logs, CI) gets 140 columns instead of rich's 80, so the summary tables stay readable
+console = Console(stderr=False, width=None if sys.stdout.isatty() else 140)
 log = logging.getLogger("geolink")
 
 
@@ -386,14 +388,14 @@ def _print_assessment(result) -> None:
         console.print(f"[yellow]accuracy:[/] {len(result.points)} points need a reference label: fill {sheet} and rerun "
                       "`geolink-engine assess --reference FILLED.csv`", soft_wrap=True)
         return
-    view = Table(title=f"accuracy (design-based, 95% CI): {result.out_dir / 'report.md'}")
-    for name in ("domain", "n", "overall acc.", "UV user's acc.", "UV producer's acc.", "UV area km2"):
+    view = Table(title=f"accuracy, estimate [95% CI] (design-based): {result.out_dir / 'report.md'}")
+    for name in ("domain", "n", "overall", "UV user's", "UV producer's", "UV km2"):
         view.add_column(name, overflow="fold")
 
     def fmt(est, scale: float = 1.0) -> str:
         if est is None or est.estimate != est.estimate:
             return "n/a"
-        return f"{est.estimate * scale:.3f} [{est.ci95[0] * scale:.3f}, {est.ci95[1] * scale:.3f}]"
+        return f"{est.estimate * scale:.2f} [{est.ci95[0] * scale:.2f}, {est.ci95[1] * scale:.2f}]"
 
     for domain in [result.national, *result.regions.values()]:
         r = domain.result
