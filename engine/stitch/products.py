@@ -25,12 +25,9 @@ import pyarrow as pa
 
 from engine.atomic import atomic_path
 from engine.geoparquet import table_to_gdf, write_geoparquet
+from engine.products.layout import CITY_STATS, RUN_JSON, UV_GPKG, UV_PARQUET
 
-UV_PARQUET = "urban_villages.parquet"
-UV_GPKG = "urban_villages.gpkg"
 UV_LAYER = "urban_villages"
-CITY_STATS = "city_stats.csv"
-RUN_JSON = "run.json"
 
 URBAN_VILLAGES_SCHEMA = pa.schema([
     pa.field("uv_id", pa.string(), nullable=False),  # <city>-<n>, n from 1 in raster-scan order of the village's first pixel

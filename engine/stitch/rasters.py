@@ -21,11 +21,11 @@ from pyproj import CRS
 from rasterio.windows import Window
 
 from engine.atomic import atomic_path
+from engine.products.layout import COGS, PROB_NODATA, PROB_SCALE
 
-NODATA = 255
-PROB_SCALE = 250  # uv_prob.tif stores round(p * 250): 0..250, 255 = nodata
-UV_PROB_TIF = "uv_prob.tif"
-CLASS_TIF = "class.tif"
+NODATA = PROB_NODATA  # the file names and the encoding live in engine.products.layout, shared with the readers
+UV_PROB_TIF = COGS["uv_prob"]
+CLASS_TIF = COGS["class"]
 TMP_PREFIX = ".stitch-"
 COG_OPTIONS = {"COMPRESS": "ZSTD", "LEVEL": "1", "BLOCKSIZE": "256", "NUM_THREADS": "ALL_CPUS"}  # ZSTD 1: 2.5x faster than DEFLATE 6, smaller
 
