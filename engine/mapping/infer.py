@@ -169,8 +169,7 @@ def _write_done(ledger: Ledger, cities: list[str], model_version: str, done_dir:
     counts = {}
     done_dir.mkdir(parents=True, exist_ok=True)
     for city in cities:
-        done = ledger.con.execute("SELECT tile_id, input_hash FROM ledger WHERE status = 'ok' AND model_version = ? AND city = ?",
-                                  [model_version, city]).to_arrow_table()
+        done = ledger.done(model_version, city)
         counts[city] = done.num_rows
         with atomic_path(done_dir / f"{city}.parquet") as tmp:
             pq.write_table(done, tmp)
@@ -233,7 +232,7 @@ def run_inference(workspace: str | os.PathLike[str], manifest: RunManifest, citi
                                 num_cpus=cfg.cpus_per_actor, **actor_resources)
             for batch in ds.iter_batches(batch_size=cfg.batch_size, batch_format="pyarrow"):
                 rows = batch.to_pylist()
-                previous = _previous_attempts(ledger, [r["tile_id"] for r in rows if r["status"] != "ok"])
+                previous = ledger.attempts([r["tile_id"] for r in rows if r["status"] != "ok"])
                 for r in rows:
                     r["model_version"] = manifest.model_version
                     r["attempts"] = int(r["attempts"]) + previous.get(r["tile_id"], 0)
@@ -242,7 +241,7 @@ def run_inference(workspace: str | os.PathLike[str], manifest: RunManifest, citi
                     remaining[r["city"]] -= 1
                     if remaining[r["city"]] == 0 and on_city_done:
                         city = r["city"]
-                        on_city_done(city, ledger.committed(city), ledger.summary().get(city, {}).get("failed", 0))
+                        on_city_done(city, ledger.committed(city), ledger.summary(city).get(city, {}).get("failed", 0))
                 n_ok = sum(r["status"] == "ok" for r in rows)
                 predicted += n_ok
                 failed += len(rows) - n_ok
@@ -252,9 +251,3 @@ def run_inference(workspace: str | os.PathLike[str], manifest: RunManifest, citi
     return InferenceResult(predicted=predicted, failed=failed, skipped=skipped, seconds=time.perf_counter() - t0,
                            cities={c: summary.get(c, {"ok": 0, "failed": 0}) for c in cities if c not in missing}, missing=missing)
 
-
-def _previous_attempts(ledger: Ledger, tiles: list[str]) -> dict[str, int]:
-    if not tiles:
-        return {}
-    rows = ledger.con.execute("SELECT tile_id, attempts FROM ledger WHERE list_contains(?, tile_id)", [tiles]).fetchall()
-    return dict(rows)

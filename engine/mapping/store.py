@@ -133,6 +133,9 @@ COMMITTED_SQL = """
 SELECT tile_id, city, part, input_hash, model_version FROM ledger
 WHERE status = 'ok' AND (CAST(? AS VARCHAR) IS NULL OR city = ?) ORDER BY tile_id
 """
+SUMMARY_SQL = """
+SELECT city, status, count(*) FROM ledger WHERE CAST(? AS VARCHAR) IS NULL OR city = ? GROUP BY ALL ORDER BY ALL
+"""
 LEDGER_COLUMNS = ("tile_id", "city", "status", "attempts", "error", "input_hash", "model_version", "part", "read_s", "predict_s",
                   "committed_at")
 LEDGER_UPSERT = f"INSERT OR REPLACE INTO ledger VALUES ({', '.join('?' for _ in LEDGER_COLUMNS)})"  # placeholders only
@@ -159,13 +162,17 @@ class Ledger:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def done(self, model_version: str) -> pa.Table:
-        """``tile_id, input_hash`` of tiles committed ok by ``model_version`` (a rerun skips those whose hash matches)."""
-        return self.con.execute("SELECT tile_id, input_hash FROM ledger WHERE status = 'ok' AND model_version = ?",
-                                [model_version]).to_arrow_table()
+    def done(self, model_version: str, city: str) -> pa.Table:
+        """``tile_id, input_hash`` of ``city``'s tiles committed ok by ``model_version`` (a rerun skips those whose
+        hash matches)."""
+        return self.con.execute("SELECT tile_id, input_hash FROM ledger WHERE status = 'ok' AND model_version = ? AND city = ?",
+                                [model_version, city]).to_arrow_table()
 
-    def attempts(self) -> dict[str, int]:
-        return dict(self.con.execute("SELECT tile_id, attempts FROM ledger").fetchall())
+    def attempts(self, tiles: list[str]) -> dict[str, int]:
+        """Attempts recorded so far for ``tiles`` (those the ledger knows)."""
+        if not tiles:
+            return {}
+        return dict(self.con.execute("SELECT tile_id, attempts FROM ledger WHERE list_contains(?, tile_id)", [tiles]).fetchall())
 
     def commit(self, rows: list[dict]) -> None:
         """Upsert one batch of tile records in one transaction (a tile is in the ledger once, its latest state)."""
@@ -188,10 +195,10 @@ class Ledger:
     def table(self) -> pa.Table:
         return self.con.execute("SELECT * FROM ledger ORDER BY tile_id").to_arrow_table()
 
-    def summary(self) -> dict[str, dict[str, int]]:
-        """Per city: tiles ``ok`` and ``failed``."""
+    def summary(self, city: str | None = None) -> dict[str, dict[str, int]]:
+        """Per city (or only ``city``): tiles ``ok`` and ``failed``."""
         out: dict[str, dict[str, int]] = {}
-        for city, status, n in self.con.execute("SELECT city, status, count(*) FROM ledger GROUP BY ALL ORDER BY ALL").fetchall():
+        for city, status, n in self.con.execute(SUMMARY_SQL, [city, city]).fetchall():
             out.setdefault(city, {"ok": 0, "failed": 0})[status] = n
         return out
 
