@@ -21,6 +21,7 @@ import shapely
 import yaml
 from pyproj import CRS
 
+from engine import storage
 from engine.atomic import atomic_path
 from engine.geoparquet import read_geoparquet_crs
 from engine.schema import CATALOG_REQUIRED, CATALOG_SCHEMA, CITY_SLUG_RE, SPLITS
@@ -51,9 +52,9 @@ class CatalogProblem:
 
 def find_catalog(workspace: str | os.PathLike[str]) -> Path:
     """The workspace's catalog file (``catalog.yaml``/``.yml``/``.csv``/``.parquet``); error says how to make one."""
-    workspace = Path(workspace)
+    workspace = storage.workspace_root(workspace)
     for name in CATALOG_NAMES:
-        if (workspace / name).is_file():
+        if storage.localize(workspace / name).is_file():  # fetched from the object store for a remote workspace
             return workspace / name
     raise CatalogError(
         f"no catalog in workspace {workspace} (looked for {', '.join(CATALOG_NAMES)}): run "
@@ -73,7 +74,7 @@ def load_catalog(path: str | os.PathLike[str]) -> pa.Table:
         >>> load_catalog(p).column("imagery")[0].as_py() == str(p.parent / "wuhan.tif")
         True
     """
-    path = Path(path)
+    path = storage.local_path(path) if storage.is_remote(str(path)) else Path(path)
     if not path.is_file():
         raise CatalogError(f"catalog {path} does not exist")
     suffix = path.suffix.lower()
@@ -109,11 +110,18 @@ def load_catalog(path: str | os.PathLike[str]) -> pa.Table:
 
 
 def resolve_path(value: str, base: Path) -> str:
-    """Resolve a catalog path against the catalog's folder; URIs (``s3://``, ``/vsis3/``, ...) pass through."""
+    """Resolve a catalog path against the catalog's folder; URIs (``s3://``, ``/vsis3/``, ...) pass through.
+
+    A catalog fetched from an object store resolves its relative paths to URIs in that store (rasters are then
+    read in place, by range requests).
+    """
     if "://" in value or value.startswith("/vsi"):
         return value
     p = Path(value).expanduser()
-    return str(p if p.is_absolute() else (base / p))
+    if p.is_absolute():
+        return str(p)
+    remote = storage.uri_of(base)
+    return f"{remote}/{p.as_posix()}" if remote else str(base / p)
 
 
 def write_catalog(rows: Iterable[dict], path: str | os.PathLike[str]) -> Path:
@@ -227,6 +235,8 @@ def _check_vector(path: str | None, field: str, report, need_rows: bool, need_co
         return None
     name = p.name.lower()
     try:
+        if storage.is_remote(path):  # vector files are read whole anyway: fetch once into the node's cache
+            path = str(storage.local_path(path))
         if name.endswith(PBF_SUFFIXES):
             return _check_pbf(path, field, report)
         if name.endswith((".parquet", ".geoparquet")):

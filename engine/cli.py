@@ -22,6 +22,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from engine import storage
 from engine.catalog import CatalogError, find_catalog, load_catalog, select_cities, validate_catalog
 
 app = typer.Typer(help="geolink-engine: city-scale urban-village mapping with GeoLink (imagery + OSM).", no_args_is_help=True,
@@ -48,13 +49,15 @@ class Settings:
 @app.callback()
 def _main(
     ctx: typer.Context,
-    workspace: Annotated[Path, typer.Option("--workspace", "-w", help="Root folder of all stage outputs.", envvar="GEOLINK_WORKSPACE")] = Path("geolink-data"),
-    catalog: Annotated[Path | None, typer.Option("--catalog", help="Catalog file (YAML, CSV or Parquet); default: the workspace's catalog.*")] = None,
+    workspace: Annotated[str, typer.Option("--workspace", "-w", help="Root of all stage outputs: a folder, or s3://bucket/prefix (gs://) shared by a cluster.",
+                                           envvar="GEOLINK_WORKSPACE")] = "geolink-data",
+    catalog: Annotated[str | None, typer.Option("--catalog", help="Catalog file (YAML, CSV or Parquet; path or URI); default: the workspace's catalog.*")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug messages.")] = False,
 ) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", datefmt="[%X]",
                         handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=False)], force=True)
-    ctx.obj = Settings(workspace=workspace, catalog=catalog)
+    storage.configure_process()
+    ctx.obj = Settings(workspace=storage.workspace_root(workspace), catalog=storage.local_path(catalog) if catalog else None)
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:
@@ -164,7 +167,7 @@ def prepare(
 
 
 def _train(ctx: typer.Context, task: str, name: str, preset: str, epochs: int, batch_size: int, lr: float, workers: str,
-           gpu: bool, mode: str, classes: str, label_fraction: float, init_from: Path | None, storage: str | None, seed: int,
+           gpu: bool, mode: str, classes: str, label_fraction: float, init_from: str | None, storage: str | None, seed: int,
            address: str | None) -> None:
     from engine.pipelines.runtime import init_ray
     from engine.pipelines.train import TrainConfig, run_training
@@ -175,7 +178,7 @@ def _train(ctx: typer.Context, task: str, name: str, preset: str, epochs: int, b
         lo, _, hi = workers.partition("-")
         n_workers: int | tuple[int, int] = (int(lo), int(hi)) if hi else int(lo)
         cfg = TrainConfig(task=task, preset=preset, epochs=epochs, batch_size=batch_size, lr=lr, num_workers=n_workers, use_gpu=gpu,
-                          mode=mode, classes=classes, label_fraction=label_fraction, init_from=str(init_from) if init_from else None, seed=seed)
+                          mode=mode, classes=classes, label_fraction=label_fraction, init_from=init_from, seed=seed)
     except ValueError as exc:
         _fail(f"{exc} (--workers takes N or MIN-MAX)")
     init_ray(address)
@@ -234,7 +237,7 @@ def finetune(
     mode: Annotated[str, typer.Option("--mode", help="Input: fused, image or osm.")] = "fused",
     classes: Annotated[str, typer.Option("--classes", help="binary (UV vs not) or landuse (all classes).")] = "binary",
     label_fraction: Annotated[float, typer.Option("--label-fraction", help="Share of training tiles with labels.")] = 1.0,
-    init_from: Annotated[Path | None, typer.Option("--init-from", help="Start from this model bundle (e.g. a pretrained model).")] = None,
+    init_from: Annotated[str | None, typer.Option("--init-from", help="Start from this model bundle (folder or s3:// URI, e.g. a pretrained model).")] = None,
     storage: Annotated[str | None, _TRAIN_OPTIONS["storage"]] = None,
     seed: Annotated[int, _TRAIN_OPTIONS["seed"]] = 0,
     address: Annotated[str | None, _TRAIN_OPTIONS["address"]] = None,
@@ -247,7 +250,7 @@ def finetune(
 def map_command(
     ctx: typer.Context,
     cities: Annotated[str, typer.Option("--cities", help="'all' or a comma list of city slugs.")] = "all",
-    model: Annotated[Path | None, typer.Option("--model", help="Model bundle (models/<name>); default: models/default, trained first if absent.")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="Model bundle (models/<name>, or an s3:// URI); default: models/default, trained first if absent.")] = None,
     run: Annotated[str, typer.Option("--run", help="Run name: runs/<run> (predictions, ledger) and products/<run>; rerun resumes.")] = "default",
     address: Annotated[str | None, typer.Option("--address", help="Ray address ('auto', 'ray://host:10001'); default: a local Ray.")] = None,
     mode: Annotated[str | None, typer.Option("--mode", help="fused, image or osm; default: the model's own.")] = None,
@@ -277,14 +280,14 @@ def map_command(
     path, table = _load_catalog(settings)
     try:
         table = select_cities(table, cities)
-        cfg = MapConfig(run=run, model_dir=str(model) if model else None, mode=mode, min_area_m2=min_area,
+        cfg = MapConfig(run=run, model_dir=model, mode=mode, min_area_m2=min_area,
                         inference=InferenceConfig(batch_size=batch_size, gpus=devices, actors=actors))
     except (CatalogError, ValueError) as exc:
         _fail(str(exc))
     errors = [p for p in validate_catalog(table) if p.severity == "error" and p.field == "city"]
     if errors:
         _fail("; ".join(str(p) for p in errors) + f" (run `geolink-engine catalog validate` on {path})")
-    if model is not None and not (model / "model.safetensors").is_file():
+    if model is not None and not (storage.local_path(model) / "model.safetensors").is_file():
         _fail(f"--model {model}: no model.safetensors there (a bundle from `geolink-engine finetune`)")
     init_ray(address)
     say = lambda msg: console.print(f"[bold]>[/] {escape(msg)}", soft_wrap=True)  # noqa: E731
@@ -351,6 +354,7 @@ def assess_command(
     try:
         table = select_cities(table, cities)
         cfg = AssessConfig(sampling=SampleConfig(strata=strata, buffer_m=buffer_m, n_total=n_total, seed=seed))
+        storage.localize(settings.workspace / "products" / run)  # a remote workspace: the stitched products
         result = assess(str(settings.workspace), run, table, cfg, reference_labels=reference, say=say)
         publish_products(settings.workspace / "products" / run, table)  # the page and the STAC now link the report
     except (CatalogError, ValueError, FileNotFoundError) as exc:

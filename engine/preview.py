@@ -19,6 +19,7 @@ import rasterio  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
+from engine import storage  # noqa: E402
 from engine.atomic import atomic_path  # noqa: E402
 
 CLASS_COLOURS = {
@@ -56,7 +57,7 @@ def render_preview(row: dict, out_png: str | os.PathLike[str], max_px: int = 900
         ax.set_xticks([])
         ax.set_yticks([])
 
-    osm = gpd.read_parquet(row["osm"], columns=["kind", "geometry"]).to_crs(crs)
+    osm = gpd.read_parquet(storage.local_path(row["osm"]), columns=["kind", "geometry"]).to_crs(crs)
     ax = axes[0]
     polys = osm[osm["kind"] == "polygon"]
     lines = osm[osm["kind"] == "line"]
@@ -73,7 +74,7 @@ def render_preview(row: dict, out_png: str | os.PathLike[str], max_px: int = 900
 
     ax = axes[1]
     if row.get("reference"):
-        ref = gpd.read_parquet(row["reference"]).to_crs(crs)
+        ref = gpd.read_parquet(storage.local_path(row["reference"])).to_crs(crs)
         for cls, part in ref.groupby("class"):
             part.boundary.plot(ax=ax, color=CLASS_COLOURS.get(cls, "#ffffff"), linewidth=1.4 if cls == "urban_village" else 0.7)
         present = [c for c in CLASS_COLOURS if c in set(ref["class"])]

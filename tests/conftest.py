@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -30,8 +32,39 @@ def demo_workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray for the whole session (2 CPUs, no dashboard), for the tests that need Ray."""
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A local S3-compatible server (moto, loopback only) and the environment that points the engine at it.
+
+    Set before Ray starts, so Ray's workers inherit it; the engine's node cache goes to a session folder.
+    """
+    from moto.server import ThreadedMotoServer
+
+    from engine import storage
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    os.environ.update(AWS_ENDPOINT_URL=f"http://{host}:{port}", AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                      AWS_REGION="us-east-1", GEOLINK_CACHE_DIR=str(tmp_path_factory.mktemp("node-cache")))
+    storage.configure_process()
+    yield os.environ["AWS_ENDPOINT_URL"]
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3_endpoint: str, request: pytest.FixtureRequest) -> str:
+    """A fresh bucket on the local S3 server, named for the test."""
+    import boto3
+
+    name = "t-" + "".join(ch if ch.isalnum() else "-" for ch in request.node.name.lower())[:50].strip("-")
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_endpoint):
+    """One local Ray for the whole session (2 CPUs, no dashboard), for the tests that need Ray (storage env included)."""
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)

@@ -29,6 +29,7 @@ from rasterio.features import rasterize
 from rasterio.transform import array_bounds
 from rasterio.windows import Window
 
+from engine import storage
 from engine.accuracy.sampling import ASSESS_CLASSES, OTHER_CLASS, UV_CLASS, CityGrid, TruthStrip
 from engine.accuracy.tables import AccuracyInputError, _first_bad, _read_csv
 from engine.atomic import atomic_path
@@ -51,7 +52,8 @@ def load_reference(path: str | os.PathLike[str]) -> gpd.GeoDataFrame:
     """
     path = str(path)
     try:
-        gdf = gpd.read_parquet(path) if path.endswith((".parquet", ".geoparquet")) else gpd.read_file(path, engine="pyogrio")
+        local = str(storage.local_path(path))  # an object-store reference is fetched once into the cache
+        gdf = gpd.read_parquet(local) if path.endswith((".parquet", ".geoparquet")) else gpd.read_file(local, engine="pyogrio")
     except Exception as exc:  # noqa: BLE001 (any reader failure becomes one clear message)
         raise ValueError(f"reference {path} cannot be read: {exc}") from None
     if "class" not in gdf.columns:

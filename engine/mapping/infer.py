@@ -27,12 +27,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import rasterio
 
+from engine import storage
 from engine.atomic import atomic_path
 from engine.mapping.predict import Predictor
 from engine.mapping.store import Ledger, RunManifest, predictions_dir, remove_orphans, run_dir, write_manifest, write_part
 from engine.tiles.grid import read_window
 from engine.tiles.parts import load_part
 
+LEDGER_SYNC_S = 30.0  # a remote workspace's ledger is uploaded this often (and at the end): what a new driver resumes from
 STATUS_COLUMNS = ("tile_id", "city", "status", "attempts", "error", "input_hash", "part", "read_s", "predict_s")
 
 
@@ -85,7 +87,7 @@ def load_todo(pairs: pa.Table, done_dir: str) -> pa.Table:
         table = load_part(pair)
         if pair.get("imagery"):  # where the imagery is now (the catalog), not where it was when prepared
             table = table.set_column(table.schema.get_field_index("imagery"), "imagery", pa.array([pair["imagery"]] * table.num_rows, pa.string()))
-        done_path = Path(done_dir) / f"{pair['city']}.parquet"
+        done_path = storage.localize(Path(done_dir) / f"{pair['city']}.parquet")
         if done_path.is_file() and table.num_rows:
             done = pq.read_table(done_path)
             key = pc.binary_join_element_wise(table["tile_id"], table["input_hash"], "|")
@@ -173,6 +175,7 @@ def _write_done(ledger: Ledger, cities: list[str], model_version: str, done_dir:
         counts[city] = done.num_rows
         with atomic_path(done_dir / f"{city}.parquet") as tmp:
             pq.write_table(done, tmp)
+        storage.publish(done_dir / f"{city}.parquet")  # read by tasks on every node
     return counts
 
 
@@ -201,14 +204,14 @@ def run_inference(workspace: str | os.PathLike[str], manifest: RunManifest, citi
     for city in cities:
         predictions_dir(run_path, city)  # validates the slug before it becomes a path
         root = Path(workspace) / "tiles" / f"city={city}" / "index"
-        found = sorted(root.glob("*.parquet")) if root.is_dir() else []
+        found = storage.list_files(root, ".parquet")
         if not found:
             missing[city] = f"no prepared tiles in {root.parent}"
             continue
         for index in found:
             pairs.append({"index": str(index), "graphs": str(index.parent.parent / "graphs" / index.name), "city": city,
                           "imagery": (imagery or {}).get(city) or ""})
-            n = pq.read_metadata(index).num_rows
+            n = pq.read_metadata(storage.localize(index)).num_rows
             total += n
             per_city[city] = per_city.get(city, 0) + n
     with Ledger(run_path) as ledger:
@@ -218,6 +221,7 @@ def run_inference(workspace: str | os.PathLike[str], manifest: RunManifest, citi
         skipped = sum(done_counts.values())
         remaining = {c: n - done_counts.get(c, 0) for c, n in per_city.items()}
         predicted = failed = 0
+        synced = time.monotonic()
         if pairs and total > skipped:
             cluster_cpus = ray.cluster_resources().get("CPU", 1.0)
             actor_resources = {"num_gpus": 1} if cfg.gpus else {}
@@ -247,6 +251,9 @@ def run_inference(workspace: str | os.PathLike[str], manifest: RunManifest, citi
                 failed += len(rows) - n_ok
                 if on_commit:
                     on_commit(len(rows), total - skipped)
+                if time.monotonic() - synced > LEDGER_SYNC_S:
+                    ledger.sync()
+                    synced = time.monotonic()
         summary = ledger.summary()
     return InferenceResult(predicted=predicted, failed=failed, skipped=skipped, seconds=time.perf_counter() - t0,
                            cities={c: summary.get(c, {"ok": 0, "failed": 0}) for c in cities if c not in missing}, missing=missing)

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from engine import storage
 from engine.mapping.store import encode_probs
 
 OUTPUT_COLUMNS = ("tile_id", "city", "input_hash", "n_classes", "height", "width", "probs", "status", "error", "attempts",
@@ -105,7 +106,7 @@ class ModelPredictor(Predictor):
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model, _ = load_model(model_dir, device=self.device)
+        self.model, _ = load_model(storage.local_path(model_dir), device=self.device)  # fetched on a fresh node
         self.model.eval()
         self.mode = mode
         self.n_classes = self.model.cfg.num_classes

@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from engine import storage
 from engine.atomic import atomic_path
 from engine.schema import CITY_SLUG_RE, PREDICTIONS_SCHEMA
 
@@ -71,16 +72,18 @@ class RunManifest:
 def write_manifest(run_path: Path, manifest: RunManifest) -> RunManifest:
     """Write ``run.json``, keeping the start time of an earlier pass of the same run; returns what was written."""
     if not manifest.datetime:
-        previous = RunManifest.from_json((run_path / "run.json").read_text()).datetime if (run_path / "run.json").is_file() else ""
+        path = storage.localize(run_path / "run.json")
+        previous = RunManifest.from_json(path.read_text()).datetime if path.is_file() else ""
         stamp = previous or _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         manifest = replace(manifest, datetime=stamp)
     with atomic_path(run_path / "run.json") as tmp:
         tmp.write_text(manifest.to_json())
+    storage.publish(run_path / "run.json")
     return manifest
 
 
 def read_manifest(run_path: Path) -> RunManifest:
-    path = run_path / "run.json"
+    path = storage.localize(run_path / "run.json")
     if not path.is_file():
         raise FileNotFoundError(f"run {run_path.name}: no {path}; run `geolink-engine map --run {run_path.name}` first")
     return RunManifest.from_json(path.read_text())
@@ -110,6 +113,7 @@ def write_part(run_path: Path, city: str, table: pa.Table) -> str:
     target = predictions_dir(run_path, city) / name
     with atomic_path(target) as tmp:
         pq.write_table(table.cast(PREDICTIONS_SCHEMA), tmp, compression="zstd")
+    storage.publish(target, keep_local=False)  # remote workspace: the store holds it; this node need not
     return str(target.relative_to(run_path))
 
 
@@ -145,7 +149,8 @@ class Ledger:
     """The run's per-tile record; only the driver writes it (one transaction per committed batch)."""
 
     def __init__(self, run_path: Path, read_only: bool = False) -> None:
-        self.path = run_path / "ledger.duckdb"
+        self.path = storage.localize(run_path / "ledger.duckdb", only_if_missing=True)  # a driver restarted elsewhere
+        self.read_only = read_only
         if read_only and not self.path.is_file():
             raise FileNotFoundError(f"run {run_path.name}: no ledger at {self.path}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -155,6 +160,14 @@ class Ledger:
 
     def close(self) -> None:
         self.con.close()
+        if not self.read_only:
+            storage.publish(self.path)
+
+    def sync(self) -> None:
+        """Checkpoint and, for a remote workspace, upload the ledger (so a driver restarted elsewhere resumes)."""
+        if storage.uri_of(self.path) is not None:
+            self.con.execute("CHECKPOINT")
+            storage.publish(self.path)
 
     def __enter__(self) -> Ledger:
         return self
@@ -211,10 +224,10 @@ def remove_orphans(run_path: Path, ledger: Ledger) -> int:
     """Delete prediction parts the ledger does not reference (a batch written but never committed); returns the count."""
     referenced = {row[0] for row in ledger.con.execute("SELECT DISTINCT part FROM ledger WHERE part IS NOT NULL").fetchall()}
     removed = 0
-    for path in (run_path / "predictions").glob("city=*/*.parquet"):
+    for path in storage.list_files(run_path / "predictions", ".parquet", recursive=True):
         rel = str(path.relative_to(run_path))
         if rel not in referenced:
-            path.unlink()
+            storage.remove(path)
             removed += 1
     return removed
 
@@ -238,6 +251,8 @@ def read_city_predictions(run_path: Path, committed: pa.Table, batch_rows: int =
         "path": pa.array([str(run_path / part) for part in parts], pa.string()),
         "ordinal": pa.array(np.arange(committed.num_rows), pa.int64()),
     })
+    for path in sorted(set(wanted["path"].to_pylist())):  # parts written on other nodes of a remote workspace
+        storage.localize(path)
     con = con.cursor() if con is not None else duckdb.connect()
     try:
         con.register("wanted", wanted)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
+from engine import storage
 from engine.mapping.infer import InferenceConfig, InferenceResult, run_inference
 from engine.mapping.predict import ModelPredictor, model_version
 from engine.mapping.store import RunManifest, run_dir
@@ -125,13 +126,13 @@ def run_map(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: MapConfig
     """
     from geolink_model.checkpoint import load_config
 
-    workspace = str(workspace)
+    workspace = str(storage.workspace_root(workspace))  # a remote workspace is worked on through its mirror
     say = on_stage or (lambda _msg: None)
     seconds: dict[str, float] = {}
     rows = {r["city"]: r for r in catalog.to_pylist()}
     failures: dict[str, tuple[str, str]] = {}
 
-    model_dir = cfg.model_dir
+    model_dir = str(storage.local_path(cfg.model_dir)) if cfg.model_dir else None
     tile_size = load_config(model_dir)[0].img_size if model_dir else 224
     prepare_cfg = PrepareConfig(grid=TileGridConfig(tile_size_px=tile_size, overlap_px=cfg.overlap_px))
     say(f"prepare: {len(rows)} cities ({tile_size} px tiles, {cfg.overlap_px} px overlap)")
@@ -205,6 +206,7 @@ def publish_products(products: Path, catalog: pa.Table) -> None:
     write_page(products, catalog.to_pylist(), link_stac=True)
     write_stac(products)
     validate_stac(products)
+    storage.publish(products)  # a remote workspace: everything under products/<run>/, last
 
 
 def stitch_products(workspace: str, run: str, catalog: pa.Table, min_area_m2: float = 100.0,
@@ -256,7 +258,7 @@ def default_model(workspace: str | os.PathLike[str], catalog: pa.Table, epochs: 
     """``models/default``: reused when present, else fine-tuned now (``tiny``, fused, binary UV) on the train split."""
     from engine.pipelines.train import TrainConfig, run_training
 
-    out = Path(workspace) / "models" / DEFAULT_MODEL
+    out = storage.localize(Path(workspace) / "models" / DEFAULT_MODEL)
     if (out / "model.safetensors").is_file():
         return str(out)
     if say:

@@ -27,6 +27,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from engine import storage
 from engine.atomic import atomic_path
 from engine.catalog import city_path
 from engine.tiles.city import PrepareConfig, build_chunk, city_input_hash, file_digest, plan_city
@@ -55,7 +56,7 @@ def city_output_dir(workspace: str | os.PathLike[str], city: str) -> Path:
 
 
 def read_marker(workspace: str | os.PathLike[str], city: str) -> dict | None:
-    path = tiles_root(workspace) / "_state" / f"{city_path('.', city).name}.json"
+    path = storage.localize(tiles_root(workspace) / "_state" / f"{city_path('.', city).name}.json")
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -79,12 +80,14 @@ def _plan(row: dict, cfg: PrepareConfig, workspace: str, force: bool) -> list[di
         imagery_digest, osm_digest = file_digest(row["imagery"]), file_digest(row["osm"])
         input_hash = city_input_hash(row, cfg, imagery_digest, osm_digest)
         marker = read_marker(workspace, city)
-        if not force and marker and marker.get("input_hash") == input_hash and out_dir.is_dir():
+        if not force and marker and marker.get("input_hash") == input_hash and storage.list_files(out_dir / "index", ".parquet"):
             return [_status(city=city, status="skipped", tiles=marker.get("tiles", 0), input_hash=input_hash)]
         staging = tiles_root(workspace) / "_staging" / f"{city}-{input_hash[:12]}"
         shutil.rmtree(staging, ignore_errors=True)
+        storage.publish(staging)  # a remote workspace: clear what a killed run left there too
         plan = plan_city(row, cfg, staging, imagery_digest, input_hash)
         pq.write_table(plan.grid, staging / "grid.parquet")
+        storage.publish(staging)  # the chunks may be built on other nodes
         seconds = time.perf_counter() - t0
         return [_status(city=city, status="chunk", chunk=ch, n_chunks=len(plan.chunks), staging=str(staging), imagery_digest=imagery_digest,
                         input_hash=input_hash, seconds=seconds / len(plan.chunks)) for ch in plan.chunks]
@@ -102,12 +105,14 @@ def _build(row: dict, cfg: PrepareConfig) -> dict:
     t0 = time.perf_counter()
     try:
         staging = Path(row["staging"])
-        grid = pq.read_table(staging / "grid.parquet")
-        index, graphs = build_chunk(grid, staging / "features.parquet", tuple(row["chunk"]), row["imagery_digest"], cfg)
+        grid = pq.read_table(storage.localize(staging / "grid.parquet"))
+        features = storage.localize(staging / "features.parquet")
+        index, graphs = build_chunk(grid, features, tuple(row["chunk"]), row["imagery_digest"], cfg)
         name = "part-r{:04d}-c{:04d}.parquet".format(row["chunk"][0], row["chunk"][2])
         for sub, table in (("index", index), ("graphs", graphs)):
             with atomic_path(staging / "out" / sub / name) as tmp:
                 pq.write_table(table, tmp, compression="zstd")
+            storage.publish(staging / "out" / sub / name)
         return {**row, "status": "built", "tiles": index.num_rows, "seconds": row["seconds"] + time.perf_counter() - t0}
     except Exception as exc:
         return {**row, "status": "failed", "error": _describe(exc), "seconds": row["seconds"] + time.perf_counter() - t0}
@@ -120,14 +125,16 @@ def _describe(exc: Exception) -> str:
 
 
 def _finalize(workspace: str, city: str, staging: Path, input_hash: str, tiles: int, seconds: float, cfg: PrepareConfig) -> None:
-    """Move a city's staged output into place (atomic directory swap), then write its marker, last."""
-    with atomic_path(city_output_dir(workspace, city)) as tmp:
-        os.replace(staging / "out", tmp)
-    state = tiles_root(workspace) / "_state"
-    with atomic_path(state / f"{city}.json") as tmp:
+    """Move a city's staged output into place (atomic directory swap; server-side copies in an object store), then
+    write its marker, last: the marker is the completion point readers and reruns trust."""
+    storage.move_tree(staging / "out", city_output_dir(workspace, city))
+    marker = tiles_root(workspace) / "_state" / f"{city}.json"
+    with atomic_path(marker) as tmp:
         tmp.write_text(json.dumps({"city": city, "input_hash": input_hash, "tiles": tiles, "seconds": round(seconds, 3),
                                    "config": cfg.to_json()}, indent=2, sort_keys=True))
+    storage.publish(marker)
     shutil.rmtree(staging, ignore_errors=True)
+    storage.publish(staging)
 
 
 def run_prepare(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: PrepareConfig | None = None, force: bool = False,
@@ -143,7 +150,7 @@ def run_prepare(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: Prepa
     import ray
 
     cfg = cfg or PrepareConfig()
-    workspace = str(workspace)
+    workspace = str(storage.workspace_root(workspace))  # a remote workspace: its mirror path, the same on every node
     rows = catalog.to_pylist()
     if not rows:
         return []
@@ -186,4 +193,5 @@ def run_prepare(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: Prepa
         if row["city"] not in results:
             settle(CityResult(row["city"], "failed", 0, 0.0, "no result came back from the pipeline"))
     shutil.rmtree(tiles_root(workspace) / "_staging", ignore_errors=True)
+    storage.publish(tiles_root(workspace) / "_staging")
     return [results[r["city"]] for r in rows]

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from engine.atomic import atomic_path
 from engine.schema import CITY_SLUG_RE
+from engine.storage import filesystem, is_remote, localize, publish, uri_of, workspace_root
 from engine.training.samples import LABEL_SETS, add_pixels, load_part, part_pairs
 from geolink_model.config import MODES, create_config
 
@@ -104,9 +105,10 @@ def count_tiles(workspace: str, cities: list[str]) -> tuple[int, int]:
     """Tiles of ``cities`` and their tile size, from Parquet footers and one column."""
     n, size = 0, None
     for pair in part_pairs(workspace, cities):
-        n += pq.read_metadata(pair["index"]).num_rows
+        index = localize(pair["index"])
+        n += pq.read_metadata(index).num_rows
         if size is None:
-            sizes = pq.read_table(pair["index"], columns=["tile_size_px"])["tile_size_px"]
+            sizes = pq.read_table(index, columns=["tile_size_px"])["tile_size_px"]
             size = int(sizes[0].as_py()) if len(sizes) else None
     return n, size or 224
 
@@ -124,7 +126,7 @@ def run_training(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: Trai
 
     from engine.training.loop import train_loop_per_worker
 
-    workspace = str(workspace)
+    workspace = str(workspace_root(workspace))
     if not CITY_SLUG_RE.match(name or ""):  # the run name becomes a folder: same rule as city slugs
         raise ValueError(f"run name {name!r} must match {CITY_SLUG_RE.pattern}")
     rows = catalog.to_pylist()
@@ -148,13 +150,13 @@ def run_training(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: Trai
     model_cfg = create_config(cfg.preset, img_size=tile_size, num_classes=len(classes), **cfg.model_overrides)
     workers = cfg.num_workers if isinstance(cfg.num_workers, int) else cfg.num_workers[1]
     steps_per_epoch = max(1, math.ceil(n_tiles * cfg.label_fraction / (cfg.batch_size * workers)))
-    storage = os.path.abspath(storage or os.path.join(workspace, "runs", "train"))
+    storage_path, storage_fs = train_storage(storage, workspace)
     loop_config = {
         "task": cfg.task, "model_config": model_cfg.to_json(), "seed": cfg.seed, "lr": cfg.lr, "weight_decay": cfg.weight_decay,
         "warmup_steps": cfg.warmup_steps, "total_steps": steps_per_epoch * cfg.epochs, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
         "checkpoint_every": cfg.checkpoint_every, "mode": cfg.mode, "classes": list(classes), "has_val": bool(val_cities),
         "class_weights": [1.0] + [cfg.uv_weight] * (len(classes) - 1), "init_from": cfg.init_from, "augment": cfg.augment,
-        "fail_at_step": cfg.fail_at_step, "fail_marker": os.path.join(storage, f".{name}.failed-once"),
+        "fail_at_step": cfg.fail_at_step, "fail_marker": os.path.join(workspace, "runs", "train", f".{name}.failed-once"),
     }
     datasets = {"train": sample_dataset(workspace, train_cities, references, classes, cfg.label_fraction, cfg.seed)}
     if val_cities:
@@ -164,7 +166,7 @@ def run_training(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: Trai
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-        run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=cfg.max_failures),
+        run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_fs, failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
         datasets=datasets,
     )
@@ -179,4 +181,16 @@ def run_training(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: Trai
         (tmp / "splits.json").write_text(json.dumps({"train": train_cities, "val": val_cities,
                                                       "test": [c for c, s in split.items() if s == "test"]}, indent=2))
         (tmp / "train_config.json").write_text(json.dumps({**asdict(cfg), "model": json.loads(model_cfg.to_json())}, indent=2, default=str))
+    publish(out)  # a remote workspace: the bundle every map node will fetch
     return out
+
+
+def train_storage(location: str | None, workspace: str) -> tuple[str, object | None]:
+    """Ray Train's ``(storage_path, storage_filesystem)``: checkpoints in ``location`` (a folder or ``s3://``/``gs://``
+    URI), by default ``<workspace>/runs/train`` (in the object store when the workspace is remote), so that every
+    worker node writes, and a restarted run reads, the same checkpoints."""
+    location = location or uri_of(Path(workspace) / "runs" / "train") or os.path.join(workspace, "runs", "train")
+    if is_remote(location):
+        fs, key = filesystem(location)  # explicit, so an S3-compatible endpoint (AWS_ENDPOINT_URL) is used
+        return key, fs
+    return os.path.abspath(location), None

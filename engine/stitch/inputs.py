@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import rasterio
 from pyproj import CRS
 
+from engine import storage
 from engine.mapping.store import RunManifest
 from engine.schema import CITY_SLUG_RE, TILE_INDEX_SCHEMA, check_schema
 from engine.stitch.blend import GridShape
@@ -48,7 +49,7 @@ def tile_index_dir(workspace: str | os.PathLike[str], city: str) -> Path:
 def read_tile_index(workspace: str | os.PathLike[str], city: str) -> pa.Table:
     """The city's tile index (:data:`TILE_INDEX_SCHEMA`), checked; errors name the folder and the fix."""
     folder = tile_index_dir(workspace, city)
-    files = sorted(folder.glob("*.parquet"))
+    files = sorted(storage.localize(folder).glob("*.parquet"))
     if not files:
         raise FileNotFoundError(f"city {city}: no tile index in {folder}; run `geolink-engine prepare --cities {city}`")
     try:

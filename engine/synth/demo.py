@@ -13,6 +13,7 @@ from concurrent.futures import ProcessPoolExecutor
 from importlib import resources
 from pathlib import Path
 
+from engine import storage
 from engine.catalog import write_catalog
 from engine.synth.city import CitySpec, generate_city
 from engine.synth.config import SynthConfig
@@ -57,7 +58,7 @@ def write_demo(workspace: str | Path, n_cities: int = 12, cfg: SynthConfig | Non
         'catalog.yaml'
     """
     cfg = cfg or SynthConfig()
-    workspace = Path(workspace)
+    workspace = storage.workspace_root(workspace)  # a remote workspace: written here, then uploaded
     out_dir = workspace / "cities"
     specs = demo_city_specs(n_cities)
     workers = max(1, min(workers or os.cpu_count() or 1, len(specs)))
@@ -77,4 +78,7 @@ def write_demo(workspace: str | Path, n_cities: int = 12, cfg: SynthConfig | Non
         row["split"] = SPLIT_CYCLE[i % len(SPLIT_CYCLE)]
         for key in ("imagery", "osm", "reference"):  # relative to the catalog, so the workspace can move
             row[key] = os.path.relpath(row[key], workspace)
-    return write_catalog(rows, workspace / "catalog.yaml")
+    catalog = write_catalog(rows, workspace / "catalog.yaml")
+    storage.publish(out_dir)
+    storage.publish(catalog)  # last: a catalog in the store means its cities are there
+    return catalog

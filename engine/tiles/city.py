@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import shapely
 from pyproj import CRS
 
+from engine import storage
 from engine.atomic import atomic_path
 from engine.tiles.graph_store import graphs_to_table
 from engine.tiles.grid import TileGridConfig, build_tile_grid
@@ -56,8 +57,15 @@ class PrepareConfig:
 
 
 def file_digest(path: str) -> str:
-    """Content digest of an input file (whole file up to 1 GiB; beyond, size + mtime + first and last 16 MiB)."""
+    """Content digest of an input file (whole file up to 1 GiB; beyond, size + mtime + first and last 16 MiB).
+
+    An object-store URI (imagery read in place) is stamped by URI, size and modification time: hashing it would
+    mean downloading it.
+    """
     h = hashlib.blake2b(digest_size=16)
+    if storage.is_remote(path):
+        h.update(f"{path}|{storage.object_stamp(path)}".encode())
+        return h.hexdigest()
     size = os.path.getsize(path)
     with open(path, "rb") as fh:
         if size <= FULL_HASH_LIMIT:
@@ -117,7 +125,7 @@ def plan_city(row: dict, cfg: PrepareConfig, staging: Path, imagery_digest: str,
     if grid.num_rows == 0:
         raise ValueError(f"city {city}: no tile holds valid imagery inside the AOI ({row['imagery']})")
     bbox = (pc.min(grid["lon_min"]).as_py(), pc.min(grid["lat_min"]).as_py(), pc.max(grid["lon_max"]).as_py(), pc.max(grid["lat_max"]).as_py())
-    table = read_osm_bbox(row["osm"], bbox)
+    table = read_osm_bbox(str(storage.local_path(row["osm"])), bbox)
     if table.num_rows == 0:
         raise ValueError(f"city {city}: the OSM file {row['osm']} has no features inside the imagery bounds {tuple(round(b, 5) for b in bbox)}; "
                          "check that imagery and OSM cover the same place")

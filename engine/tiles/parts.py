@@ -12,22 +12,26 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from engine import storage
+
 
 def part_pairs(workspace: str | os.PathLike[str], cities: list[str]) -> list[dict]:
     """The prepared Parquet parts of ``cities``: one ``{"index": path, "graphs": path}`` per chunk (same rows, same order)."""
     out = []
     for city in cities:
         root = Path(workspace) / "tiles" / f"city={city}"
-        if not root.is_dir():
+        found = storage.list_files(root / "index", ".parquet")  # listed in the object store for a remote workspace
+        if not found:
             raise FileNotFoundError(f"city {city}: no prepared tiles in {root}; run `geolink-engine prepare --cities {city}`")
-        for index in sorted((root / "index").glob("*.parquet")):
+        for index in found:
             out.append({"index": str(index), "graphs": str(root / "graphs" / index.name)})
     return out
 
 
 def load_part(pair: dict) -> pa.Table:
     """One prepared part as a table: tile-index columns and graph columns side by side (checked: same tiles)."""
-    return join_graphs(pq.read_table(pair["index"]), pq.read_table(pair["graphs"]), f"{pair['index']} and {pair['graphs']}")
+    index, graphs = storage.localize(pair["index"]), storage.localize(pair["graphs"])
+    return join_graphs(pq.read_table(index), pq.read_table(graphs), f"{pair['index']} and {pair['graphs']}")
 
 
 def join_graphs(index: pa.Table, graphs: pa.Table, source: str) -> pa.Table:

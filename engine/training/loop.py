@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from engine import storage
 from engine.training.augment import photometric
 from engine.training.metrics import confusion, scores, segmentation_loss
 from engine.training.samples import collate
@@ -80,7 +81,7 @@ def train_loop_per_worker(config: dict) -> None:
             opt_state = read_optimizer_state(Path(d))
     else:
         if config.get("init_from"):
-            model, _ = load_model(config["init_from"])
+            model, _ = load_model(storage.local_path(config["init_from"]))
             model.cfg = GeoLinkConfig.from_json(config["model_config"])  # head sizes come from the task's config
             fresh = build_model(model.cfg)
             fresh.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("seg_decoder.classify")}, strict=False)

@@ -17,6 +17,7 @@ from rasterio.features import rasterize
 from rasterio.windows import Window
 from rasterio.windows import transform as window_transform
 
+from engine import storage
 from engine.tiles.graph_store import row_to_graph
 from engine.tiles.parts import join_graphs, load_part, part_pairs  # noqa: F401  (re-exported: training reads parts too)
 from engine.training.metrics import IGNORE, MEAN, STD
@@ -34,7 +35,7 @@ LABEL_SETS: dict[str, tuple[str, ...]] = {
 def _reference(path: str, crs_text: str):
     import geopandas as gpd
 
-    ref = gpd.read_parquet(path)
+    ref = gpd.read_parquet(storage.local_path(path))
     return ref.to_crs(CRS.from_user_input(crs_text)) if ref.crs is not None else ref
 
 
