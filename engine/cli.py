@@ -250,7 +250,8 @@ def finetune(
 def map_command(
     ctx: typer.Context,
     cities: Annotated[str, typer.Option("--cities", help="'all' or a comma list of city slugs.")] = "all",
-    model: Annotated[str | None, typer.Option("--model", help="Model bundle (models/<name>, or an s3:// URI); default: models/default, trained first if absent.")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="Model bundle (models/<name>, or an s3:// URI); default: models/default, trained first if absent; "
+                                              "'reference': the catalog's reference polygons as a perfect model (checks the pipeline).")] = None,
     run: Annotated[str, typer.Option("--run", help="Run name: runs/<run> (predictions, ledger) and products/<run>; rerun resumes.")] = "default",
     address: Annotated[str | None, typer.Option("--address", help="Ray address ('auto', 'ray://host:10001'); default: a local Ray.")] = None,
     mode: Annotated[str | None, typer.Option("--mode", help="fused, image or osm; default: the model's own.")] = None,
@@ -262,7 +263,7 @@ def map_command(
     """The main job: prepare -> fused inference -> stitch -> products, for the catalog's cities (demo cities if none)."""
     from engine.catalog import find_catalog as _find
     from engine.mapping.infer import InferenceConfig
-    from engine.pipelines.map import MapConfig, default_model, run_map
+    from engine.pipelines.map import REFERENCE_MODEL, MapConfig, default_model, run_map
     from engine.pipelines.runtime import init_ray
 
     settings: Settings = ctx.obj
@@ -287,7 +288,7 @@ def map_command(
     errors = [p for p in validate_catalog(table) if p.severity == "error" and p.field == "city"]
     if errors:
         _fail("; ".join(str(p) for p in errors) + f" (run `geolink-engine catalog validate` on {path})")
-    if model is not None and not (storage.local_path(model) / "model.safetensors").is_file():
+    if model not in (None, REFERENCE_MODEL) and not (storage.local_path(model) / "model.safetensors").is_file():
         _fail(f"--model {model}: no model.safetensors there (a bundle from `geolink-engine finetune`)")
     init_ray(address)
     say = lambda msg: console.print(f"[bold]>[/] {escape(msg)}", soft_wrap=True)  # noqa: E731

@@ -1,12 +1,15 @@
 """Ray job: the main mapping run (same code as `geolink-engine map`).
 
-    ray job submit --working-dir . -- python jobs/map.py --workspace /shared/geolink-data --cities all --devices 8
+    ray job submit --working-dir . -- python jobs/map.py --workspace s3://BUCKET/geolink --cities all --devices 16 --model s3://BUCKET/geolink/models/finetune
+
+A rerun of the same command (same --run) resumes from the run's ledger: committed tiles are not predicted again.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from engine.catalog import find_catalog, load_catalog, select_cities
 from engine.mapping.infer import InferenceConfig
@@ -14,25 +17,40 @@ from engine.pipelines.map import MapConfig, default_model, run_map
 from engine.pipelines.runtime import init_ray
 
 
+def progress_printer(every_fraction: float = 0.05, every_s: float = 30.0):
+    """``on_commit`` for job logs (no progress bar there): a line per 5% of the tiles committed, or per 30 s."""
+    state = {"done": 0, "printed": 0, "at": time.monotonic()}
+
+    def on_commit(n: int, total: int) -> None:
+        state["done"] += n
+        if state["done"] - state["printed"] >= every_fraction * total or time.monotonic() - state["at"] >= every_s or state["done"] >= total:
+            print(f"committed {state['done']}/{total} tiles", flush=True)
+            state["printed"], state["at"] = state["done"], time.monotonic()
+
+    return on_commit
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workspace", default="geolink-data")
+    parser.add_argument("--workspace", default="geolink-data", help="folder or s3://bucket/prefix shared by every node")
     parser.add_argument("--catalog", default=None)
     parser.add_argument("--cities", default="all")
-    parser.add_argument("--model", default=None, help="model bundle; default: models/default (trained first if absent)")
+    parser.add_argument("--model", default=None, help="model bundle (folder or URI); default: models/default (trained first if absent); "
+                                                      "'reference': the reference polygons as a perfect model")
     parser.add_argument("--run", default="default")
     parser.add_argument("--mode", default=None, choices=["fused", "image", "osm"])
+    parser.add_argument("--tile-size", type=int, default=224, help="tile size when no model fixes it")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--devices", type=int, default=0, help="GPUs (one predictor actor each)")
     parser.add_argument("--actors", type=int, default=None)
-    parser.add_argument("--address", default="auto")
+    parser.add_argument("--address", default="auto", help="'auto' (RAY_ADDRESS or the local cluster), ray://host:10001, or 'local'")
     args = parser.parse_args()
     catalog = select_cities(load_catalog(args.catalog or find_catalog(args.workspace)), args.cities)
     init_ray(args.address)
-    cfg = MapConfig(run=args.run, model_dir=args.model, mode=args.mode,
+    cfg = MapConfig(run=args.run, model_dir=args.model, mode=args.mode, tile_size_px=args.tile_size,
                     inference=InferenceConfig(batch_size=args.batch_size, gpus=args.devices, actors=args.actors))
     report = run_map(catalog, args.workspace, cfg, ensure_model=lambda cat: default_model(args.workspace, cat, use_gpu=args.devices > 0, say=print),
-                     on_stage=print)
+                     on_stage=lambda msg: print(msg, flush=True), on_commit=progress_printer())
     for c in report.cities:
         print(f"{c.city}\t{c.status}\t{c.tiles_ok}\t{c.tiles_failed}\t{c.polygons}\t{c.uv_area_m2:.0f}\t{c.stage}\t{c.error}")
     print(f"products: {report.products}")

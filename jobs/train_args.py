@@ -11,14 +11,17 @@ from engine.pipelines.train import TrainConfig, run_training
 
 def run(task: str, description: str) -> None:
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--workspace", default="geolink-data")
+    parser.add_argument("--workspace", default="geolink-data", help="folder or s3://bucket/prefix shared by every node")
     parser.add_argument("--catalog", default=None)
     parser.add_argument("--name", default=task)
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--workers", default="1", help="N or MIN-MAX (elastic)")
+    parser.add_argument("--workers", default="1", help="N or MIN-MAX (elastic: goes on with fewer when nodes are lost)")
+    parser.add_argument("--cpus-per-worker", type=float, default=1.0)
+    parser.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (and every epoch end)")
+    parser.add_argument("--max-failures", type=int, default=2, help="lost workers/nodes survived by resuming from the last checkpoint")
     parser.add_argument("--gpu", action="store_true")
     parser.add_argument("--mode", default="fused")
     parser.add_argument("--label-fraction", type=float, default=1.0)
@@ -29,7 +32,8 @@ def run(task: str, description: str) -> None:
     lo, _, hi = args.workers.partition("-")
     cfg = TrainConfig(task=task, preset=args.preset, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                       num_workers=(int(lo), int(hi)) if hi else int(lo), use_gpu=args.gpu, mode=args.mode,
-                      label_fraction=args.label_fraction, init_from=args.init_from, seed=args.seed)
+                      label_fraction=args.label_fraction, init_from=args.init_from, seed=args.seed, cpus_per_worker=args.cpus_per_worker,
+                      checkpoint_every=args.checkpoint_every, max_failures=args.max_failures)
     init_ray("auto")
     catalog = load_catalog(args.catalog or find_catalog(args.workspace))
     print(run_training(catalog, args.workspace, cfg, name=args.name, storage=args.storage))

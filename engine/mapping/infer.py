@@ -179,6 +179,27 @@ def _write_done(ledger: Ledger, cities: list[str], model_version: str, done_dir:
     return counts
 
 
+def _parts_with_work(pairs: list[dict], done_dir: Path, resumed: set[str]) -> list[dict]:
+    """The parts that still hold a tile to predict (a resumed run: parts whose tiles are all done are not sent).
+
+    Only cities with done tiles are checked, by the parts' ``tile_id``/``input_hash`` columns (small reads)."""
+    done: dict[str, set[str]] = {}
+    out = []
+    for pair in pairs:
+        city = pair["city"]
+        if city not in resumed:
+            out.append(pair)
+            continue
+        if city not in done:
+            table = pq.read_table(storage.localize(done_dir / f"{city}.parquet"))
+            done[city] = set(pc.binary_join_element_wise(table["tile_id"], table["input_hash"], "|").to_pylist())
+        index = pq.read_table(storage.localize(pair["index"]), columns=["tile_id", "input_hash"])
+        keys = pc.binary_join_element_wise(index["tile_id"], index["input_hash"], "|").to_pylist()
+        if any(k not in done[city] for k in keys):
+            out.append(pair)
+    return out
+
+
 def run_inference(workspace: str | os.PathLike[str], manifest: RunManifest, cities: list[str], predictor: type[Predictor],
                   predictor_kwargs: dict, cfg: InferenceConfig | None = None,
                   on_commit: Callable[[int, int], None] | None = None, imagery: dict[str, str] | None = None,
@@ -219,6 +240,7 @@ def run_inference(workspace: str | os.PathLike[str], manifest: RunManifest, citi
         done_dir = run_path / "_done"
         done_counts = _write_done(ledger, [c for c in cities if c not in missing], manifest.model_version, done_dir)
         skipped = sum(done_counts.values())
+        pairs = _parts_with_work(pairs, done_dir, {c for c, n in done_counts.items() if n})
         remaining = {c: n - done_counts.get(c, 0) for c, n in per_city.items()}
         predicted = failed = 0
         synced = time.monotonic()
@@ -255,6 +277,8 @@ def run_inference(workspace: str | os.PathLike[str], manifest: RunManifest, citi
                     ledger.sync()
                     synced = time.monotonic()
         summary = ledger.summary()
+        if pairs and total > skipped:
+            remove_orphans(run_path, ledger)  # parts of batches redone after a lost node or actor: never committed
     return InferenceResult(predicted=predicted, failed=failed, skipped=skipped, seconds=time.perf_counter() - t0,
                            cities={c: summary.get(c, {"ok": 0, "failed": 0}) for c in cities if c not in missing}, missing=missing)
 

@@ -7,6 +7,7 @@ A city that fails at any stage is carried to the end as a failed row of the repo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -19,7 +20,7 @@ import pyarrow as pa
 
 from engine import storage
 from engine.mapping.infer import InferenceConfig, InferenceResult, run_inference
-from engine.mapping.predict import ModelPredictor, model_version
+from engine.mapping.predict import ModelPredictor, OraclePredictor, Predictor, model_version
 from engine.mapping.store import RunManifest, run_dir
 from engine.pipelines.prepare import CityResult, run_prepare
 from engine.stitch import StitchConfig, StreamingStitch
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from engine.accuracy.report import AssessReport
 
 DEFAULT_MODEL = "default"
+REFERENCE_MODEL = "reference"  # `--model reference`: the catalog's reference polygons as a perfect model (pipeline checks)
 
 
 @dataclass(frozen=True)
@@ -41,13 +43,16 @@ class MapConfig:
 
     Args:
         run: run name (folder under ``runs/`` and ``products/``); rerunning the same name resumes it.
-        model_dir: a model bundle (``models/<name>``); its tile size fixes the prepared grid.
+        model_dir: a model bundle (``models/<name>`` or a URI); its tile size fixes the prepared grid.
+            ``"reference"`` predicts each city's reference polygons instead (a perfect model, exactly
+            reproducible: it checks the pipeline, e.g. a new cluster, independently of any model).
         mode: ``fused``, ``image`` or ``osm``; default: the mode the model was fine-tuned in.
         overlap_px: tile overlap of the prepared grid.
         inference: batch size, actors, GPUs.
         min_area_m2: polygons smaller than this are dropped as slivers.
         fail_tiles: fault drill: these tiles raise in the predictor (proves a run completes and reports them).
         assess: run the accuracy assessment on the products (reference from the catalog, or a labelling sheet).
+        tile_size_px: the prepared grid's tile size when no model fixes it (the reference model, a default model).
     """
 
     run: str = "default"
@@ -58,6 +63,7 @@ class MapConfig:
     min_area_m2: float = 100.0
     fail_tiles: tuple[str, ...] = ()
     assess: bool = True
+    tile_size_px: int = 224
 
     def __post_init__(self) -> None:
         run_dir(".", self.run)  # the run name becomes a folder: refuse a bad one before any work
@@ -132,8 +138,9 @@ def run_map(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: MapConfig
     rows = {r["city"]: r for r in catalog.to_pylist()}
     failures: dict[str, tuple[str, str]] = {}
 
-    model_dir = str(storage.local_path(cfg.model_dir)) if cfg.model_dir else None
-    tile_size = load_config(model_dir)[0].img_size if model_dir else 224
+    oracle = cfg.model_dir == REFERENCE_MODEL
+    model_dir = str(storage.local_path(cfg.model_dir)) if cfg.model_dir and not oracle else None
+    tile_size = load_config(model_dir)[0].img_size if model_dir else cfg.tile_size_px
     prepare_cfg = PrepareConfig(grid=TileGridConfig(tile_size_px=tile_size, overlap_px=cfg.overlap_px))
     say(f"prepare: {len(rows)} cities ({tile_size} px tiles, {cfg.overlap_px} px overlap)")
     t0 = time.perf_counter()
@@ -144,26 +151,27 @@ def run_map(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: MapConfig
             failures[r.city] = ("prepare", r.error)
     ok_cities = [c for c in rows if c not in failures]
 
-    if model_dir is None:
+    if oracle:
+        for city in ok_cities:
+            if not rows[city].get("reference"):
+                failures[city] = ("inference", f"city {city} has no reference polygons to map with --model {REFERENCE_MODEL}")
+        ok_cities = [c for c in ok_cities if c not in failures]
+    elif model_dir is None:
         if ensure_model is None:
             raise ValueError("no model: pass --model DIR (a bundle from `geolink-engine finetune`)")
         t0 = time.perf_counter()
         ok_catalog = catalog.filter(pa.array([c in ok_cities for c in catalog["city"].to_pylist()]))
         model_dir = ensure_model(ok_catalog)
         seconds["train"] = time.perf_counter() - t0
-    model_cfg, _ = load_config(model_dir)
-    if model_cfg.img_size != tile_size:
-        raise ValueError(f"model {model_dir} expects {model_cfg.img_size} px tiles, the workspace was prepared with {tile_size} px")
-    manifest = RunManifest(run=cfg.run, model_dir=str(Path(model_dir).resolve()), model_version=model_version(model_dir),
-                           classes=model_classes(model_dir, model_cfg.num_classes), mode=cfg.mode or model_mode(model_dir),
-                           tile_size_px=tile_size, overlap_px=cfg.overlap_px)
+    if oracle:
+        manifest, predictor, kwargs = _reference_predictor(cfg, tile_size, {c: rows[c]["reference"] for c in ok_cities})
+    else:
+        manifest, predictor, kwargs = _model_predictor(cfg, tile_size, model_dir)
     say(f"inference: model {manifest.model_version} ({manifest.mode}) on {len(ok_cities)} cities")
     t0 = time.perf_counter()
-    kwargs = {"model_dir": manifest.model_dir, "mode": manifest.mode, "device": "cuda" if cfg.inference.gpus else "cpu",
-              "torch_threads": max(1, int(cfg.inference.cpus_per_actor)), "fail_tiles": tuple(cfg.fail_tiles)}
     stitcher = StreamingStitch(workspace, cfg.run, catalog, StitchConfig(min_area_m2=cfg.min_area_m2), manifest=manifest)
     try:
-        inference = run_inference(workspace, manifest, ok_cities, ModelPredictor, kwargs, cfg.inference, on_commit=on_commit,
+        inference = run_inference(workspace, manifest, ok_cities, predictor, kwargs, cfg.inference, on_commit=on_commit,
                                   imagery={c: rows[c]["imagery"] for c in ok_cities}, on_city_done=stitcher.submit)
     except BaseException:
         stitcher.close()
@@ -188,6 +196,32 @@ def run_map(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: MapConfig
     seconds["publish"] = time.perf_counter() - t0
     return MapReport(run=cfg.run, model_version=manifest.model_version, products=Path(workspace) / "products" / cfg.run,
                      cities=report, inference=inference, seconds=seconds, assessment=assessment)
+
+
+def _model_predictor(cfg: MapConfig, tile_size: int, model_dir: str) -> tuple[RunManifest, type[Predictor], dict]:
+    from geolink_model.checkpoint import load_config
+
+    model_cfg, _ = load_config(model_dir)
+    if model_cfg.img_size != tile_size:
+        raise ValueError(f"model {model_dir} expects {model_cfg.img_size} px tiles, the workspace was prepared with {tile_size} px")
+    manifest = RunManifest(run=cfg.run, model_dir=str(Path(model_dir).resolve()), model_version=model_version(model_dir),
+                           classes=model_classes(model_dir, model_cfg.num_classes), mode=cfg.mode or model_mode(model_dir),
+                           tile_size_px=tile_size, overlap_px=cfg.overlap_px)
+    kwargs = {"model_dir": manifest.model_dir, "mode": manifest.mode, "device": "cuda" if cfg.inference.gpus else "cpu",
+              "torch_threads": max(1, int(cfg.inference.cpus_per_actor)), "fail_tiles": tuple(cfg.fail_tiles)}
+    return manifest, ModelPredictor, kwargs
+
+
+def _reference_predictor(cfg: MapConfig, tile_size: int, references: dict[str, str]) -> tuple[RunManifest, type[Predictor], dict]:
+    """The reference polygons as the model; its version is the references' content, so a changed reference redoes tiles."""
+    from engine.tiles.city import file_digest
+
+    digests = {city: file_digest(path) for city, path in sorted(references.items())}
+    version = f"{REFERENCE_MODEL}-{hashlib.blake2b(json.dumps(digests).encode(), digest_size=6).hexdigest()}"
+    classes = LABEL_SETS["binary"]
+    manifest = RunManifest(run=cfg.run, model_dir=REFERENCE_MODEL, model_version=version, classes=classes, mode=REFERENCE_MODEL,
+                           tile_size_px=tile_size, overlap_px=cfg.overlap_px)
+    return manifest, OraclePredictor, {"references": references, "classes": classes, "fail_tiles": tuple(cfg.fail_tiles)}
 
 
 def assess(workspace: str | os.PathLike[str], run: str, catalog: pa.Table, cfg: AssessConfig | None = None,
@@ -258,7 +292,7 @@ def default_model(workspace: str | os.PathLike[str], catalog: pa.Table, epochs: 
     """``models/default``: reused when present, else fine-tuned now (``tiny``, fused, binary UV) on the train split."""
     from engine.pipelines.train import TrainConfig, run_training
 
-    out = storage.localize(Path(workspace) / "models" / DEFAULT_MODEL)
+    out = storage.localize(storage.workspace_root(workspace) / "models" / DEFAULT_MODEL)
     if (out / "model.safetensors").is_file():
         return str(out)
     if say:
