@@ -114,6 +114,19 @@ def gdal_env() -> dict[str, str]:
     return {"AWS_S3_ENDPOINT": url.netloc, "AWS_HTTPS": "YES" if url.scheme == "https" else "NO", "AWS_VIRTUAL_HOSTING": "FALSE"}
 
 
+def raster_env():
+    """A rasterio environment that leaves object-store credentials to GDAL (it reads the ``AWS_*`` variables itself).
+
+    Why: with AWS keys in the environment and boto3 installed, every bare ``rasterio.open`` builds a boto3 session:
+    tens of milliseconds each, and not safe across threads (stitch threads hung on it). Enter it once per task or
+    thread that opens rasters.
+    """
+    import rasterio
+    from rasterio.session import DummySession
+
+    return rasterio.Env(session=DummySession(), **gdal_env())
+
+
 def configure_process() -> None:
     """Make this process's GDAL reach the S3 endpoint (sets unset GDAL variables only); called at entry points."""
     for key, value in gdal_env().items():

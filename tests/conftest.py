@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -35,21 +38,33 @@ def demo_workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A local S3-compatible server (moto, loopback only) and the environment that points the engine at it.
 
-    Set before Ray starts, so Ray's workers inherit it; the engine's node cache goes to a session folder.
+    The server runs in its own process: GDAL holds the GIL while it reads ``/vsis3/``, so a server thread in this
+    process could never answer. The environment is set before Ray starts, so Ray's workers inherit it; the
+    engine's node cache goes to a session folder.
     """
-    from moto.server import ThreadedMotoServer
-
     from engine import storage
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    os.environ.update(AWS_ENDPOINT_URL=f"http://{host}:{port}", AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = tmp_path_factory.mktemp("moto") / "server.log"
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"moto server did not start: {log.read_text()[-2000:]}") from None
+            time.sleep(0.1)
+    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
                       AWS_REGION="us-east-1", GEOLINK_CACHE_DIR=str(tmp_path_factory.mktemp("node-cache")))
     storage.configure_process()
     yield os.environ["AWS_ENDPOINT_URL"]
-    server.stop()
+    server.terminate()
+    server.wait(timeout=30)
 
 
 @pytest.fixture

@@ -104,30 +104,31 @@ def read_pixels(batch: pa.Table, attempts: int = 2) -> pa.Table:
     keys = ("imagery", "window_col_off", "window_row_off", "window_width", "window_height", "tile_id")
     images, errors, seconds = [], [], []
     sources: dict[str, rasterio.io.DatasetReader] = {}  # one open per raster per batch, not per tile
-    try:
-        for row in batch.select(list(keys)).to_pylist():
-            t0, pixels, error = time.perf_counter(), None, ""
-            for attempt in range(attempts):
-                try:
-                    if row["imagery"] not in sources:
-                        sources[row["imagery"]] = rasterio.open(row["imagery"])
-                    pixels = read_window(sources[row["imagery"]], row)
-                    error = ""
-                    break
-                except Exception as exc:  # a corrupt block or a vanished file: reopen and retry, then record
-                    error = f"read {row['imagery']}: {type(exc).__name__}: {exc}"
-                    stale = sources.pop(row["imagery"], None)
-                    if stale is not None:
-                        stale.close()
-                    time.sleep(0.05 * (attempt + 1))
-            if pixels is None:
-                pixels = np.zeros((3, row["window_height"], row["window_width"]), np.uint8)
-            images.append(pixels)
-            errors.append(error)
-            seconds.append(time.perf_counter() - t0)
-    finally:
-        for src in sources.values():
-            src.close()
+    with storage.raster_env():
+        try:
+            for row in batch.select(list(keys)).to_pylist():
+                t0, pixels, error = time.perf_counter(), None, ""
+                for attempt in range(attempts):
+                    try:
+                        if row["imagery"] not in sources:
+                            sources[row["imagery"]] = rasterio.open(row["imagery"])
+                        pixels = read_window(sources[row["imagery"]], row)
+                        error = ""
+                        break
+                    except Exception as exc:  # a corrupt block or a vanished file: reopen and retry, then record
+                        error = f"read {row['imagery']}: {type(exc).__name__}: {exc}"
+                        stale = sources.pop(row["imagery"], None)
+                        if stale is not None:
+                            stale.close()
+                        time.sleep(0.05 * (attempt + 1))
+                if pixels is None:
+                    pixels = np.zeros((3, row["window_height"], row["window_width"]), np.uint8)
+                images.append(pixels)
+                errors.append(error)
+                seconds.append(time.perf_counter() - t0)
+        finally:
+            for src in sources.values():
+                src.close()
     batch = batch.append_column("image", ArrowTensorArray.from_numpy(np.stack(images)))
     batch = batch.append_column("read_error", pa.array(errors, pa.string()))
     return batch.append_column("read_s", pa.array(seconds, pa.float64()))

@@ -85,7 +85,8 @@ def _plan(row: dict, cfg: PrepareConfig, workspace: str, force: bool) -> list[di
         staging = tiles_root(workspace) / "_staging" / f"{city}-{input_hash[:12]}"
         shutil.rmtree(staging, ignore_errors=True)
         storage.publish(staging)  # a remote workspace: clear what a killed run left there too
-        plan = plan_city(row, cfg, staging, imagery_digest, input_hash)
+        with storage.raster_env():
+            plan = plan_city(row, cfg, staging, imagery_digest, input_hash)
         pq.write_table(plan.grid, staging / "grid.parquet")
         storage.publish(staging)  # the chunks may be built on other nodes
         seconds = time.perf_counter() - t0

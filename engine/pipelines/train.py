@@ -156,7 +156,7 @@ def run_training(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: Trai
         "warmup_steps": cfg.warmup_steps, "total_steps": steps_per_epoch * cfg.epochs, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
         "checkpoint_every": cfg.checkpoint_every, "mode": cfg.mode, "classes": list(classes), "has_val": bool(val_cities),
         "class_weights": [1.0] + [cfg.uv_weight] * (len(classes) - 1), "init_from": cfg.init_from, "augment": cfg.augment,
-        "fail_at_step": cfg.fail_at_step, "fail_marker": os.path.join(workspace, "runs", "train", f".{name}.failed-once"),
+        "fail_at_step": cfg.fail_at_step, "fail_marker": os.path.join(storage_path if storage_fs is None else os.path.join(workspace, "runs", "train"), f".{name}.failed-once"),
     }
     datasets = {"train": sample_dataset(workspace, train_cities, references, classes, cfg.label_fraction, cfg.seed)}
     if val_cities:

@@ -26,6 +26,7 @@ import rasterio
 from pyproj import CRS, Transformer
 from rasterio.windows import Window
 
+from engine import storage
 from engine.db import connect
 from engine.mapping.store import (
     Ledger,
@@ -245,8 +246,9 @@ def stitch_city(workspace: Path, run_path: Path, manifest: RunManifest, row: dic
             _remove_rasters(city_dir)
             return CityStitch(**base, status="empty", error=f"no committed tiles in run {manifest.run} ({tiles_failed} failed)",
                               seconds=time.perf_counter() - t0), None
-        inputs = load_city_inputs(workspace, city, committed, manifest)
-        table, built_up_m2 = _stitch(inputs, run_path, manifest, city_dir, cfg, con)
+        with storage.raster_env():  # one per stitch thread: GDAL reads the credentials, no boto3 session per open
+            inputs = load_city_inputs(workspace, city, committed, manifest)
+            table, built_up_m2 = _stitch(inputs, run_path, manifest, city_dir, cfg, con)
         table = _finish_table(table, city, region, manifest.model_version)
         uv_area = float(pc.sum(table["area_m2"]).as_py() or 0.0)
         return CityStitch(**base, status="done", polygons=table.num_rows, uv_area_m2=uv_area, built_up_area_m2=built_up_m2,

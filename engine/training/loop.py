@@ -117,6 +117,7 @@ def train_loop_per_worker(config: dict) -> None:
             if config.get("fail_at_step") is not None and step == int(config["fail_at_step"]) and rank == 0:
                 marker = Path(config["fail_marker"])
                 if not marker.exists():  # fail once, the way a lost worker would, to prove resume
+                    marker.parent.mkdir(parents=True, exist_ok=True)
                     marker.write_text("failed once")
                     raise RuntimeError(f"injected failure at step {step}")
             images, graphs, labels = collate(batch, device)

@@ -65,7 +65,7 @@ def add_pixels(batch: pa.Table, references: dict[str, str] | None = None, classe
     images, labels = [], []
     keys = ("imagery", "window_col_off", "window_row_off", "window_width", "window_height", "crs", "city")
     for row in batch.select(list(keys)).to_pylist():
-        with rasterio.open(row["imagery"]) as src:
+        with storage.raster_env(), rasterio.open(row["imagery"]) as src:
             pixels = read_window(src, row)
         images.append(pixels)
         if references is not None:
