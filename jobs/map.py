@@ -30,7 +30,7 @@ def progress_printer(every_fraction: float = 0.05, every_s: float = 30.0):
     return on_commit
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workspace", default="geolink-data", help="folder or s3://bucket/prefix shared by every node")
     parser.add_argument("--catalog", default=None)
@@ -44,7 +44,11 @@ def main() -> int:
     parser.add_argument("--devices", type=int, default=0, help="GPUs (one predictor actor each)")
     parser.add_argument("--actors", type=int, default=None)
     parser.add_argument("--address", default="auto", help="'auto' (RAY_ADDRESS or the local cluster), ray://host:10001, or 'local'")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> int:
+    args = build_parser().parse_args()
     catalog = select_cities(load_catalog(args.catalog or find_catalog(args.workspace)), args.cities)
     init_ray(args.address)
     cfg = MapConfig(run=args.run, model_dir=args.model, mode=args.mode, tile_size_px=args.tile_size,

@@ -15,15 +15,19 @@ from engine.tiles.city import PrepareConfig
 from engine.tiles.grid import TileGridConfig
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workspace", default="geolink-data")
+    parser.add_argument("--workspace", default="geolink-data", help="folder or s3://bucket/prefix shared by every node")
     parser.add_argument("--catalog", default=None)
     parser.add_argument("--cities", default="all")
     parser.add_argument("--tile-size", type=int, default=224)
     parser.add_argument("--overlap", type=int, default=32)
     parser.add_argument("--force", action="store_true")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> int:
+    args = build_parser().parse_args()
     catalog = select_cities(load_catalog(args.catalog or find_catalog(args.workspace)), args.cities)
     init_ray("auto")
     cfg = PrepareConfig(grid=TileGridConfig(tile_size_px=args.tile_size, overlap_px=args.overlap))

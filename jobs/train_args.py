@@ -9,8 +9,8 @@ from engine.pipelines.runtime import init_ray
 from engine.pipelines.train import TrainConfig, run_training
 
 
-def run(task: str, description: str) -> None:
-    parser = argparse.ArgumentParser(description=description)
+def build_parser(task: str, description: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description or f"Ray job: GeoLink {task}")
     parser.add_argument("--workspace", default="geolink-data", help="folder or s3://bucket/prefix shared by every node")
     parser.add_argument("--catalog", default=None)
     parser.add_argument("--name", default=task)
@@ -28,7 +28,11 @@ def run(task: str, description: str) -> None:
     parser.add_argument("--init-from", default=None)
     parser.add_argument("--storage", default=None, help="local path or s3://bucket/prefix")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    return parser
+
+
+def run(task: str, description: str) -> None:
+    args = build_parser(task, description).parse_args()
     lo, _, hi = args.workers.partition("-")
     cfg = TrainConfig(task=task, preset=args.preset, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                       num_workers=(int(lo), int(hi)) if hi else int(lo), use_gpu=args.gpu, mode=args.mode,

@@ -195,3 +195,57 @@ def test_kuberay_job_runs_the_national_map_on_that_cluster(kuberay):
     assert job["spec"]["entrypoint"].startswith("python jobs/map.py --workspace s3://BUCKET/geolink --cities all --devices 16")
     assert job["spec"]["clusterSelector"] == {"ray.io/cluster": rc["metadata"]["name"]}
     assert (REPO / job["spec"]["entrypoint"].split()[1]).is_file()
+
+
+# --- the documented commands are the jobs' real command lines ------------------------------------------------
+def _job_parser(name: str):
+    """The argument parser of ``jobs/<name>.py`` (pretrain and fine-tune share ``jobs/train_args.py``)."""
+    import importlib.util
+    import sys
+
+    module_name = "train_args" if name in ("pretrain", "finetune") else f"job_{name}"
+    path = REPO / "jobs" / ("train_args.py" if module_name == "train_args" else f"{name}.py")
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(REPO / "jobs"))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(REPO / "jobs"))
+    return module.build_parser(name) if module_name == "train_args" else module.build_parser()
+
+
+def _documented_jobs() -> list[tuple[str, list[str]]]:
+    import shlex
+
+    text = (REPO / "docs" / "CLUSTER.md").read_text() + "\n" + (KUBERAY / "rayjob.yaml").read_text()
+    found = []
+    for match in re.finditer(r"python jobs/(\w+)\.py([^`\n]*)", text):
+        args = shlex.split(match.group(2).split("#")[0].split("|")[0])
+        found.append((match.group(1), [a for a in args if a not in ("...",)]))
+    return found
+
+
+def test_every_documented_job_command_parses_with_its_job():
+    commands = _documented_jobs()
+    assert {name for name, _ in commands} >= {"demo_data", "prepare", "pretrain", "finetune", "map"}
+    for name, args in commands:
+        args = ["x" if a.isupper() and a.isalpha() else a for a in args]  # placeholders: WS, DIR
+        try:
+            _job_parser(name).parse_args(args)
+        except SystemExit:
+            pytest.fail(f"docs: `python jobs/{name}.py {' '.join(args)}` does not parse with jobs/{name}.py")
+
+
+def test_a_wrong_option_in_a_documented_command_would_be_caught():
+    with pytest.raises(SystemExit):
+        _job_parser("map").parse_args(["--workspace", "s3://b/w", "--gpus", "16"])  # the job says --devices
+
+
+def test_the_multinode_tests_run_the_documented_commands():
+    from tests.test_multinode import MAP_ARGS, PRETRAIN_ARGS, RESTART_ARGS
+
+    doc = " ".join((REPO / "docs" / "CLUSTER.md").read_text().split())
+    assert f"python jobs/map.py --workspace WS {' '.join(MAP_ARGS)} --run stormy" in doc
+    assert f"python jobs/map.py --workspace WS {' '.join(RESTART_ARGS)} --run restarted" in doc
+    assert f"python jobs/pretrain.py --workspace WS {' '.join(PRETRAIN_ARGS)} --storage DIR" in doc

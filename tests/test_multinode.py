@@ -32,7 +32,11 @@ from geolink_model.checkpoint import load_model
 from tests.conftest import REPO, TINY
 
 pytestmark = pytest.mark.slow
-MAP_ARGS = ["--model", REFERENCE_MODEL, "--tile-size", "128", "--actors", "2", "--batch-size", "8"]
+MAP_ARGS = ["--model", REFERENCE_MODEL, "--tile-size", "128", "--actors", "2", "--batch-size", "8"]  # docs/CLUSTER.md shows them
+# one actor, small batches: the first driver is still predicting when it is killed
+RESTART_ARGS = ["--model", REFERENCE_MODEL, "--tile-size", "128", "--actors", "1", "--batch-size", "4"]
+PRETRAIN_ARGS = ["--name", "elastic", "--preset", "tiny", "--epochs", "2", "--workers", "1-3", "--cpus-per-worker", "1",
+                 "--checkpoint-every", "2", "--max-failures", "3"]
 
 
 def _harness(scenario: str, workspace, job_args: list[str], log) -> dict:
@@ -92,9 +96,7 @@ def test_map_survives_a_lost_worker_node(calm, tmp_path):
 
 def test_killed_driver_resumes_from_the_ledger(calm, tmp_path):
     ws, catalog = calm
-    # one actor, small batches: the first driver is still predicting when it is killed
-    args = ["--model", REFERENCE_MODEL, "--tile-size", "128", "--actors", "1", "--batch-size", "4", "--run", "restarted"]
-    story = _harness("map-driver-restart", ws, args, tmp_path / "job.log")
+    story = _harness("map-driver-restart", ws, [*RESTART_ARGS, "--run", "restarted"], tmp_path / "job.log")
     killed = next(e for e in story["events"] if e["event"] == "killed the driver")
     table = _ledger(ws, "restarted")
     committed_at = np.array(table["committed_at"].to_pylist())
@@ -108,9 +110,7 @@ def test_killed_driver_resumes_from_the_ledger(calm, tmp_path):
 def test_elastic_pretrain_goes_on_with_fewer_workers_from_the_last_checkpoint(calm, tmp_path):
     ws, _ = calm
     storage = tmp_path / "train"
-    story = _harness("pretrain-elastic", ws, ["--name", "elastic", "--preset", "tiny", "--epochs", "2", "--batch-size", "8",
-                                              "--workers", "1-3", "--cpus-per-worker", "1", "--checkpoint-every", "2",
-                                              "--max-failures", "3", "--storage", str(storage)], tmp_path / "job.log")
+    story = _harness("pretrain-elastic", ws, [*PRETRAIN_ARGS, "--storage", str(storage)], tmp_path / "job.log")
     sizes = story["group_sizes"]
     assert sizes[0] == 3 and min(sizes[1:]) < 3, sizes  # three workers, then fewer once a node was gone
     lost = next(e for e in story["events"] if e["event"] == "removed a worker node")
