@@ -421,7 +421,7 @@ def capacities(n: int, gpu_tps: float, vcpus: int, u: Unit, scenario: str) -> tu
     """Tiles/s each part sustains with ``n`` GPUs, and the actors per GPU and drivers (map jobs) it assumes.
 
     as_is: one actor per GPU (host work and forward pass in series), boundless window reads on the node's other
-    cores, the ledger committed row by row, stitching in the driver's threads. tuned: enough actors per GPU, plain
+    cores, the ledger committed as one Arrow upsert per batch (Ledger.commit), stitching in the driver's threads. tuned: enough actors per GPU, plain
     reads of inner windows, Arrow bulk commits, stitching on its own CPU pool. sharded: tuned, with several map
     jobs (drivers, ledgers) over city shards.
     """
