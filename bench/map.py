@@ -52,7 +52,7 @@ from engine.pipelines.prepare import run_prepare
 from engine.pipelines.runtime import init_ray
 from geolink_model.checkpoint import load_config
 
-catalog_path, ws, model_dir, batch_size = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+catalog_path, ws, model_dir, batch_size, devices = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 me = psutil.Process()
 peak = {"driver": 0}
 stop = False
@@ -68,11 +68,12 @@ t0 = time.perf_counter(); prepared = run_prepare(catalog, ws); t_prepare = time.
 cfg_model, _ = load_config(model_dir)
 manifest = RunManifest(run="bench", model_dir=model_dir, model_version=model_version(model_dir),
                        classes=model_classes(model_dir, cfg_model.num_classes), mode="fused", tile_size_px=cfg_model.img_size, overlap_px=32)
-cfg = InferenceConfig(batch_size=batch_size)
+cfg = InferenceConfig(batch_size=batch_size, gpus=devices)
 commits = []
 stitcher = StreamingStitch(ws, "bench", catalog, manifest=manifest)  # as `map` does: cities stitched as they complete
 t_inf0 = time.perf_counter()
-result = run_inference(ws, manifest, catalog["city"].to_pylist(), ModelPredictor, {"model_dir": model_dir, "torch_threads": 1}, cfg,
+result = run_inference(ws, manifest, catalog["city"].to_pylist(), ModelPredictor,
+                       {"model_dir": model_dir, "torch_threads": 1, "device": "cuda" if devices else "cpu"}, cfg,
                        on_commit=lambda n, total: commits.append((time.perf_counter(), n)), on_city_done=stitcher.submit)
 t_infer = time.perf_counter() - t_inf0
 seconds = {}
@@ -96,16 +97,16 @@ print(json.dumps({"cities": len(prepared), "tiles": result.predicted, "failed": 
 """
 
 
-def child(catalog: Path, workspace: Path, model: Path, batch_size: int) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, str(catalog), str(workspace), str(model), str(batch_size)], capture_output=True,
+def child(catalog: Path, workspace: Path, model: Path, batch_size: int, devices: int = 0) -> dict:
+    out = subprocess.run([sys.executable, "-c", CHILD, str(catalog), str(workspace), str(model), str(batch_size), str(devices)], capture_output=True,
                          text=True, env={**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"})
     if out.returncode:
         raise RuntimeError(f"bench child failed:\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def model_only(workspace: Path, model: Path, batch_size: int, n_tiles: int) -> dict:
-    """The predictor alone on in-memory tiles (one thread, like one CPU actor)."""
+def model_only(workspace: Path, model: Path, batch_size: int, n_tiles: int, device: str = "cpu") -> dict:
+    """The predictor alone on in-memory tiles (one thread, like one CPU actor; or one GPU, like one GPU actor)."""
     import pyarrow as pa
 
     from engine.mapping.infer import read_pixels
@@ -116,7 +117,7 @@ def model_only(workspace: Path, model: Path, batch_size: int, n_tiles: int) -> d
     tables = [load_part(pair) for pair in part_pairs(workspace, cities)]
     tiles = pa.concat_tables(tables).slice(0, n_tiles)
     batches = [read_pixels(tiles.slice(i, batch_size)) for i in range(0, tiles.num_rows, batch_size)]
-    predictor = ModelPredictor(str(model), torch_threads=1)
+    predictor = ModelPredictor(str(model), torch_threads=1, device=device)
     predictor.predict(batches[0])  # warm-up
     t0 = time.perf_counter()
     for b in batches:
@@ -130,6 +131,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="4/8/16 cities instead of 12/48/192 (smoke run, results not written)")
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--devices", type=int, default=0, help="GPUs: one predictor actor each (results in map_gpu.json)")
     args = parser.parse_args()
     import torch
 
@@ -145,13 +147,13 @@ def main() -> None:
         torch.manual_seed(0)
         model = save_model(build_model(create_config(args.preset, img_size=224, num_classes=2)), tmp / "model")
         write_demo(tmp / "demo", scales[0], SynthConfig(), seed=0)
-        demo = child(tmp / "demo" / "catalog.yaml", tmp / "demo", model, args.batch_size)
+        demo = child(tmp / "demo" / "catalog.yaml", tmp / "demo", model, args.batch_size, args.devices)
         torch.set_num_threads(1)
-        alone = model_only(tmp / "demo", model, args.batch_size, n_tiles=96 if args.quick else 192)
+        alone = model_only(tmp / "demo", model, args.batch_size, n_tiles=96 if args.quick else 192, device="cuda" if args.devices else "cpu")
         scale = {}
         for n in scales:
             write_demo(tmp / f"s{n}", n, SynthConfig(size_km=0.5), seed=1)
-            scale[n] = child(tmp / f"s{n}" / "catalog.yaml", tmp / f"s{n}", model, args.batch_size)
+            scale[n] = child(tmp / f"s{n}" / "catalog.yaml", tmp / f"s{n}", model, args.batch_size, args.devices)
 
     ratio = demo["inference_tiles_per_s"] / (alone["tiles_per_s"] * demo["actors"])
     table = Table(title=f"map on the demo catalog ({scales[0]} cities, {args.preset}, batch {args.batch_size}, {os.cpu_count()} cores)")
@@ -186,7 +188,7 @@ def main() -> None:
     }
     console.print(metrics)
     if not args.quick:
-        out = write_results("map", metrics, {"preset": args.preset, "batch_size": args.batch_size, "demo": demo, "model_only": alone,
+        out = write_results("map_gpu" if args.devices else "map", metrics, {"preset": args.preset, "batch_size": args.batch_size, "demo": demo, "model_only": alone,
                                              "scale": {str(k): v for k, v in scale.items()}})
         console.print(f"wrote {out}")
 
