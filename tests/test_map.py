@@ -154,3 +154,15 @@ def test_cli_map_reports_and_exits_nonzero_on_failure(prepared, tmp_path):
     assert bad.exit_code == 2 and "model.safetensors" in bad.output
     bad = runner.invoke(app, ["--workspace", str(ws), "--catalog", str(cat), "map", "--model", str(model_dir), "--run", "../x"])
     assert bad.exit_code == 2 and "run name" in bad.output
+
+
+def test_ledger_upsert_keeps_one_row_per_tile_the_latest(tmp_path):
+    base = dict(city="x", status="failed", attempts=1, error="read failed", input_hash="h", model_version="m", part=None,
+                read_s=0.1, predict_s=None)
+    with Ledger(tmp_path) as ledger:
+        ledger.commit([{**base, "tile_id": "a"}, {**base, "tile_id": "b"}, {**base, "tile_id": "a", "attempts": 2}])
+        ledger.commit([{**base, "tile_id": "b", "status": "ok", "error": "", "part": "predictions/city=x/p.parquet", "predict_s": 0.2}])
+        rows = {r["tile_id"]: r for r in ledger.table().to_pylist()}
+    assert sorted(rows) == ["a", "b"]
+    assert rows["a"]["attempts"] == 2 and rows["a"]["part"] is None and rows["a"]["predict_s"] is None
+    assert rows["b"]["status"] == "ok" and rows["b"]["part"] == "predictions/city=x/p.parquet"
