@@ -26,8 +26,10 @@ from urllib.parse import urlparse
 import pyarrow.fs as pafs
 
 REMOTE_SCHEMES = ("s3", "gs", "gcs")
-ENV_KEYS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION",
-            "AWS_DEFAULT_REGION", "GEOLINK_CACHE_DIR", "AWS_S3_ENDPOINT", "AWS_HTTPS", "AWS_VIRTUAL_HOSTING")
+# settings (never secrets: those come from the node's own environment or instance role, and a runtime environment
+# is visible in the Ray dashboard)
+ENV_KEYS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "GEOLINK_CACHE_DIR", "AWS_S3_ENDPOINT",
+            "AWS_HTTPS", "AWS_VIRTUAL_HOSTING")
 
 
 class StorageError(OSError):
@@ -114,7 +116,7 @@ def gdal_env() -> dict[str, str]:
     return {"AWS_S3_ENDPOINT": url.netloc, "AWS_HTTPS": "YES" if url.scheme == "https" else "NO", "AWS_VIRTUAL_HOSTING": "FALSE"}
 
 
-def raster_env():
+def raster_env() -> "rasterio.Env":  # noqa: F821 (rasterio is imported inside: callers may not need it)
     """A rasterio environment that leaves object-store credentials to GDAL (it reads the ``AWS_*`` variables itself).
 
     Why: with AWS keys in the environment and boto3 installed, every bare ``rasterio.open`` builds a boto3 session:
@@ -134,7 +136,7 @@ def configure_process() -> None:
 
 
 def ray_env_vars() -> dict[str, str]:
-    """The storage settings every Ray worker needs (passed in the runtime environment)."""
+    """The storage settings every Ray worker needs (passed in the runtime environment; credentials are not)."""
     configure_process()
     return {k: os.environ[k] for k in ENV_KEYS if os.environ.get(k)}
 
