@@ -257,6 +257,7 @@ def map_command(
     mode: Annotated[str | None, typer.Option("--mode", help="fused, image or osm; default: the model's own.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Tiles per model call.")] = 16,
     devices: Annotated[int, typer.Option("--devices", min=0, help="GPUs to predict on (one actor each); 0 = CPU.")] = 0,
+    actors_per_gpu: Annotated[int, typer.Option("--actors-per-gpu", min=1, help="Predictor actors sharing one GPU (keeps a fast GPU busy).")] = 1,
     actors: Annotated[int | None, typer.Option("--actors", min=1, help="Predictor actors on CPU (default: half the CPUs).")] = None,
     min_area: Annotated[float, typer.Option("--min-area", help="Drop UV polygons smaller than this (m2).")] = 100.0,
 ) -> None:
@@ -282,7 +283,7 @@ def map_command(
     try:
         table = select_cities(table, cities)
         cfg = MapConfig(run=run, model_dir=model, mode=mode, min_area_m2=min_area,
-                        inference=InferenceConfig(batch_size=batch_size, gpus=devices, actors=actors))
+                        inference=InferenceConfig(batch_size=batch_size, gpus=devices, actors=actors, actors_per_gpu=actors_per_gpu))
     except (CatalogError, ValueError) as exc:
         _fail(str(exc))
     errors = [p for p in validate_catalog(table) if p.severity == "error" and p.field == "city"]

@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--devices", type=int, default=0, help="GPUs (one predictor actor each)")
     parser.add_argument("--actors", type=int, default=None)
+    parser.add_argument("--actors-per-gpu", type=int, default=1, help="predictor actors sharing one GPU (keeps a fast GPU busy)")
     parser.add_argument("--address", default="auto", help="'auto' (RAY_ADDRESS or the local cluster), ray://host:10001, or 'local'")
     return parser
 
@@ -52,7 +53,8 @@ def main() -> int:
     catalog = select_cities(load_catalog(args.catalog or find_catalog(args.workspace)), args.cities)
     init_ray(args.address)
     cfg = MapConfig(run=args.run, model_dir=args.model, mode=args.mode, tile_size_px=args.tile_size,
-                    inference=InferenceConfig(batch_size=args.batch_size, gpus=args.devices, actors=args.actors))
+                    inference=InferenceConfig(batch_size=args.batch_size, gpus=args.devices, actors=args.actors,
+                                              actors_per_gpu=args.actors_per_gpu))
     report = run_map(catalog, args.workspace, cfg, ensure_model=lambda cat: default_model(args.workspace, cat, use_gpu=args.devices > 0, say=print),
                      on_stage=lambda msg: print(msg, flush=True), on_commit=progress_printer())
     for c in report.cities:

@@ -166,3 +166,13 @@ def test_ledger_upsert_keeps_one_row_per_tile_the_latest(tmp_path):
     assert sorted(rows) == ["a", "b"]
     assert rows["a"]["attempts"] == 2 and rows["a"]["part"] is None and rows["a"]["predict_s"] is None
     assert rows["b"]["status"] == "ok" and rows["b"]["part"] == "predictions/city=x/p.parquet"
+
+
+def test_inference_pool_sizes_and_gpu_shares():
+    assert InferenceConfig(gpus=2, actors_per_gpu=3).pool_size(cluster_cpus=32) == 6
+    assert InferenceConfig(gpus=2, actors_per_gpu=4).actor_resources() == {"num_gpus": 0.25}
+    assert InferenceConfig(gpus=1).actor_resources() == {"num_gpus": 1.0}
+    assert InferenceConfig().actor_resources() == {} and InferenceConfig().pool_size(cluster_cpus=8) == 4
+    assert InferenceConfig(actors=3, gpus=1, actors_per_gpu=2).pool_size(cluster_cpus=8) == 3
+    with pytest.raises(ValueError, match="actors_per_gpu"):
+        InferenceConfig(gpus=1, actors_per_gpu=0)

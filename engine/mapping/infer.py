@@ -44,8 +44,11 @@ class InferenceConfig:
 
     Args:
         batch_size: tiles per model call.
-        actors: predictor actors (default: ``gpus`` when using GPUs, else half the CPUs, at least 1).
-        gpus: GPUs to use (0 = CPU); each actor gets one.
+        actors: predictor actors (default: ``gpus x actors_per_gpu`` when using GPUs, else half the CPUs, at least 1).
+        gpus: GPUs to use (0 = CPU).
+        actors_per_gpu: predictor actors sharing one GPU (each asks for ``1/actors_per_gpu`` of it). Why: an actor's
+            host work per tile (collate, encoding, Parquet) runs in series with its forward pass; on a fast GPU
+            several actors keep it busy (docs/CAPACITY.md).
         cpus_per_actor: CPUs reserved per actor (its torch threads on CPU).
         cpus_per_read: CPUs reserved per read/write task (window reads are mostly I/O and decompression).
         read_attempts: tries per window read before the tile is recorded as failed.
@@ -54,18 +57,24 @@ class InferenceConfig:
     batch_size: int = 16
     actors: int | None = None
     gpus: int = 0
+    actors_per_gpu: int = 1
     cpus_per_actor: float = 1.0
     cpus_per_read: float = 0.5
     read_attempts: int = 2
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.read_attempts < 1 or self.gpus < 0 or (self.actors is not None and self.actors < 1):
-            raise ValueError("batch_size, read_attempts and actors must be >= 1 and gpus >= 0")
+        if (self.batch_size < 1 or self.read_attempts < 1 or self.gpus < 0 or self.actors_per_gpu < 1
+                or (self.actors is not None and self.actors < 1)):
+            raise ValueError("batch_size, read_attempts, actors and actors_per_gpu must be >= 1 and gpus >= 0")
 
     def pool_size(self, cluster_cpus: float) -> int:
         if self.actors:
             return self.actors
-        return self.gpus if self.gpus else max(1, int(cluster_cpus // (2 * self.cpus_per_actor)))
+        return self.gpus * self.actors_per_gpu if self.gpus else max(1, int(cluster_cpus // (2 * self.cpus_per_actor)))
+
+    def actor_resources(self) -> dict[str, float]:
+        """Ray resources of one predictor actor beyond its CPUs: a share of a GPU when predicting on GPUs."""
+        return {"num_gpus": 1.0 / self.actors_per_gpu} if self.gpus else {}
 
 
 @dataclass(frozen=True)
@@ -247,7 +256,6 @@ def run_inference(workspace: str | os.PathLike[str], manifest: RunManifest, citi
         synced = time.monotonic()
         if pairs and total > skipped:
             cluster_cpus = ray.cluster_resources().get("CPU", 1.0)
-            actor_resources = {"num_gpus": 1} if cfg.gpus else {}
             ds = ray.data.from_items(pairs, override_num_blocks=len(pairs))
             # one task per part: its graph rows, minus done tiles, plus its windows' pixels (CPU, many in parallel)
             ds = ds.map_batches(load_and_read, fn_kwargs={"done_dir": str(done_dir), "attempts": cfg.read_attempts}, batch_size=1,
@@ -256,7 +264,7 @@ def run_inference(workspace: str | os.PathLike[str], manifest: RunManifest, citi
             ds = ds.map_batches(PredictAndWrite, fn_constructor_kwargs={"predictor": predictor, "predictor_kwargs": predictor_kwargs,
                                                                         "run_path": str(run_path), "model_version": manifest.model_version},
                                 batch_size=cfg.batch_size, batch_format="pyarrow", compute=ActorPoolStrategy(size=cfg.pool_size(cluster_cpus)),
-                                num_cpus=cfg.cpus_per_actor, **actor_resources)
+                                num_cpus=cfg.cpus_per_actor, **cfg.actor_resources())
             for batch in ds.iter_batches(batch_size=cfg.batch_size, batch_format="pyarrow"):
                 rows = batch.to_pylist()
                 previous = ledger.attempts([r["tile_id"] for r in rows if r["status"] != "ok"])
