@@ -157,6 +157,11 @@ def _info(fs: pafs.FileSystem, key: str, uri: str) -> pafs.FileInfo:
         raise StorageError(f"{uri}: cannot be reached: {exc}") from exc
 
 
+def _remote_files(fs: pafs.FileSystem, key: str) -> dict[str, pafs.FileInfo]:
+    """Every object under the folder ``key``, by its path relative to it."""
+    return {i.path[len(key) + 1:]: i for i in fs.get_file_info(pafs.FileSelector(key, recursive=True)) if i.type == pafs.FileType.File}
+
+
 def _fresh(local: Path, info: pafs.FileInfo) -> bool:
     if not local.is_file():
         return False
@@ -196,7 +201,7 @@ def localize(path: str | os.PathLike[str], only_if_missing: bool = False) -> Pat
         if not _fresh(path, info):
             _download(fs, info, path, uri)
     elif info.type == pafs.FileType.Directory:
-        remote = {i.path[len(key) + 1:]: i for i in fs.get_file_info(pafs.FileSelector(key, recursive=True)) if i.type == pafs.FileType.File}
+        remote = _remote_files(fs, key)
         for rel, item in remote.items():
             if not _fresh(path / rel, item):
                 _download(fs, item, path / rel, f"{uri}/{rel}")
@@ -242,7 +247,7 @@ def publish(path: str | os.PathLike[str], keep_local: bool = True) -> None:
     info = _info(fs, key, uri)
     remote = {}
     if info.type == pafs.FileType.Directory:
-        remote = {i.path[len(key) + 1:]: i for i in fs.get_file_info(pafs.FileSelector(key, recursive=True)) if i.type == pafs.FileType.File}
+        remote = _remote_files(fs, key)
     elif info.type == pafs.FileType.File:
         fs.delete_file(key)
     if path.is_dir():
