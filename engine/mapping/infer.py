@@ -99,9 +99,7 @@ def load_todo(pairs: pa.Table, done_dir: str) -> pa.Table:
         done_path = storage.localize(Path(done_dir) / f"{pair['city']}.parquet")
         if done_path.is_file() and table.num_rows:
             done = pq.read_table(done_path)
-            key = pc.binary_join_element_wise(table["tile_id"], table["input_hash"], "|")
-            done_key = pc.binary_join_element_wise(done["tile_id"], done["input_hash"], "|")
-            table = table.filter(pc.invert(pc.is_in(key, value_set=done_key)))
+            table = table.filter(pc.invert(pc.is_in(_tile_keys(table), value_set=_tile_keys(done))))
         tables.append(table)
     return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
 
@@ -175,38 +173,37 @@ class PredictAndWrite:
         return write_predictions(self.predictor(batch), self.run_path, self.model_version)
 
 
-def _write_done(ledger: Ledger, cities: list[str], model_version: str, done_dir: Path) -> dict[str, int]:
-    """Per city, the tiles already done for this model version, as small Parquet files the read tasks filter on;
-    returns their count per city."""
-    counts = {}
+def _tile_keys(table: pa.Table) -> pa.Array:
+    """``tile_id|input_hash`` per row: a tile is done only for the inputs it was predicted from."""
+    return pc.binary_join_element_wise(table["tile_id"], table["input_hash"], "|")
+
+
+def _write_done(ledger: Ledger, cities: list[str], model_version: str, done_dir: Path) -> dict[str, pa.Table]:
+    """Per city, the tiles already done for this model version (``tile_id, input_hash``), written as small Parquet
+    files the read tasks filter on; returns them."""
+    out = {}
     done_dir.mkdir(parents=True, exist_ok=True)
     for city in cities:
-        done = ledger.done(model_version, city)
-        counts[city] = done.num_rows
+        out[city] = done = ledger.done(model_version, city)
         with atomic_path(done_dir / f"{city}.parquet") as tmp:
             pq.write_table(done, tmp)
         storage.publish(done_dir / f"{city}.parquet")  # read by tasks on every node
-    return counts
+    return out
 
 
-def _parts_with_work(pairs: list[dict], done_dir: Path, resumed: set[str]) -> list[dict]:
+def _parts_with_work(pairs: list[dict], done: dict[str, pa.Table]) -> list[dict]:
     """The parts that still hold a tile to predict (a resumed run: parts whose tiles are all done are not sent).
 
     Only cities with done tiles are checked, by the parts' ``tile_id``/``input_hash`` columns (small reads)."""
-    done: dict[str, set[str]] = {}
+    done_keys = {city: set(_tile_keys(table).to_pylist()) for city, table in done.items() if table.num_rows}
     out = []
     for pair in pairs:
-        city = pair["city"]
-        if city not in resumed:
-            out.append(pair)
-            continue
-        if city not in done:
-            table = pq.read_table(storage.localize(done_dir / f"{city}.parquet"))
-            done[city] = set(pc.binary_join_element_wise(table["tile_id"], table["input_hash"], "|").to_pylist())
-        index = pq.read_table(storage.localize(pair["index"]), columns=["tile_id", "input_hash"])
-        keys = pc.binary_join_element_wise(index["tile_id"], index["input_hash"], "|").to_pylist()
-        if any(k not in done[city] for k in keys):
-            out.append(pair)
+        keys = done_keys.get(pair["city"])
+        if keys is not None:
+            index = pq.read_table(storage.localize(pair["index"]), columns=["tile_id", "input_hash"])
+            if all(k in keys for k in _tile_keys(index).to_pylist()):
+                continue  # every tile of the part is done
+        out.append(pair)
     return out
 
 
@@ -248,9 +245,10 @@ def run_inference(workspace: str | os.PathLike[str], manifest: RunManifest, citi
     with Ledger(run_path) as ledger:
         remove_orphans(run_path, ledger)
         done_dir = run_path / "_done"
-        done_counts = _write_done(ledger, [c for c in cities if c not in missing], manifest.model_version, done_dir)
+        done = _write_done(ledger, [c for c in cities if c not in missing], manifest.model_version, done_dir)
+        done_counts = {city: table.num_rows for city, table in done.items()}
         skipped = sum(done_counts.values())
-        pairs = _parts_with_work(pairs, done_dir, {c for c, n in done_counts.items() if n})
+        pairs = _parts_with_work(pairs, done)
         remaining = {c: n - done_counts.get(c, 0) for c, n in per_city.items()}
         predicted = failed = 0
         synced = time.monotonic()
