@@ -35,6 +35,8 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
+IMAGE_DROPOUT = 0.5  # `fused_imgdrop`: share of fine-tuning samples whose image is blanked (modality dropout)
+
 
 # --- export (needs the geo stack) --------------------------------------------------------------------------------
 def export(workspace: Path, out: Path) -> None:
@@ -88,10 +90,10 @@ def load_data(path: Path, device):
 
 
 def train(model, x, y, graphs, idx, task: str, epochs: int, batch: int, lr: float, seed: int, mode: str = "fused", history=None,
-          augment: bool = True):
+          augment: bool = True, image_dropout: float = 0.0):
     import torch
 
-    from engine.training.augment import photometric
+    from engine.training.augment import drop_images, photometric
     from engine.training.metrics import segmentation_loss
     from engine.training.schedule import lr_at
     from geolink_model import batch_graphs
@@ -110,6 +112,8 @@ def train(model, x, y, graphs, idx, task: str, epochs: int, batch: int, lr: floa
         for s in torch.randperm(len(cached), generator=g).tolist():
             b, data = cached[s]
             images = photometric(x[b], g) if augment else x[b]
+            if task != "pretrain" and mode == "fused":
+                images = drop_images(images, image_dropout, g)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, total, max(1, total // 20), lr)
             with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
@@ -150,7 +154,8 @@ def evaluate(model, x, y, graphs, idx, mode: str, batch: int = 32) -> float:
     return scores(matrix.cpu().numpy(), ("other", "urban_village"))["iou_urban_village"]
 
 
-def run(data: Path, out: Path, seeds: list[int], preset: str, pre_epochs: int, ft_epochs: int, batch: int, limit: int | None = None) -> None:
+def run(data: Path, out: Path, seeds: list[int], preset: str, pre_epochs: int, ft_epochs: int, batch: int, limit: int | None = None,
+        variants: tuple[str, ...] = ("guided", "unguided")) -> None:
     import torch
 
     from geolink_model import build_model, create_config
@@ -169,22 +174,24 @@ def run(data: Path, out: Path, seeds: list[int], preset: str, pre_epochs: int, f
     curves: dict[str, list] = {}
     t0 = time.time()
     for seed in seeds:
-        for guided in (True, False):
+        for guided in [v == "guided" for v in variants]:
             torch.manual_seed(seed)
             cfg = create_config(preset, img_size=x.shape[-1], position_guided=guided)
             history: list = []
             pre = train(build_model(cfg).to(device), x, y, graphs, pre_idx, "pretrain", pre_epochs, batch, 3e-4, seed, history=history)
             curves[f"seed{seed}_{'guided' if guided else 'unguided'}"] = history
             state = {k: v.detach().clone() for k, v in pre.state_dict().items()}
-            runs = [("fused", train_idx, True), ("image", train_idx, True), ("osm", train_idx, True),
-                    ("fused_10pct_pretrained", few, True), ("fused_10pct_scratch", few, False)] if guided else [("fused_unguided", train_idx, True)]
-            for name, idx, from_pre in runs:
+            # (name, training tiles, from the pretrained weights, share of fused samples with the image blanked)
+            runs = [("fused", train_idx, True, 0.0), ("fused_imgdrop", train_idx, True, IMAGE_DROPOUT), ("image", train_idx, True, 0.0),
+                    ("osm", train_idx, True, 0.0), ("fused_10pct_pretrained", few, True, 0.0),
+                    ("fused_10pct_scratch", few, False, 0.0)] if guided else [("fused_unguided", train_idx, True, 0.0)]
+            for name, idx, from_pre, image_dropout in runs:
                 torch.manual_seed(seed)
                 model = build_model(cfg).to(device)
                 if from_pre:
                     model.load_state_dict(state)
                 mode = name.split("_")[0]
-                train(model, x, y, graphs, idx, "finetune", ft_epochs, batch, 2e-4, seed, mode=mode)
+                train(model, x, y, graphs, idx, "finetune", ft_epochs, batch, 2e-4, seed, mode=mode, image_dropout=image_dropout)
                 iou = evaluate(model, x, y, graphs, test_idx, mode)
                 results.setdefault(name, {})[str(seed)] = iou
                 print(f"seed {seed} {name:<24} test UV IoU {iou:.4f}  ({time.time() - t0:.0f} s)", flush=True)
@@ -200,11 +207,34 @@ def _write(out, results, curves, device, preset, pre_epochs, ft_epochs, batch, p
     summary = {name: {"mean": float(np.mean(list(v.values()))), "std": float(np.std(list(v.values()))), "seeds": v}
                for name, v in results.items()}
     doc = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "preset": preset, "pretrain_epochs": pre_epochs,
-           "finetune_epochs": ft_epochs, "batch_size": batch, "augment": True,
+           "finetune_epochs": ft_epochs, "batch_size": batch, "augment": True, "image_dropout": IMAGE_DROPOUT,
            "tiles": {"pretrain": len(pre_idx), "train": len(train_idx), "train_10pct": len(few), "test": len(test_idx)},
            "uv_iou": summary, "pretrain_curves": curves, "seconds": time.time() - t0}
     out.write_text(json.dumps(doc, indent=2))
     return summary
+
+
+def merge(parts: list[Path], out: Path) -> dict:
+    """Combine per-seed result files (seeds run as separate processes, e.g. side by side on one GPU) into one."""
+    docs = [json.loads(p.read_text()) for p in parts]
+    results: dict[str, dict[str, float]] = {}
+    curves: dict[str, list] = {}
+    for doc in docs:
+        for name, s in doc["uv_iou"].items():
+            for seed, value in s["seeds"].items():
+                if seed in results.get(name, {}):
+                    raise ValueError(f"seed {seed} of {name!r} appears in more than one of {[str(p) for p in parts]}")
+                results.setdefault(name, {})[seed] = value
+        curves.update(doc["pretrain_curves"])
+    summary = {name: {"mean": float(np.mean(list(v.values()))), "std": float(np.std(list(v.values()))), "n_seeds": len(v),
+                      "seeds": dict(sorted(v.items()))} for name, v in results.items()}
+    keep = ("device", "preset", "pretrain_epochs", "finetune_epochs", "batch_size", "augment", "image_dropout", "tiles")
+    merged = {k: docs[0].get(k) for k in keep} | {"uv_iou": summary, "pretrain_curves": curves,
+                                                   "seconds_per_process": [d["seconds"] for d in docs]}
+    out.write_text(json.dumps(merged, indent=2))
+    for name, s in summary.items():
+        print(f"{name:<24} {s['mean']:.4f} +- {s['std']:.4f}  (n={s['n_seeds']})")
+    return merged
 
 
 def main() -> None:
@@ -222,11 +252,19 @@ def main() -> None:
     r.add_argument("--finetune-epochs", type=int, default=30)
     r.add_argument("--batch-size", type=int, default=32)
     r.add_argument("--limit", type=int, default=None, help="tiles per split (smoke runs)")
+    r.add_argument("--variants", nargs="+", choices=("guided", "unguided"), default=["guided", "unguided"],
+                   help="pretrainings to run: with position-guided attention (and its fine-tunings) and/or the ablation")
+    m = sub.add_parser("merge")
+    m.add_argument("parts", type=Path, nargs="+")
+    m.add_argument("--out", type=Path, default=Path("bench/results/experiments.json"))
     args = parser.parse_args()
-    if args.cmd == "export":
+    if args.cmd == "merge":
+        merge(args.parts, args.out)
+    elif args.cmd == "export":
         export(args.workspace, args.out)
     else:
-        run(args.data, args.out, args.seeds, args.preset, args.pretrain_epochs, args.finetune_epochs, args.batch_size, args.limit)
+        run(args.data, args.out, args.seeds, args.preset, args.pretrain_epochs, args.finetune_epochs, args.batch_size, args.limit,
+            tuple(args.variants))
 
 
 if __name__ == "__main__":

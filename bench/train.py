@@ -18,6 +18,7 @@ Writes bench/results/train.json (CPU) or bench/results/train_gpu.json (GPU).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -98,6 +99,90 @@ def time_steps(model, step, batches, warmup: int, device: torch.device, compile_
     return (time.perf_counter() - t0) / max(1, len(batches) - warmup), flops
 
 
+def _peak(device: torch.device) -> float | None:
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+# image-branch configurations tried by --image-variants: (name, batch multiplier, SDPA backends, compile mode)
+IMAGE_VARIANTS = (
+    ("compiled_sdpa_auto_b1x", 1, None, "default"),
+    ("compiled_cudnn_attn_b1x", 1, "CUDNN_ATTENTION", "default"),
+    ("compiled_flash_attn_b2x", 2, "FLASH_ATTENTION", "default"),
+    ("compiled_cudnn_attn_b2x", 2, "CUDNN_ATTENTION", "default"),
+    ("compiled_cudnn_attn_b2x_autotune", 2, "CUDNN_ATTENTION", "max-autotune-no-cudagraphs"),
+)
+
+
+def image_variants(cfg, image_step, batches, device: torch.device, flops_per_sample: float) -> dict:
+    """Time the image branch (ViT encoder fwd + bwd + AdamW) in several configurations; FLOPs per sample are the
+    eagerly counted ones (the same math whichever attention kernel runs)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    peak = _peak(device)
+    out = {}
+    for name, mult, backend, mode in IMAGE_VARIANTS:
+        torch._dynamo.reset()
+        imgs = [torch.cat([b[0]] * mult) for b in batches]
+        encoder = build_model(cfg).image_encoder.to(device).train()
+        opt = torch.optim.AdamW(encoder.parameters(), lr=1e-4, fused=True)
+        compiled = torch.compile(encoder, mode=mode)
+        ctx = sdpa_kernel([getattr(SDPBackend, backend)]) if backend else contextlib.nullcontext()
+        t_compile = time.perf_counter()
+        try:
+            with ctx:
+                for x in imgs[:3]:
+                    image_step(compiled, opt, (x,))
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for x in imgs[3:]:
+                    image_step(compiled, opt, (x,))
+                torch.cuda.synchronize()
+        except Exception as exc:  # a backend this GPU or build lacks: report, go on
+            out[name] = {"error": f"{type(exc).__name__}: {exc}"[:300], "mfu": None}
+            print(f"{name}: failed ({out[name]['error']})", flush=True)
+            continue
+        seconds = (time.perf_counter() - t0) / max(1, len(imgs) - 3)
+        n = imgs[0].shape[0]
+        flops = flops_per_sample * n
+        out[name] = {"batch_size": n, "attention": backend or "auto", "compile_mode": mode, "samples_per_s": n / seconds,
+                     "tflops_per_step": flops / 1e12, "achieved_tflops": flops / seconds / 1e12, "mfu": flops / seconds / peak if peak else None,
+                     "warmup_and_compile_s": t0 - t_compile}
+        print(f"{name:<36} batch {n:>4}  {n / seconds:>8.0f} samples/s  MFU {out[name]['mfu']:.1%}", flush=True)
+        del encoder, opt, compiled
+        torch.cuda.empty_cache()
+    return out
+
+
+def profile_kernels(cfg, image_step, batches, device: torch.device, variant: dict, top: int = 15) -> list[dict]:
+    """Share of GPU time per kernel for one configuration (where the remaining time goes)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.profiler import ProfilerActivity, profile
+
+    torch._dynamo.reset()
+    mult = variant["batch_size"] // batches[0][0].shape[0]
+    imgs = [torch.cat([b[0]] * mult) for b in batches[:6]]
+    encoder = torch.compile(build_model(cfg).image_encoder.to(device).train(), mode=variant["compile_mode"])
+    opt = torch.optim.AdamW(encoder.parameters(), lr=1e-4, fused=True)
+    backend = variant["attention"]
+    ctx = sdpa_kernel([getattr(SDPBackend, backend)]) if backend != "auto" else contextlib.nullcontext()
+    with ctx:
+        for x in imgs[:3]:
+            image_step(encoder, opt, (x,))
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for x in imgs[3:]:
+                image_step(encoder, opt, (x,))
+            torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0) > 0]
+    total = sum(getattr(e, "self_device_time_total", 0) for e in events) or 1.0
+    rows = sorted(({"kernel": e.key[:90], "share": getattr(e, "self_device_time_total", 0) / total, "calls": e.count} for e in events),
+                  key=lambda r: -r["share"])[:top]
+    for r in rows:
+        print(f"  {r['share']:6.1%}  {r['calls']:>5}  {r['kernel']}")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -105,6 +190,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
+    parser.add_argument("--image-variants", action="store_true", help="GPU: also time the image branch with other attention kernels, batch sizes and compile modes")
+    parser.add_argument("--profile", action="store_true", help="GPU, with --image-variants: kernel time shares of the best configuration")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cpu":
@@ -166,14 +253,22 @@ def main() -> None:
                                 "achieved_tflops": flops / seconds / 1e12, "mfu": (flops / seconds / peak) if peak else None}
         for key in ("pretrain", "finetune"):
             rows[key]["mfu"] = rows[key]["tflops_per_step"] * 1e12 / rows[key]["seconds_per_step"] / peak if peak else None
+    if device.type == "cuda" and args.image_variants:
+        rows["image_branch_variants"] = image_variants(cfg, image_step, batches, device, rows["image_branch"]["tflops_per_step"] * 1e12 / args.batch_size)
+        best = max(rows["image_branch_variants"].values(), key=lambda v: v["mfu"] or 0)
+        if (best["mfu"] or 0) > (rows["image_branch"]["mfu"] or 0):
+            rows["image_branch"] = best
+        if args.profile:
+            rows["image_branch"]["top_kernels"] = profile_kernels(cfg, image_step, batches, device, best)
+    rows_table = {k: v for k, v in rows.items() if k != "image_branch_variants"}
     print(f"{'step':<14}{'samples/s':>12}{'TFLOP/step':>12}{'MFU':>8}")
-    for k, v in rows.items():
+    for k, v in rows_table.items():
         mfu = v.get("mfu")
         print(f"{k:<14}{v['samples_per_s']:>12.2f}{v['tflops_per_step']:>12.3f}{(f'{mfu:.1%}' if mfu else '-'):>8}")
     machine_note = torch.cuda.get_device_name() if device.type == "cuda" else "1 CPU thread per worker"
     metrics = {"samples_per_s_per_worker": {k: round(v["samples_per_s"], 2) for k, v in rows.items()}}
     if device.type == "cuda":
-        metrics["mfu"] = {k: round(v["mfu"], 4) for k, v in rows.items() if v.get("mfu")}
+        metrics["mfu"] = {k: round(v["mfu"], 4) for k, v in rows_table.items() if v.get("mfu")}
     try:
         from common import write_results
 

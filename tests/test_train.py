@@ -48,7 +48,8 @@ def test_pretrain_then_finetune_from_it(small_tiles, tmp_path):
     record = json.loads((pre / "metrics.jsonl").read_text().splitlines()[-1])
     assert all(record[f"train_{k}"] > 0 for k in ("mae", "contrastive", "node"))
     ft = run_training(catalog, ws, TrainConfig(task="finetune", model_overrides=SMALL_MODEL, epochs=1, batch_size=8, num_workers=1,
-                                               cpus_per_worker=0.5, init_from=str(pre), label_fraction=0.5, mode="fused"),
+                                               cpus_per_worker=0.5, init_from=str(pre), label_fraction=0.5, mode="fused",
+                                               image_dropout=0.5),
                       name="ft-from-pre", storage=str(tmp_path / "runs"))
     assert json.loads((ft / "train_config.json").read_text())["init_from"] == str(pre)
     assert (ft / "model.safetensors").is_file()
@@ -58,6 +59,8 @@ def test_bad_training_requests_fail_clearly(small_tiles):
     ws, catalog = small_tiles
     with pytest.raises(ValueError, match="task"):
         TrainConfig(task="distill")
+    with pytest.raises(ValueError, match="image_dropout"):
+        TrainConfig(task="finetune", image_dropout=1.0)
     with pytest.raises(ValueError, match="run name"):
         run_training(catalog, ws, TrainConfig(task="finetune"), name="../escape")
     rows = [{**r, "split": "map"} for r in catalog.to_pylist()]
@@ -65,3 +68,19 @@ def test_bad_training_requests_fail_clearly(small_tiles):
 
     with pytest.raises(ValueError, match="split 'train'"):
         run_training(pa.Table.from_pylist(rows, schema=catalog.schema), ws, TrainConfig(task="finetune"), name="nothing")
+
+
+def test_augmentations_are_seeded_and_blank_whole_images():
+    import torch
+
+    from engine.training.augment import drop_images, photometric
+
+    x = torch.randn(16, 3, 32, 32)
+    a = photometric(x, torch.Generator().manual_seed(3))
+    b = photometric(x, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and not torch.equal(a, x) and a.shape == x.shape
+    dropped = drop_images(x, 0.5, torch.Generator().manual_seed(0))
+    blank = dropped.flatten(1).abs().sum(dim=1) == 0
+    assert 0 < int(blank.sum()) < 16, "some, not all, samples blanked"
+    assert torch.equal(dropped[~blank], x[~blank]), "the others untouched"
+    assert drop_images(x, 0.0) is x

@@ -40,6 +40,8 @@ class TrainConfig:
         mode, classes, label_fraction, uv_weight: fine-tuning input mode, label set, share of training tiles
             with labels (deterministic by tile id), and the loss weight of the non-background classes.
         augment: photometric augmentation (colour, haze, blur, noise) so the image branch carries over to new cities.
+        image_dropout: ``fused`` fine-tuning only: share of samples whose image is blanked (modality dropout), so
+            the model also reads OSM and predicts where imagery is cloudy or unlike the training cities'.
         init_from: a model bundle to start from (a pretrained model for fine-tuning).
         max_failures: worker failures survived by resuming from the latest checkpoint.
     """
@@ -61,6 +63,7 @@ class TrainConfig:
     label_fraction: float = 1.0
     uv_weight: float = 3.0
     augment: bool = True
+    image_dropout: float = 0.0
     init_from: str | None = None
     seed: int = 0
     max_failures: int = 2
@@ -75,6 +78,8 @@ class TrainConfig:
             raise ValueError(f"classes {self.classes!r}: use one of {tuple(LABEL_SETS)}")
         if not 0.0 < self.label_fraction <= 1.0:
             raise ValueError("label_fraction must be in (0, 1]")
+        if not 0.0 <= self.image_dropout < 1.0:
+            raise ValueError(f"image_dropout={self.image_dropout}: must be in [0, 1)")
         if self.epochs < 1 or self.batch_size < 1 or self.checkpoint_every < 1:
             raise ValueError("epochs, batch_size and checkpoint_every must be >= 1")
 
@@ -156,6 +161,7 @@ def run_training(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: Trai
         "warmup_steps": cfg.warmup_steps, "total_steps": steps_per_epoch * cfg.epochs, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
         "checkpoint_every": cfg.checkpoint_every, "mode": cfg.mode, "classes": list(classes), "has_val": bool(val_cities),
         "class_weights": [1.0] + [cfg.uv_weight] * (len(classes) - 1), "init_from": cfg.init_from, "augment": cfg.augment,
+        "image_dropout": cfg.image_dropout if cfg.task == "finetune" and cfg.mode == "fused" else 0.0,
         "fail_at_step": cfg.fail_at_step, "fail_marker": os.path.join(storage_path if storage_fs is None else os.path.join(workspace, "runs", "train"), f".{name}.failed-once"),
     }
     datasets = {"train": sample_dataset(workspace, train_cities, references, classes, cfg.label_fraction, cfg.seed)}

@@ -43,5 +43,27 @@ def photometric(images: torch.Tensor, generator: torch.Generator | None = None, 
     flat = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="replicate"), kx, groups=b * c)
     flat = F.conv2d(F.pad(flat, (0, 0, radius, radius), mode="replicate"), ky, groups=b * c)
     u = flat.reshape(u.shape)
-    u = u + strength * 0.03 * rand(b, 1, 1, 1) * torch.randn(u.shape, generator=generator, device="cpu").to(dev)
+    # per-pixel noise is drawn on the device (drawn on the CPU and copied, it cost more than the training step);
+    # its seed comes from `generator`, so a seeded run stays reproducible
+    noise_gen = None
+    if generator is not None:
+        noise_gen = torch.Generator(device=dev).manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+    u = u + strength * 0.03 * rand(b, 1, 1, 1) * torch.randn(u.shape, generator=noise_gen, device=dev, dtype=u.dtype)
     return (u.clamp(0, 1) - MEAN) / STD
+
+
+def drop_images(images: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Blank the image of a random ``p`` share of the samples (to the mean colour, 0 after normalisation).
+
+    Why: at inference a tile's imagery can be useless (cloud, haze, a sensor the training cities never had), and a
+    fused model that always sees a good image learns to lean on its training cities' look. Trained with some
+    images blanked (modality dropout), the fused model must also read the OSM tokens it is given.
+
+    Example:
+        >>> drop_images(torch.ones(4, 3, 2, 2), 1.0).abs().sum().item()
+        0.0
+    """
+    if p <= 0:
+        return images
+    keep = torch.rand(images.shape[0], generator=generator, device="cpu").to(images.device) >= p
+    return images * keep[:, None, None, None].to(images.dtype)

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine import storage
-from engine.training.augment import photometric
+from engine.training.augment import drop_images, photometric
 from engine.training.metrics import confusion, scores, segmentation_loss
 from engine.training.samples import collate
 from engine.training.schedule import lr_at
@@ -123,6 +123,7 @@ def train_loop_per_worker(config: dict) -> None:
             images, graphs, labels = collate(batch, device)
             if config.get("augment", True):  # cities differ in colour, haze, blur and noise: train across them
                 images = photometric(images)
+            images = drop_images(images, float(config.get("image_dropout", 0.0)))
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, total, int(config["warmup_steps"]), float(config["lr"]))
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
