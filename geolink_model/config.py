@@ -25,6 +25,10 @@ class GeoLinkConfig:
         vocab_size: hashed tag-token space (must match the prepared graphs' ``OsmGraphConfig.vocab_size``).
         fusion_layers, fusion_heads: two-way cross-attention blocks between patch tokens and OSM node tokens.
         position_guided: add each node's image-position embedding before fusion (off = the ablation).
+        osm_grid_in_fused: in ``fused`` mode, also add the OSM node tokens rasterised to the patch grid (the ``osm``
+            mode's input) to the image tokens of every level the decoder reads, so the fused model has at least what
+            the OSM-only model has (cross-attention alone let the image tokens drown the OSM signal:
+            docs/EXPERIMENTS.md).
         decoder_dim, decoder_depth, decoder_heads: the MAE pixel decoder.
         seg_dim: width of the segmentation decoder; feature_layers: ViT blocks (0-based) feeding it.
         num_classes: segmentation classes.
@@ -46,6 +50,7 @@ class GeoLinkConfig:
     fusion_layers: int = 2
     fusion_heads: int = 8
     position_guided: bool = True
+    osm_grid_in_fused: bool = True
     decoder_dim: int = 256
     decoder_depth: int = 2
     decoder_heads: int = 8

@@ -95,21 +95,27 @@ class GeoLink(nn.Module):
         if mode in ("osm", "fused") and graphs is None:
             raise ValueError(f"mode {mode!r} needs graphs (a graph with no nodes is fine)")
         if mode == "osm":
-            b = int(graphs.num_graphs)
             node_x = self.osm_encoder(graphs)
-            grid, count = splat_nodes(graphs, node_x, b, self.cfg.grid_size)
-            tokens = self.osm_grid_proj(grid) + self.osm_grid_embed * (count[..., None] == 0) + self.grid_pos
+            tokens = self.osm_grid_tokens(graphs, node_x) + self.grid_pos
             fused, _, _, _ = self.fusion(tokens, graphs, node_x)
             levels = [tokens] * len(self.cfg.feature_layers) + [fused]
         else:
             enc = self.image_encoder(images, return_layers=self.cfg.feature_layers)
+            levels, top = list(enc.layers), enc.tokens
             if mode == "fused":
                 node_x = self.osm_encoder(graphs)
-                top, _, _, _ = self.fusion(enc.tokens, graphs, node_x)
-            else:
-                top = enc.tokens
-            levels = [*enc.layers, top]
+                if self.cfg.osm_grid_in_fused:
+                    grid = self.osm_grid_tokens(graphs, node_x)
+                    levels, top = [x + grid for x in levels], top + grid
+                top, _, _, _ = self.fusion(top, graphs, node_x)
+            levels = [*levels, top]
         return self.seg_decoder(levels)
+
+    def osm_grid_tokens(self, graphs: Batch, node_x: dict[str, torch.Tensor]) -> torch.Tensor:
+        """OSM node tokens rasterised to the patch grid through their positions, ``(B, grid_size**2, embed_dim)``;
+        cells without a node get a learned 'no OSM here' token."""
+        grid, count = splat_nodes(graphs, node_x, int(graphs.num_graphs), self.cfg.grid_size)
+        return self.osm_grid_proj(grid) + self.osm_grid_embed * (count[..., None] == 0)
 
 
 def build_model(cfg: GeoLinkConfig) -> GeoLink:
