@@ -229,8 +229,8 @@ def merge(parts: list[Path], out: Path) -> dict:
     summary = {name: {"mean": float(np.mean(list(v.values()))), "std": float(np.std(list(v.values()))), "n_seeds": len(v),
                       "seeds": dict(sorted(v.items()))} for name, v in results.items()}
     keep = ("device", "preset", "pretrain_epochs", "finetune_epochs", "batch_size", "augment", "image_dropout", "tiles")
-    merged = {k: docs[0].get(k) for k in keep} | {"uv_iou": summary, "pretrain_curves": curves,
-                                                   "seconds_per_process": [d["seconds"] for d in docs]}
+    merged = {"machine": docs[0].get("device"), "date": time.strftime("%Y-%m-%d"), "metrics": {"uv_iou": summary}}
+    merged |= {k: docs[0].get(k) for k in keep} | {"pretrain_curves": curves, "seconds_per_process": [d["seconds"] for d in docs]}
     out.write_text(json.dumps(merged, indent=2))
     for name, s in summary.items():
         print(f"{name:<24} {s['mean']:.4f} +- {s['std']:.4f}  (n={s['n_seeds']})")

@@ -104,27 +104,32 @@ def _peak(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_BF16.items() if k in name), None)
 
 
-# image-branch configurations tried by --image-variants: (name, batch multiplier, SDPA backends, compile mode)
+# image-branch configurations tried by --image-variants: (name, batch multiplier, SDPA backends, compile mode,
+# parameter dtype: fp32 master weights under bf16 autocast, or bf16 weights, whose residual stream stays bf16)
 IMAGE_VARIANTS = (
-    ("compiled_sdpa_auto_b1x", 1, None, "default"),
-    ("compiled_cudnn_attn_b1x", 1, "CUDNN_ATTENTION", "default"),
-    ("compiled_flash_attn_b2x", 2, "FLASH_ATTENTION", "default"),
-    ("compiled_cudnn_attn_b2x", 2, "CUDNN_ATTENTION", "default"),
-    ("compiled_cudnn_attn_b2x_autotune", 2, "CUDNN_ATTENTION", "max-autotune-no-cudagraphs"),
+    ("compiled_sdpa_auto_b1x", 1, None, "default", "fp32"),
+    ("compiled_cudnn_attn_b1x", 1, "CUDNN_ATTENTION", "default", "fp32"),
+    ("compiled_flash_attn_b2x", 2, "FLASH_ATTENTION", "default", "fp32"),
+    ("compiled_cudnn_attn_b2x", 2, "CUDNN_ATTENTION", "default", "fp32"),
+    ("compiled_cudnn_attn_b2x_autotune", 2, "CUDNN_ATTENTION", "max-autotune-no-cudagraphs", "fp32"),
+    ("compiled_bf16_params_b1x", 1, None, "default", "bf16"),
 )
 
 
-def image_variants(cfg, image_step, batches, device: torch.device, flops_per_sample: float) -> dict:
+def image_variants(cfg, image_step, batches, device: torch.device, flops_per_sample: float, only: tuple[str, ...] = ()) -> dict:
     """Time the image branch (ViT encoder fwd + bwd + AdamW) in several configurations; FLOPs per sample are the
     eagerly counted ones (the same math whichever attention kernel runs)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     peak = _peak(device)
     out = {}
-    for name, mult, backend, mode in IMAGE_VARIANTS:
+    for name, mult, backend, mode, dtype in IMAGE_VARIANTS:
+        if only and name not in only:
+            continue
         torch._dynamo.reset()
         imgs = [torch.cat([b[0]] * mult) for b in batches]
-        encoder = build_model(cfg).image_encoder.to(device).train()
+        encoder = build_model(cfg).image_encoder.to(device, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32).train()
+        imgs = [x.to(torch.bfloat16) for x in imgs] if dtype == "bf16" else imgs
         opt = torch.optim.AdamW(encoder.parameters(), lr=1e-4, fused=True)
         compiled = torch.compile(encoder, mode=mode)
         ctx = sdpa_kernel([getattr(SDPBackend, backend)]) if backend else contextlib.nullcontext()
@@ -145,7 +150,7 @@ def image_variants(cfg, image_step, batches, device: torch.device, flops_per_sam
         seconds = (time.perf_counter() - t0) / max(1, len(imgs) - 3)
         n = imgs[0].shape[0]
         flops = flops_per_sample * n
-        out[name] = {"batch_size": n, "attention": backend or "auto", "compile_mode": mode, "samples_per_s": n / seconds,
+        out[name] = {"batch_size": n, "attention": backend or "auto", "compile_mode": mode, "params": dtype, "samples_per_s": n / seconds,
                      "tflops_per_step": flops / 1e12, "achieved_tflops": flops / seconds / 1e12, "mfu": flops / seconds / peak if peak else None,
                      "warmup_and_compile_s": t0 - t_compile}
         print(f"{name:<36} batch {n:>4}  {n / seconds:>8.0f} samples/s  MFU {out[name]['mfu']:.1%}", flush=True)
@@ -162,7 +167,10 @@ def profile_kernels(cfg, image_step, batches, device: torch.device, variant: dic
     torch._dynamo.reset()
     mult = variant["batch_size"] // batches[0][0].shape[0]
     imgs = [torch.cat([b[0]] * mult) for b in batches[:6]]
-    encoder = torch.compile(build_model(cfg).image_encoder.to(device).train(), mode=variant["compile_mode"])
+    bf16 = variant.get("params") == "bf16"
+    imgs = [x.to(torch.bfloat16) for x in imgs] if bf16 else imgs
+    encoder = torch.compile(build_model(cfg).image_encoder.to(device, dtype=torch.bfloat16 if bf16 else torch.float32).train(),
+                            mode=variant["compile_mode"])
     opt = torch.optim.AdamW(encoder.parameters(), lr=1e-4, fused=True)
     backend = variant["attention"]
     ctx = sdpa_kernel([getattr(SDPBackend, backend)]) if backend != "auto" else contextlib.nullcontext()
@@ -191,6 +199,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
     parser.add_argument("--image-variants", action="store_true", help="GPU: also time the image branch with other attention kernels, batch sizes and compile modes")
+    parser.add_argument("--variants", default="", help="comma-separated names from IMAGE_VARIANTS (default: all)")
+    parser.add_argument("--image-only", action="store_true", help="GPU: time the image branch only (skip the full pretrain/finetune steps)")
     parser.add_argument("--profile", action="store_true", help="GPU, with --image-variants: kernel time shares of the best configuration")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -237,7 +247,7 @@ def main() -> None:
         opt.step()
 
     rows = {}
-    for name, step in (("pretrain", pretrain_step), ("finetune", finetune_step)):
+    for name, step in (() if args.image_only else (("pretrain", pretrain_step), ("finetune", finetune_step))):
         model = build_model(cfg).to(device).train()
         compile_part = (lambda m: setattr(m, "image_encoder", torch.compile(m.image_encoder)) or m) if args.compile else None
         seconds, flops = time_steps(model, step, batches, 3, device, compile_part)
@@ -251,10 +261,11 @@ def main() -> None:
         peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
         rows["image_branch"] = {"samples_per_s": args.batch_size / seconds, "tflops_per_step": flops / 1e12,
                                 "achieved_tflops": flops / seconds / 1e12, "mfu": (flops / seconds / peak) if peak else None}
-        for key in ("pretrain", "finetune"):
+        for key in [k for k in ("pretrain", "finetune") if k in rows]:
             rows[key]["mfu"] = rows[key]["tflops_per_step"] * 1e12 / rows[key]["seconds_per_step"] / peak if peak else None
     if device.type == "cuda" and args.image_variants:
-        rows["image_branch_variants"] = image_variants(cfg, image_step, batches, device, rows["image_branch"]["tflops_per_step"] * 1e12 / args.batch_size)
+        rows["image_branch_variants"] = image_variants(cfg, image_step, batches, device, rows["image_branch"]["tflops_per_step"] * 1e12 / args.batch_size,
+                                                      tuple(args.variants.split(",")) if args.variants else ())
         best = max(rows["image_branch_variants"].values(), key=lambda v: v["mfu"] or 0)
         if (best["mfu"] or 0) > (rows["image_branch"]["mfu"] or 0):
             rows["image_branch"] = best
@@ -266,7 +277,7 @@ def main() -> None:
         mfu = v.get("mfu")
         print(f"{k:<14}{v['samples_per_s']:>12.2f}{v['tflops_per_step']:>12.3f}{(f'{mfu:.1%}' if mfu else '-'):>8}")
     machine_note = torch.cuda.get_device_name() if device.type == "cuda" else "1 CPU thread per worker"
-    metrics = {"samples_per_s_per_worker": {k: round(v["samples_per_s"], 2) for k, v in rows.items()}}
+    metrics = {"samples_per_s_per_worker": {k: round(v["samples_per_s"], 2) for k, v in rows_table.items()}}
     if device.type == "cuda":
         metrics["mfu"] = {k: round(v["mfu"], 4) for k, v in rows_table.items() if v.get("mfu")}
     try:
