@@ -24,7 +24,8 @@ is over min(wall, CPU) time: CPU time when other processes took the core, wall t
 Derived (not measured here): per-GPU inference tiles/s for ``base`` from the H100 fine-tuning throughput in
 bench/results/train_gpu.json (samples/s x step FLOPs / forward FLOPs, i.e. forward ~ 1/3 of a step), ``large`` by
 the FLOPs ratio, A10G by the ratio of dense bf16 peaks. Then the national run (342 cities, 27M tiles) on N GPUs:
-tiles/s = the smallest of the GPU, actor-host, read, driver-ledger and driver-stitch capacities, as the code is
+tiles/s = the smallest of the GPU, actor-host, read and driver-ledger capacities (stitching runs as Ray tasks on
+CPU nodes: costed, not a cap), as the code is
 today (``as_is``), with the changes of docs/CAPACITY.md (``tuned``), and tuned with several map jobs over city
 shards (``sharded``). Prices and node shapes are assumptions (``PRICES``, aligned with docs/CLUSTER.md).
 Writes bench/results/capacity.json; ``--replan`` recomputes only the plan from it (new prices, nothing measured).
@@ -75,7 +76,6 @@ PRICES = {  # USD per hour, 2026, ASSUMED (us-west-2 list prices; A10G and CPU r
     "cpu": {"label": "x86 vCPU (m6i-class)", "usd_per_vcpu_h": {"spot": 0.019, "on_demand": 0.048}},
 }
 HEAD_VCPUS = 8  # a driver's node (Ray head, on-demand): ledger, Ray Data executor, stitch threads (as is); one per map job
-STITCH_THREADS = 4  # StreamingStitch: min(4, cores) threads inside the driver process
 SCENARIOS = ("as_is", "tuned", "sharded")
 SHARD_HEADROOM = 1.25  # sharded: drivers for 125 % of the rate the GPUs and reads allow
 
@@ -421,13 +421,14 @@ def capacities(n: int, gpu_tps: float, vcpus: int, u: Unit, scenario: str) -> tu
     """Tiles/s each part sustains with ``n`` GPUs, and the actors per GPU and drivers (map jobs) it assumes.
 
     as_is: one actor per GPU (host work and forward pass in series), boundless window reads on the node's other
-    cores, the ledger committed as one Arrow upsert per batch (Ledger.commit), stitching in the driver's threads. tuned: enough actors per GPU, plain
-    reads of inner windows, Arrow bulk commits, stitching on its own CPU pool. sharded: tuned, with several map
-    jobs (drivers, ledgers) over city shards.
+    cores, the ledger committed as one Arrow upsert per batch (Ledger.commit), stitching as Ray tasks on the CPU
+    nodes (StitchConfig.ray_tasks, the default on a multi-node cluster; costed, never the bottleneck since CPU
+    nodes scale out). tuned: enough actors per GPU, plain reads of inner windows, Arrow bulk commits. sharded:
+    tuned, with several map jobs (drivers, ledgers) over city shards.
     """
     if scenario == "as_is":
         return {"gpu": n * gpu_tps, "actor host": n / (u.host_s + 1 / gpu_tps), "reads": n * (vcpus - 1) / (u.window_s + u.graph_s),
-                "driver ledger": u.ledger_tps, "driver stitch": STITCH_THREADS / u.stitch_s}, 1, 1
+                "driver ledger": u.ledger_tps}, 1, 1
     k = actors_per_gpu(gpu_tps, vcpus, u)
     caps = {"gpu": n * gpu_tps, "actor host": n * k / (u.host_s + 1 / gpu_tps), "reads": n * (vcpus - k) / (u.window_plain_s + u.graph_s)}
     drivers = 1 if scenario == "tuned" else math.ceil(SHARD_HEADROOM * min(caps.values()) / u.ledger_arrow_tps)
@@ -440,7 +441,7 @@ def plan_row(n: int, kind: str, gpu_tps: float, u: Unit, scenario: str) -> dict:
     caps, k, drivers = capacities(n, gpu_tps, p["vcpus_per_gpu"], u, scenario)
     bottleneck = min(caps, key=caps.get)
     hours = NATIONAL["tiles"] / caps[bottleneck] / 3600
-    stitch_vcpu_h = 0.0 if scenario == "as_is" else NATIONAL["tiles"] * u.stitch_s / 3600  # as is: in the head's hours
+    stitch_vcpu_h = NATIONAL["tiles"] * u.stitch_s / 3600  # Ray tasks on CPU nodes, every scenario
     heads = drivers * HEAD_VCPUS * hours * cpu["on_demand"]
     cost = {m: n * hours * p["usd_per_gpu_h"][m] + heads + stitch_vcpu_h * cpu[m] for m in ("spot", "on_demand")}
     return {"tiles_per_s": round(caps[bottleneck], 1), "hours": round(hours, 2), "cost_usd": {m: round(v, 1) for m, v in cost.items()},
@@ -460,7 +461,7 @@ def national(gpu: dict, u: Unit) -> dict:
     vcpu_h = NATIONAL["tiles"] * cpu_s / 3600
     out["cpu_only"] = {"s_per_tile_per_vcpu": round(cpu_s, 4), "vcpu_hours": round(vcpu_h),
                        "cost_usd": {m: round(vcpu_h * v) for m, v in PRICES["cpu"]["usd_per_vcpu_h"].items()},
-                       "hours_on_1024_vcpus_as_is": round(max(vcpu_h / 1024, NATIONAL["tiles"] / min(u.ledger_tps, STITCH_THREADS / u.stitch_s) / 3600), 1),
+                       "hours_on_1024_vcpus_as_is": round(max(vcpu_h / 1024, NATIONAL["tiles"] / u.ledger_tps / 3600), 1),
                        "hours_on_1024_vcpus_tuned": round(max(vcpu_h / 1024, NATIONAL["tiles"] / u.ledger_arrow_tps / 3600), 1),
                        "note": "base on CPU, one thread per vCPU, reads, actor host work and stitching included"}
     return out
@@ -524,7 +525,7 @@ def print_plan(plan: dict) -> None:
         console.print(t)
     c = plan["cpu_only"]
     console.print(f"CPU only (base): {c['s_per_tile_per_vcpu']} s/tile/vCPU, {c['vcpu_hours']} vCPU-h, ${c['cost_usd']['spot']} spot / "
-                  f"${c['cost_usd']['on_demand']} on-demand; on 1024 vCPUs {c['hours_on_1024_vcpus_as_is']} h as is (driver-bound), "
+                  f"${c['cost_usd']['on_demand']} on-demand; on 1024 vCPUs {c['hours_on_1024_vcpus_as_is']} h as is, "
                   f"{c['hours_on_1024_vcpus_tuned']} h tuned")
     console.print(f"vCPUs per GPU to feed it: {plan['vcpus_per_gpu_to_feed']}")
 

@@ -82,6 +82,7 @@ def ray_session(s3_endpoint):
     """One local Ray for the whole session (2 CPUs, no dashboard), for the tests that need Ray (storage env included)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    # address="local": always a fresh instance, never a stale one named in /tmp/ray/ray_current_cluster
+    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
     yield ray
     ray.shutdown()

@@ -238,6 +238,16 @@ def test_rerun_gives_identical_bytes(stitched):
     assert not list(out.rglob(".*")), "no temporary files left"
 
 
+def test_ray_tasks_stitch_the_same_products(stitched, ray_session):
+    ws, row, results = stitched
+    out = ws / "products" / "oracle"
+    files = (out / "urban_villages.parquet", out / "city_stats.csv", out / "cities" / "seams" / "uv_prob.tif", out / "cities" / "seams" / "class.tif")
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+    (again,) = stitch_run(ws, "oracle", _catalog([row], ws / "catalog.yaml"), StitchConfig(ray_tasks=True))  # a task, not a thread
+    assert again.status == "done" and again.polygons == results[0].polygons
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files} == before
+
+
 def test_bad_cities_are_reported_and_the_rest_complete(city, tmp_path):
     ws, row, _ = city
     broken = ws / "tiles" / "city=broken" / "index" / "part-0.parquet"

@@ -71,8 +71,11 @@ class StitchConfig:
         ramp: blending weights over the overlap, ``linear`` or ``cosine``.
         mask_nodata: pixels where the imagery has no data are nodata in the products (else the model's guess).
         batch_tiles: prediction rows read per batch.
-        workers: cities stitched at once (threads: numpy, GDAL and DuckDB release the GIL); 0 = up to 4, one per
-            core. Each holds one strip in memory.
+        workers: cities stitched at once in driver threads (numpy, GDAL and DuckDB release the GIL); 0 = up to 4,
+            one per core. Each holds one strip in memory.
+        ray_tasks: stitch each city in a Ray task (1 CPU, on any node) instead of a driver thread; ``None`` = when
+            Ray runs on more than one node. Why: at national scale the driver's threads cap the run (about 980
+            tiles/s, docs/CAPACITY.md) while the cluster's CPU nodes idle; a task spreads that work over them.
 
     Example:
         >>> StitchConfig(min_area_m2=50.0, block_rows=2).block_rows
@@ -88,6 +91,7 @@ class StitchConfig:
     mask_nodata: bool = True
     batch_tiles: int = 64
     workers: int = 0
+    ray_tasks: bool | None = None
 
     def __post_init__(self) -> None:
         if not self.min_area_m2 >= 0:
@@ -185,13 +189,33 @@ class StreamingStitch:
         self.con = connect()
         workers = cfg.workers or min(4, os.cpu_count() or 1)
         self.pool = ThreadPoolExecutor(max_workers=max(1, min(workers, len(self.rows))))
-        self.futures: dict[str, Future] = {}
+        self.use_ray = _use_ray_tasks(cfg.ray_tasks)
+        self.futures: dict[str, Future | object] = {}  # a thread's Future, or a Ray task's ObjectRef
 
     def submit(self, city: str, committed: pa.Table, tiles_failed: int) -> None:
         """Stitch ``city`` in the background from its committed tiles (ignored for cities not in the catalog)."""
         if city in self.by_city and city not in self.futures:
-            self.futures[city] = self.pool.submit(stitch_city, self.workspace, self.run_path, self.manifest, self.by_city[city],
-                                                  committed, tiles_failed, self.cfg, self.out_dir, self.con)
+            self.futures[city] = self._start(city, committed, tiles_failed)
+
+    def _start(self, city: str, committed: pa.Table, tiles_failed: int) -> Future | object:
+        args = (self.workspace, self.run_path, self.manifest, self.by_city[city], committed, tiles_failed, self.cfg, self.out_dir)
+        if self.use_ray:
+            return _stitch_task().remote(*args)
+        return self.pool.submit(stitch_city, *args, self.con)
+
+    def _result(self, city: str) -> tuple[CityStitch, pa.Table | None]:
+        future = self.futures[city]
+        if isinstance(future, Future):
+            return future.result()
+        import ray
+
+        try:
+            result = ray.get(future)
+        except Exception as exc:  # noqa: BLE001 (the task died past its retries: this city fails, the run goes on)
+            row = self.by_city[city]
+            return CityStitch(city=city, region=row.get("region") or "", status="failed", error=f"stitch task: {_describe(exc)}"), None
+        storage.localize(self.out_dir / "cities" / city)  # a remote workspace: the COGs that node published
+        return result
 
     def finish(self, on_city: Callable[[CityStitch], None] | None = None) -> list[CityStitch]:
         """Stitch the cities not submitted yet (from the ledger), wait for all, write the run-wide products."""
@@ -201,29 +225,75 @@ class StreamingStitch:
                 with Ledger(self.run_path, read_only=True) as ledger:
                     committed, summary = ledger.committed(), ledger.summary()
                 for city in pending:
-                    self.futures[city] = self.pool.submit(
-                        stitch_city, self.workspace, self.run_path, self.manifest, self.by_city[city],
-                        committed.filter(pc.equal(committed["city"], city)), summary.get(city, {}).get("failed", 0),
-                        self.cfg, self.out_dir, self.con)
+                    self.futures[city] = self._start(city, committed.filter(pc.equal(committed["city"], city)),
+                                                     summary.get(city, {}).get("failed", 0))
             results: list[CityStitch] = []
             tables: list[pa.Table] = []
             for row in self.rows:  # catalog order, whatever order they finished in
-                result, table = self.futures[row.get("city") or ""].result()
+                result, table = self._result(row.get("city") or "")
                 results.append(result)
                 if table is not None:
                     tables.append(table)
                 if on_city:
                     on_city(result)
         finally:
-            self.close()
+            self.close(cancel=False)
         write_urban_villages(tables, self.out_dir)
         write_city_stats([r.stats_row() for r in results], self.out_dir)
         copy_manifest(self.run_path, self.out_dir)
         return results
 
-    def close(self) -> None:
+    def close(self, cancel: bool = True) -> None:
+        """Stop: queued threads are dropped and, with ``cancel``, the Ray tasks still running are cancelled (a run
+        that failed). :meth:`finish` closes without cancelling: its tasks are done (cancelling a task whose reply
+        is in flight trips a check in Ray's task manager)."""
         self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.use_ray and cancel:
+            import ray
+
+            for future in self.futures.values():
+                if not isinstance(future, Future):
+                    ray.cancel(future)
         self.con.close()
+
+
+def _use_ray_tasks(wanted: bool | None) -> bool:
+    import ray
+
+    if wanted is not None:
+        if wanted and not ray.is_initialized():
+            raise RuntimeError("StitchConfig(ray_tasks=True) needs Ray initialised")
+        return wanted
+    return ray.is_initialized() and sum(1 for n in ray.nodes() if n.get("Alive")) > 1
+
+
+_STITCH_TASK = None
+
+
+def _stitch_task():
+    """The Ray task form of :func:`stitch_city` (made on first use, so importing this module needs no Ray)."""
+    global _STITCH_TASK
+    if _STITCH_TASK is None:
+        import ray
+
+        _STITCH_TASK = ray.remote(num_cpus=1, max_retries=2)(_stitch_city_on_node)
+    return _STITCH_TASK
+
+
+def _stitch_city_on_node(workspace: Path, run_path: Path, manifest: RunManifest, row: dict, committed: pa.Table, tiles_failed: int,
+                         cfg: StitchConfig, out_dir: Path) -> tuple[CityStitch, pa.Table | None]:
+    """:func:`stitch_city` in a Ray task on any node: its own DuckDB, and the city's COGs published to the object
+    store of a remote workspace before the task returns (the driver's node mirrors them from there)."""
+    storage.configure_process()
+    con = connect()
+    try:
+        result = stitch_city(workspace, run_path, manifest, row, committed, tiles_failed, cfg, out_dir, con)
+    finally:
+        con.close()
+    city = row.get("city") or ""
+    if CITY_SLUG_RE.match(city):
+        storage.publish(out_dir / "cities" / city)  # done: new COGs; failed or empty: the old ones are removed there too
+    return result
 
 
 def stitch_city(workspace: Path, run_path: Path, manifest: RunManifest, row: dict, committed: pa.Table, tiles_failed: int,
