@@ -39,7 +39,7 @@ def _wait_for(condition: Callable[[], bool], proc: subprocess.Popen, timeout_s: 
             raise RuntimeError(f"the job ended (exit {proc.returncode}) before {what}")
         if time.monotonic() - t0 > timeout_s:
             raise TimeoutError(f"no {what} after {timeout_s:.0f} s")
-        time.sleep(0.2)
+        time.sleep(0.05)
     return time.monotonic() - t0
 
 

@@ -33,8 +33,9 @@ from tests.conftest import REPO, TINY
 
 pytestmark = pytest.mark.slow
 MAP_ARGS = ["--model", REFERENCE_MODEL, "--tile-size", "128", "--actors", "2", "--batch-size", "8"]  # docs/CLUSTER.md shows them
-# one actor, small batches: the first driver is still predicting when it is killed
-RESTART_ARGS = ["--model", REFERENCE_MODEL, "--tile-size", "128", "--actors", "1", "--batch-size", "4"]
+# one actor, one tile per batch: the first driver is still predicting when it is killed (with the reference model
+# and 4-tile batches it could commit all 109 tiles before the harness saw its first progress line)
+RESTART_ARGS = ["--model", REFERENCE_MODEL, "--tile-size", "128", "--actors", "1", "--batch-size", "1"]
 PRETRAIN_ARGS = ["--name", "elastic", "--preset", "tiny", "--epochs", "2", "--workers", "1-3", "--cpus-per-worker", "1",
                  "--checkpoint-every", "2", "--max-failures", "3"]
 

@@ -19,6 +19,7 @@ from engine.mapping.infer import InferenceConfig
 from engine.mapping.store import Ledger, run_dir
 from engine.pipelines.map import MapConfig, run_map
 from engine.products import layout
+from engine.stitch import StitchConfig, stitch_run
 from engine.synth.demo import write_demo
 from geolink_model.checkpoint import save_model
 from geolink_model.config import create_config
@@ -119,6 +120,19 @@ def test_map_on_a_remote_workspace_and_a_fresh_node_resumes_from_the_bucket(ray_
     with Ledger(run_dir(storage.workspace_root(ws), "remote"), read_only=True) as ledger:
         table = ledger.table()
     assert table.num_rows == tiles == len(set(table["tile_id"].to_pylist()))  # one row per tile, no duplicates
+
+    # stitching as Ray tasks (a cluster's way): each task publishes its city's COGs itself, the driver mirrors them
+    fs, _ = storage.filesystem(ws)
+    cog_keys = sorted(k for k in _keys(bucket, "geolink/products/remote/" + layout.CITIES_DIR))
+    for key in cog_keys:
+        fs.delete_file(f"{bucket}/{key}")
+    mirror = storage.workspace_root(ws)
+    before = {p.relative_to(mirror): hashlib.sha256(p.read_bytes()).hexdigest() for p in (mirror / "products" / "remote" / layout.CITIES_DIR).rglob("*.tif")}
+    results = stitch_run(mirror, "remote", load_catalog(find_catalog(ws)), StitchConfig(ray_tasks=True))
+    assert [r.status for r in results] == ["done", "done"], [r.error for r in results]
+    assert sorted(k for k in _keys(bucket, "geolink/products/remote/" + layout.CITIES_DIR)) == cog_keys, "the tasks published them"
+    after = {p.relative_to(mirror): hashlib.sha256(p.read_bytes()).hexdigest() for p in (mirror / "products" / "remote" / layout.CITIES_DIR).rglob("*.tif")}
+    assert after == before and len(after) == 2 * len(layout.COGS)
 
 
 def test_cli_takes_a_workspace_uri(s3_endpoint, bucket):
