@@ -113,6 +113,7 @@ IMAGE_VARIANTS = (
     ("compiled_cudnn_attn_b2x", 2, "CUDNN_ATTENTION", "default", "fp32"),
     ("compiled_cudnn_attn_b2x_autotune", 2, "CUDNN_ATTENTION", "max-autotune-no-cudagraphs", "fp32"),
     ("compiled_bf16_params_b1x", 1, None, "default", "bf16"),
+    ("compiled_bf16_params_b1x_autotune", 1, None, "max-autotune-no-cudagraphs", "bf16"),
 )
 
 
