@@ -337,6 +337,27 @@ def stitch_command(
         _fail(f"{len(failed)} of {len(report)} cities failed or are incomplete: " + ", ".join(f"{c.city} ({c.stage})" for c in failed), code=1)
 
 
+@app.command("merge-runs")
+def merge_runs_command(
+    ctx: typer.Context,
+    runs: Annotated[str, typer.Option("--runs", help="Comma list of the map runs to merge (disjoint city shards).")],
+    into: Annotated[str, typer.Option("--into", help="Name of the merged run (products/<into>/).")],
+) -> None:
+    """Merge the products of map runs over disjoint city shards into one product set (page and STAC included)."""
+    from engine.products.layout import read_city_stats
+    from engine.products.shards import merge_runs
+
+    settings: Settings = ctx.obj
+    _, table = _load_catalog(settings)
+    try:
+        out = merge_runs(str(settings.workspace), [r.strip() for r in runs.split(",") if r.strip()], into, table)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    stats = read_city_stats(out)
+    console.print(f"[green]ok:[/] {len(stats)} cities, {sum(r['polygons'] or 0 for r in stats)} villages in {out}; "
+                  f"assess them with `geolink-engine assess --run {into}`")
+
+
 @app.command("assess")
 def assess_command(
     ctx: typer.Context,

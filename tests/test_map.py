@@ -176,3 +176,43 @@ def test_inference_pool_sizes_and_gpu_shares():
     assert InferenceConfig(actors=3, gpus=1, actors_per_gpu=2).pool_size(cluster_cpus=8) == 3
     with pytest.raises(ValueError, match="actors_per_gpu"):
         InferenceConfig(gpus=1, actors_per_gpu=0)
+
+
+def test_shard_runs_merge_into_the_products_of_one_run(prepared, demo_workspace):
+    from engine.catalog import select_cities
+    from engine.products import layout
+    from engine.products.shards import merge_runs
+
+    ws, catalog, model_dir = prepared
+    cities = catalog["city"].to_pylist()
+    # one model for every shard (the reference "model" would not do: its version names the shard's own references);
+    # one tile per batch, so every tile's forward pass is the same computation in every run
+    cfg = dict(model_dir=str(model_dir), assess=False, inference=InferenceConfig(batch_size=1, actors=1))
+    run_map(catalog, ws, MapConfig(run="whole", **cfg))
+    shards = (cities[:2], cities[2:])  # a national run split over two map jobs
+    for k, part in enumerate(shards):
+        run_map(select_cities(catalog, ",".join(part)), ws, MapConfig(run=f"shard-{k}", **cfg))
+    out = merge_runs(ws, ["shard-0", "shard-1"], "national", catalog)
+
+    whole = ws / "products" / "whole"
+    assert pq.read_metadata(whole / layout.UV_PARQUET).num_rows > 0, "villages to compare"
+    assert _digest(out / layout.UV_PARQUET) == _digest(whole / layout.UV_PARQUET)
+    assert (out / layout.CITY_STATS).read_text() == (whole / layout.CITY_STATS).read_text()
+    for city in cities:
+        for cog in layout.COGS.values():
+            assert _digest(out / layout.CITIES_DIR / city / cog) == _digest(whole / layout.CITIES_DIR / city / cog), (city, cog)
+    run = json.loads((out / layout.RUN_JSON).read_text())
+    assert run["run"] == "national" and run["merged_from"] == ["shard-0", "shard-1"]
+    assert (out / layout.INDEX_HTML).is_file() and (out / layout.STAC_DIR / "collection.json").is_file()
+    assert not [p for p in (ws / "products").iterdir() if p.name.startswith(".")], "no half-merged folder left"
+
+    with pytest.raises(ValueError, match="in both runs"):
+        merge_runs(ws, ["shard-0", "whole"], "overlap", catalog)
+    with pytest.raises(ValueError, match="must not be one"):
+        merge_runs(ws, ["shard-0", "shard-1"], "shard-0", catalog)
+    with pytest.raises(FileNotFoundError, match="stitch"):
+        merge_runs(ws, ["shard-0", "nowhere"], "x", catalog)
+    result = CliRunner().invoke(app, ["--workspace", str(ws), "--catalog", str(demo_workspace / "catalog.yaml"), "merge-runs",
+                                      "--runs", "shard-0,shard-1", "--into", "national"])
+    assert result.exit_code == 0, result.output
+    assert _digest(out / layout.UV_PARQUET) == _digest(whole / layout.UV_PARQUET)  # rerun: the same products
