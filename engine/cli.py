@@ -356,6 +356,9 @@ def merge_runs_command(
     stats = read_city_stats(out)
     console.print(f"[green]ok:[/] {len(stats)} cities, {sum(r['polygons'] or 0 for r in stats)} villages in {out}; "
                   f"assess them with `geolink-engine assess --run {into}`")
+    missing = sorted(set(table["city"].to_pylist()) - {r["city"] for r in stats})
+    if missing:  # a national product without some catalog cities: say which, never silently
+        console.print(f"[yellow]warning:[/] {len(missing)} catalog cities are in none of the runs: {', '.join(missing)}")
 
 
 @app.command("assess")

@@ -102,6 +102,8 @@ class GeoLinkConfig:
             raise ValueError(f"unknown GeoLinkConfig keys {sorted(unknown)}")
         if "feature_layers" in data:
             data["feature_layers"] = tuple(data["feature_layers"])
+        # a bundle saved before the switch existed was trained without the grid: keep running it that way
+        data.setdefault("osm_grid_in_fused", False)
         return cls(**data)
 
 

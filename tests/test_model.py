@@ -141,6 +141,15 @@ def test_every_preset_builds(preset):
     assert GeoLinkConfig.from_json(cfg.to_json()) == cfg
 
 
+def test_bundles_saved_before_the_osm_grid_switch_keep_their_fused_forward():
+    import json
+
+    old = json.loads(create_config("tiny").to_json())
+    del old["osm_grid_in_fused"]  # a config written before the field existed
+    assert GeoLinkConfig.from_json(json.dumps(old)).osm_grid_in_fused is False
+    assert create_config("tiny").osm_grid_in_fused is True  # new models get it
+
+
 def test_config_rejects_unknown_names_and_bad_values():
     with pytest.raises(ValueError, match="unknown preset"):
         create_config("huge")
