@@ -3,6 +3,9 @@
 Usage:
     python bench/train.py                      # CPU, `tiny`, one thread per worker, real demo tiles
     python bench/train.py --device cuda --preset base --batch-size 128   # GPU, bf16 autocast, plus MFU
+    python bench/train.py --device cuda --preset base --batch-size 256 --compile --image-only --image-variants --profile
+        # the image branch in several configurations (attention kernel, batch, compile mode, weight dtype) and
+        # where the GPU time of the best one goes
 
 A "worker" is one training process: on CPU it gets one thread (as a 1-CPU Ray Train worker does). Steps are the
 same forward/backward/AdamW steps the Ray Train loop runs. FLOPs per step are counted by
@@ -258,8 +261,7 @@ def main() -> None:
         encoder = build_model(cfg).image_encoder.to(device).train()
         compile_part = torch.compile if args.compile else None
         seconds, flops = time_steps(encoder, image_step, batches, 3, device, compile_part)
-        name = torch.cuda.get_device_name()
-        peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+        peak = _peak(device)
         rows["image_branch"] = {"samples_per_s": args.batch_size / seconds, "tflops_per_step": flops / 1e12,
                                 "achieved_tflops": flops / seconds / 1e12, "mfu": (flops / seconds / peak) if peak else None}
         for key in [k for k in ("pretrain", "finetune") if k in rows]:
