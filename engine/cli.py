@@ -344,8 +344,8 @@ def merge_runs_command(
     into: Annotated[str, typer.Option("--into", help="Name of the merged run (products/<into>/).")],
 ) -> None:
     """Merge the products of map runs over disjoint city shards into one product set (page and STAC included)."""
+    from engine.pipelines.map import merge_runs
     from engine.products.layout import read_city_stats
-    from engine.products.shards import merge_runs
 
     settings: Settings = ctx.obj
     _, table = _load_catalog(settings)

@@ -180,8 +180,8 @@ def test_inference_pool_sizes_and_gpu_shares():
 
 def test_shard_runs_merge_into_the_products_of_one_run(prepared, demo_workspace):
     from engine.catalog import select_cities
+    from engine.pipelines.map import merge_runs
     from engine.products import layout
-    from engine.products.shards import merge_runs
 
     ws, catalog, model_dir = prepared
     cities = catalog["city"].to_pylist()

@@ -243,6 +243,16 @@ def publish_products(products: Path, catalog: pa.Table) -> None:
     storage.publish(products)  # a remote workspace: everything under products/<run>/, last
 
 
+def merge_runs(workspace: str | os.PathLike[str], runs: list[str], into: str, catalog: pa.Table) -> Path:
+    """``products/<into>/`` from map runs over disjoint city shards (:mod:`engine.products.shards`), then its preview
+    page and STAC collection (published, for a remote workspace); returns the folder."""
+    from engine.products.shards import merge_products
+
+    out = merge_products(workspace, runs, into, catalog)
+    publish_products(out, catalog)
+    return out
+
+
 def stitch_products(workspace: str, run: str, catalog: pa.Table, min_area_m2: float = 100.0,
                     failures: dict[str, tuple[str, str]] | None = None, say: Callable[[str], None] | None = None,
                     seconds: dict[str, float] | None = None, publish: bool = True,

@@ -30,15 +30,13 @@ from engine.stitch.products import write_city_stats, write_urban_villages
 SAME_IN_EVERY_SHARD = ("model_dir", "model_version", "classes", "mode", "tile_size_px", "overlap_px")
 
 
-def merge_runs(workspace: str | os.PathLike[str], runs: list[str], into: str, catalog: pa.Table) -> Path:
-    """Write ``products/<into>/`` from the products of ``runs`` (each stitched); return the folder.
+def merge_products(workspace: str | os.PathLike[str], runs: list[str], into: str, catalog: pa.Table) -> Path:
+    """Write ``products/<into>/`` (polygons, statistics, COGs, run.json) from the products of ``runs``, each
+    stitched; return the folder (the page and STAC come after: :func:`engine.pipelines.map.merge_runs`).
 
-    ``catalog``: the cities' rows (the page shows their imagery; the statistics follow its order). The folder is
-    built beside its target and swapped in whole, then the page and STAC are written and a remote workspace's
-    copy published, so a reader never sees a half-merged product.
+    ``catalog``: the cities' rows (the statistics follow its order). The folder is built beside its target and
+    swapped in whole, so a reader never sees a half-merged product.
     """
-    from engine.pipelines.map import publish_products
-
     root = storage.workspace_root(workspace)
     if len(runs) < 2 or len(set(runs)) != len(runs):
         raise ValueError(f"merge-runs needs two or more distinct runs, got {runs}")
@@ -79,5 +77,4 @@ def merge_runs(workspace: str | os.PathLike[str], runs: list[str], into: str, ca
             merged["datetime"] = starts[0]
         (tmp / RUN_JSON).write_text(json.dumps(merged, indent=2, sort_keys=True))
         (tmp / CITIES_DIR).mkdir(exist_ok=True)
-    publish_products(out, catalog)
     return out

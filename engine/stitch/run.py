@@ -9,6 +9,7 @@ products (:mod:`engine.stitch.products`).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -267,17 +268,12 @@ def _use_ray_tasks(wanted: bool | None) -> bool:
     return ray.is_initialized() and sum(1 for n in ray.nodes() if n.get("Alive")) > 1
 
 
-_STITCH_TASK = None
-
-
+@functools.cache
 def _stitch_task():
     """The Ray task form of :func:`stitch_city` (made on first use, so importing this module needs no Ray)."""
-    global _STITCH_TASK
-    if _STITCH_TASK is None:
-        import ray
+    import ray
 
-        _STITCH_TASK = ray.remote(num_cpus=1, max_retries=2)(_stitch_city_on_node)
-    return _STITCH_TASK
+    return ray.remote(num_cpus=1, max_retries=2)(_stitch_city_on_node)
 
 
 def _stitch_city_on_node(workspace: Path, run_path: Path, manifest: RunManifest, row: dict, committed: pa.Table, tiles_failed: int,
