@@ -155,7 +155,7 @@ def evaluate(model, x, y, graphs, idx, mode: str, batch: int = 32) -> float:
 
 
 def run(data: Path, out: Path, seeds: list[int], preset: str, pre_epochs: int, ft_epochs: int, batch: int, limit: int | None = None,
-        variants: tuple[str, ...] = ("guided", "unguided")) -> None:
+        variants: tuple[str, ...] = ("guided", "unguided"), image_dropout: float = IMAGE_DROPOUT) -> None:
     import torch
 
     from geolink_model import build_model, create_config
@@ -182,7 +182,7 @@ def run(data: Path, out: Path, seeds: list[int], preset: str, pre_epochs: int, f
             curves[f"seed{seed}_{'guided' if guided else 'unguided'}"] = history
             state = {k: v.detach().clone() for k, v in pre.state_dict().items()}
             # (name, training tiles, from the pretrained weights, share of fused samples with the image blanked)
-            runs = [("fused", train_idx, True, 0.0), ("fused_imgdrop", train_idx, True, IMAGE_DROPOUT), ("image", train_idx, True, 0.0),
+            runs = [("fused", train_idx, True, 0.0), ("fused_imgdrop", train_idx, True, image_dropout), ("image", train_idx, True, 0.0),
                     ("osm", train_idx, True, 0.0), ("fused_10pct_pretrained", few, True, 0.0),
                     ("fused_10pct_scratch", few, False, 0.0)] if guided else [("fused_unguided", train_idx, True, 0.0)]
             for name, idx, from_pre, image_dropout in runs:
@@ -195,19 +195,20 @@ def run(data: Path, out: Path, seeds: list[int], preset: str, pre_epochs: int, f
                 iou = evaluate(model, x, y, graphs, test_idx, mode)
                 results.setdefault(name, {})[str(seed)] = iou
                 print(f"seed {seed} {name:<24} test UV IoU {iou:.4f}  ({time.time() - t0:.0f} s)", flush=True)
-                summary = _write(out, results, curves, device, preset, pre_epochs, ft_epochs, batch, pre_idx, train_idx, few, test_idx, t0)
+                summary = _write(out, results, curves, device, preset, pre_epochs, ft_epochs, batch, pre_idx, train_idx, few, test_idx, t0,
+                                 image_dropout)
     for name, s in summary.items():
         print(f"{name:<24} {s['mean']:.4f} +- {s['std']:.4f}")
 
 
-def _write(out, results, curves, device, preset, pre_epochs, ft_epochs, batch, pre_idx, train_idx, few, test_idx, t0) -> dict:
+def _write(out, results, curves, device, preset, pre_epochs, ft_epochs, batch, pre_idx, train_idx, few, test_idx, t0, image_dropout) -> dict:
     """Write the results so far (after every run, so a cut-off run keeps what it finished)."""
     import torch
 
     summary = {name: {"mean": float(np.mean(list(v.values()))), "std": float(np.std(list(v.values()))), "seeds": v}
                for name, v in results.items()}
     doc = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "preset": preset, "pretrain_epochs": pre_epochs,
-           "finetune_epochs": ft_epochs, "batch_size": batch, "augment": True, "image_dropout": IMAGE_DROPOUT,
+           "finetune_epochs": ft_epochs, "batch_size": batch, "augment": True, "image_dropout": image_dropout,
            "tiles": {"pretrain": len(pre_idx), "train": len(train_idx), "train_10pct": len(few), "test": len(test_idx)},
            "uv_iou": summary, "pretrain_curves": curves, "seconds": time.time() - t0}
     out.write_text(json.dumps(doc, indent=2))
@@ -252,6 +253,7 @@ def main() -> None:
     r.add_argument("--finetune-epochs", type=int, default=30)
     r.add_argument("--batch-size", type=int, default=32)
     r.add_argument("--limit", type=int, default=None, help="tiles per split (smoke runs)")
+    r.add_argument("--image-dropout", type=float, default=IMAGE_DROPOUT, help="share of blanked images in the fused_imgdrop run")
     r.add_argument("--variants", nargs="+", choices=("guided", "unguided"), default=["guided", "unguided"],
                    help="pretrainings to run: with position-guided attention (and its fine-tunings) and/or the ablation")
     m = sub.add_parser("merge")
@@ -264,7 +266,7 @@ def main() -> None:
         export(args.workspace, args.out)
     else:
         run(args.data, args.out, args.seeds, args.preset, args.pretrain_epochs, args.finetune_epochs, args.batch_size, args.limit,
-            tuple(args.variants))
+            tuple(args.variants), args.image_dropout)
 
 
 if __name__ == "__main__":
