@@ -185,13 +185,13 @@ def run(data: Path, out: Path, seeds: list[int], preset: str, pre_epochs: int, f
             runs = [("fused", train_idx, True, 0.0), ("fused_imgdrop", train_idx, True, image_dropout), ("image", train_idx, True, 0.0),
                     ("osm", train_idx, True, 0.0), ("fused_10pct_pretrained", few, True, 0.0),
                     ("fused_10pct_scratch", few, False, 0.0)] if guided else [("fused_unguided", train_idx, True, 0.0)]
-            for name, idx, from_pre, image_dropout in runs:
+            for name, idx, from_pre, dropout in runs:
                 torch.manual_seed(seed)
                 model = build_model(cfg).to(device)
                 if from_pre:
                     model.load_state_dict(state)
                 mode = name.split("_")[0]
-                train(model, x, y, graphs, idx, "finetune", ft_epochs, batch, 2e-4, seed, mode=mode, image_dropout=image_dropout)
+                train(model, x, y, graphs, idx, "finetune", ft_epochs, batch, 2e-4, seed, mode=mode, image_dropout=dropout)
                 iou = evaluate(model, x, y, graphs, test_idx, mode)
                 results.setdefault(name, {})[str(seed)] = iou
                 print(f"seed {seed} {name:<24} test UV IoU {iou:.4f}  ({time.time() - t0:.0f} s)", flush=True)
