@@ -43,7 +43,7 @@ def photometric(images: torch.Tensor, generator: torch.Generator | None = None, 
     flat = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="replicate"), kx, groups=b * c)
     flat = F.conv2d(F.pad(flat, (0, 0, radius, radius), mode="replicate"), ky, groups=b * c)
     u = flat.reshape(u.shape)
-    # per-pixel noise is drawn on the device (drawn on the CPU and copied, it cost more than the training step);
+    # per-pixel noise is drawn on the device, not on the CPU and copied (4.8M values per batch of 32 tiles);
     # its seed comes from `generator`, so a seeded run stays reproducible
     noise_gen = None
     if generator is not None:
