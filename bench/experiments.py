@@ -205,14 +205,19 @@ def _write(out, results, curves, device, preset, pre_epochs, ft_epochs, batch, p
     """Write the results so far (after every run, so a cut-off run keeps what it finished)."""
     import torch
 
-    summary = {name: {"mean": float(np.mean(list(v.values()))), "std": float(np.std(list(v.values()))), "seeds": v}
-               for name, v in results.items()}
+    summary = _summarise(results)
     doc = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "preset": preset, "pretrain_epochs": pre_epochs,
            "finetune_epochs": ft_epochs, "batch_size": batch, "augment": True, "image_dropout": image_dropout,
            "tiles": {"pretrain": len(pre_idx), "train": len(train_idx), "train_10pct": len(few), "test": len(test_idx)},
            "uv_iou": summary, "pretrain_curves": curves, "seconds": time.time() - t0}
     out.write_text(json.dumps(doc, indent=2))
     return summary
+
+
+def _summarise(results: dict[str, dict[str, float]]) -> dict:
+    """Mean, std and count over seeds per configuration, with the per-seed values (in seed order)."""
+    return {name: {"mean": float(np.mean(list(v.values()))), "std": float(np.std(list(v.values()))), "n_seeds": len(v),
+                   "seeds": dict(sorted(v.items()))} for name, v in results.items()}
 
 
 def merge(parts: list[Path], out: Path) -> dict:
@@ -227,8 +232,7 @@ def merge(parts: list[Path], out: Path) -> dict:
                     raise ValueError(f"seed {seed} of {name!r} appears in more than one of {[str(p) for p in parts]}")
                 results.setdefault(name, {})[seed] = value
         curves.update(doc["pretrain_curves"])
-    summary = {name: {"mean": float(np.mean(list(v.values()))), "std": float(np.std(list(v.values()))), "n_seeds": len(v),
-                      "seeds": dict(sorted(v.items()))} for name, v in results.items()}
+    summary = _summarise(results)
     keep = ("device", "preset", "pretrain_epochs", "finetune_epochs", "batch_size", "augment", "image_dropout", "tiles")
     merged = {"machine": docs[0].get("device"), "date": time.strftime("%Y-%m-%d"), "metrics": {"uv_iou": summary}}
     merged |= {k: docs[0].get(k) for k in keep} | {"pretrain_curves": curves, "seconds_per_process": [d["seconds"] for d in docs]}
