@@ -248,6 +248,22 @@ def test_ray_tasks_stitch_the_same_products(stitched, ray_session):
     assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files} == before
 
 
+
+def _lost_task(*args):
+    raise RuntimeError("node lost past its retries")
+
+
+def test_a_lost_stitch_task_fails_its_city_with_its_tile_counts(stitched, ray_session, monkeypatch):
+    import ray
+
+    import engine.stitch.run as stitch_module
+
+    ws, row, results = stitched
+    monkeypatch.setattr(stitch_module, "_stitch_task", lambda: ray.remote(num_cpus=0.5, max_retries=0)(_lost_task))
+    (lost,) = stitch_run(ws, "oracle", _catalog([row], ws / "catalog.yaml"), StitchConfig(ray_tasks=True))
+    assert lost.status == "failed" and "stitch task" in lost.error and "node lost" in lost.error
+    assert lost.tiles_ok == results[0].tiles_ok > 0 and lost.tiles_failed == results[0].tiles_failed
+
 def test_bad_cities_are_reported_and_the_rest_complete(city, tmp_path):
     ws, row, _ = city
     broken = ws / "tiles" / "city=broken" / "index" / "part-0.parquet"

@@ -192,6 +192,7 @@ class StreamingStitch:
         self.pool = ThreadPoolExecutor(max_workers=max(1, min(workers, len(self.rows))))
         self.use_ray = _use_ray_tasks(cfg.ray_tasks)
         self.futures: dict[str, Future | object] = {}  # a thread's Future, or a Ray task's ObjectRef
+        self.counts: dict[str, tuple[int, int]] = {}  # city -> (committed, failed) tiles, for a task lost past its retries
 
     def submit(self, city: str, committed: pa.Table, tiles_failed: int) -> None:
         """Stitch ``city`` in the background from its committed tiles (ignored for cities not in the catalog)."""
@@ -200,6 +201,7 @@ class StreamingStitch:
 
     def _start(self, city: str, committed: pa.Table, tiles_failed: int) -> Future | object:
         args = (self.workspace, self.run_path, self.manifest, self.by_city[city], committed, tiles_failed, self.cfg, self.out_dir)
+        self.counts[city] = (committed.num_rows, tiles_failed)
         if self.use_ray:
             return _stitch_task().remote(*args)
         return self.pool.submit(stitch_city, *args, self.con)
@@ -214,7 +216,9 @@ class StreamingStitch:
             result = ray.get(future)
         except Exception as exc:  # noqa: BLE001 (the task died past its retries: this city fails, the run goes on)
             row = self.by_city[city]
-            return CityStitch(city=city, region=row.get("region") or "", status="failed", error=f"stitch task: {_describe(exc)}"), None
+            tiles_ok, tiles_failed = self.counts[city]
+            return CityStitch(city=city, region=row.get("region") or "", status="failed", error=f"stitch task: {_describe(exc)}",
+                              tiles_ok=tiles_ok, tiles_failed=tiles_failed), None
         storage.localize(self.out_dir / "cities" / city)  # a remote workspace: the COGs that node published
         return result
 
