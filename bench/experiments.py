@@ -15,8 +15,11 @@ is the model), for each seed:
 3. with 10% of the training tiles labelled: fine-tune from the pretrained model and from scratch;
 4. ablation: pretrain + fine-tune (fused) without the position-guided node embedding.
 
-Every fine-tuned model is scored on the held-out test cities (never seen in fine-tuning): UV IoU. Writes JSON
-with per-seed values and mean/std per configuration, plus the pretraining loss curves.
+Every fine-tuned model is scored on the held-out test cities and on all cities never fine-tuned on (val, test
+and map splits: 25 village tiles against the test cities' 6): UV IoU. Writes JSON with per-seed values and
+mean/std per configuration, plus the pretraining loss curves. ``diagnose`` fine-tunes each mode from scratch and
+scores it on its training tiles and on every other split (does a mode carry over to new cities?); ``merge``
+combines the files of runs made as separate processes.
 """
 
 from __future__ import annotations
@@ -90,10 +93,10 @@ def load_data(path: Path, device):
 
 
 def train(model, x, y, graphs, idx, task: str, epochs: int, batch: int, lr: float, seed: int, mode: str = "fused", history=None,
-          augment: bool = True, image_dropout: float = 0.0):
+          augment: bool = True, image_dropout: float = 0.0, max_zoom: float = 1.0):
     import torch
 
-    from engine.training.augment import drop_images, photometric
+    from engine.training.augment import drop_images, photometric, zoom
     from engine.training.metrics import segmentation_loss
     from engine.training.schedule import lr_at
     from geolink_model import batch_graphs
@@ -111,7 +114,8 @@ def train(model, x, y, graphs, idx, task: str, epochs: int, batch: int, lr: floa
         sums = {}
         for s in torch.randperm(len(cached), generator=g).tolist():
             b, data = cached[s]
-            images = photometric(x[b], g) if augment else x[b]
+            images, labels, data = zoom(x[b], y[b], data, max_zoom, g)
+            images = photometric(images, g) if augment else images
             if task != "pretrain" and mode == "fused":
                 images = drop_images(images, image_dropout, g)
             for group in opt.param_groups:
@@ -122,7 +126,7 @@ def train(model, x, y, graphs, idx, task: str, epochs: int, batch: int, lr: floa
                     loss = losses["loss"]
                 else:
                     logits = model(images if mode != "osm" else None, data, mode)
-                    losses = {"loss": segmentation_loss(logits.float(), y[b], weights)}
+                    losses = {"loss": segmentation_loss(logits.float(), labels, weights)}
                     loss = losses["loss"]
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -155,7 +159,8 @@ def evaluate(model, x, y, graphs, idx, mode: str, batch: int = 32) -> float:
 
 
 def run(data: Path, out: Path, seeds: list[int], preset: str, pre_epochs: int, ft_epochs: int, batch: int, limit: int | None = None,
-        variants: tuple[str, ...] = ("guided", "unguided"), image_dropout: float = IMAGE_DROPOUT) -> None:
+        variants: tuple[str, ...] = ("guided", "unguided"), image_dropout: float = IMAGE_DROPOUT, ft_batch: int = 16,
+        ft_lr: float = 5e-4, only: tuple[str, ...] | None = None) -> None:
     import torch
 
     from geolink_model import build_model, create_config
@@ -165,13 +170,17 @@ def run(data: Path, out: Path, seeds: list[int], preset: str, pre_epochs: int, f
     pre_idx = np.flatnonzero(split != "test")
     train_idx = np.flatnonzero(split == "train")
     test_idx = np.flatnonzero(split == "test")
+    held_out_idx = np.flatnonzero(split != "train")  # every city never fine-tuned on (pretraining saw the val and map ones)
     few = np.array([i for i in train_idx if zlib.crc32(tile_ids[i].encode()) % 10 == 0])
     if limit:  # smoke runs
         pre_idx, train_idx, test_idx, few = pre_idx[:limit], train_idx[:limit], test_idx[:limit], few[: max(2, limit // 10)]
+        held_out_idx = held_out_idx[:limit]
     print(f"{len(x)} tiles: pretrain {len(pre_idx)}, train {len(train_idx)} (10%: {len(few)}), test {len(test_idx)}; "
           f"UV share of test pixels {(y[test_idx] == 1).float().mean().item():.3f}", flush=True)
     results: dict[str, dict[str, float]] = {}
+    held_out: dict[str, dict[str, float]] = {}
     curves: dict[str, list] = {}
+    summary: dict = {}
     t0 = time.time()
     for seed in seeds:
         for guided in [v == "guided" for v in variants]:
@@ -185,31 +194,77 @@ def run(data: Path, out: Path, seeds: list[int], preset: str, pre_epochs: int, f
             runs = [("fused", train_idx, True, 0.0), ("fused_imgdrop", train_idx, True, image_dropout), ("image", train_idx, True, 0.0),
                     ("osm", train_idx, True, 0.0), ("fused_10pct_pretrained", few, True, 0.0),
                     ("fused_10pct_scratch", few, False, 0.0)] if guided else [("fused_unguided", train_idx, True, 0.0)]
-            for name, idx, from_pre, dropout in runs:
+            chosen = runs if only is None else [r for name in only for r in runs if r[0] == name]  # in the order asked for
+            for name, idx, from_pre, dropout in chosen:
                 torch.manual_seed(seed)
                 model = build_model(cfg).to(device)
                 if from_pre:
                     model.load_state_dict(state)
                 mode = name.split("_")[0]
-                train(model, x, y, graphs, idx, "finetune", ft_epochs, batch, 2e-4, seed, mode=mode, image_dropout=dropout)
+                train(model, x, y, graphs, idx, "finetune", ft_epochs, ft_batch, ft_lr, seed, mode=mode, image_dropout=dropout)
                 iou = evaluate(model, x, y, graphs, test_idx, mode)
                 results.setdefault(name, {})[str(seed)] = iou
-                print(f"seed {seed} {name:<24} test UV IoU {iou:.4f}  ({time.time() - t0:.0f} s)", flush=True)
-                summary = _write(out, results, curves, device, preset, pre_epochs, ft_epochs, batch, pre_idx, train_idx, few, test_idx, t0,
-                                 image_dropout)
+                held_out.setdefault(name, {})[str(seed)] = wide = evaluate(model, x, y, graphs, held_out_idx, mode)
+                print(f"seed {seed} {name:<24} test UV IoU {iou:.4f}, all held-out cities {wide:.4f}  ({time.time() - t0:.0f} s)", flush=True)
+                recipe = {"finetune_batch_size": ft_batch, "finetune_lr": ft_lr}
+                summary = _write(out, results, held_out, curves, device, preset, pre_epochs, ft_epochs, batch, pre_idx, train_idx, few, test_idx,
+                                 held_out_idx, t0, image_dropout, recipe)
     for name, s in summary.items():
         print(f"{name:<24} {s['mean']:.4f} +- {s['std']:.4f}")
 
 
-def _write(out, results, curves, device, preset, pre_epochs, ft_epochs, batch, pre_idx, train_idx, few, test_idx, t0, image_dropout) -> dict:
+def diagnose(data: Path, out: Path, modes: list[str], seeds: list[int], zooms: list[float], epochs: int, batch: int, lr: float,
+             n_train: int, preset: str = "tiny", augment: bool = True) -> list[dict]:
+    """Does a mode carry over to new cities? Fine-tune from scratch on ``n_train`` training tiles, score UV IoU on
+    those tiles and on the cities of each other split (never trained on here; ``held_out``: all of them together,
+    25 village tiles in the 12-city demo against 6 in the test cities); once per mode x seed x zoom (1 = off)."""
+    import torch
+
+    from geolink_model import build_model, create_config
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    x, y, graphs, split, _ = load_data(data, device)
+    rows: list[dict] = []
+    for mode in modes:
+        for seed in seeds:
+            fit_idx = np.sort(np.random.default_rng(seed).permutation(np.flatnonzero(split == "train"))[:n_train])
+            for max_zoom in zooms:
+                t0 = time.time()
+                torch.manual_seed(seed)
+                model = build_model(create_config(preset, img_size=x.shape[-1])).to(device)
+                train(model, x, y, graphs, fit_idx, "finetune", epochs, batch, lr, seed, mode=mode, max_zoom=max_zoom, augment=augment)
+                row = {"mode": mode, "seed": seed, "max_zoom": max_zoom, "photometric": augment, "epochs": epochs, "train_tiles": len(fit_idx)}
+                held_out = {s: np.flatnonzero(split == s) for s in ("val", "test", "map")}  # cities never trained on here
+                held_out["held_out"] = np.flatnonzero(split != "train")
+                row |= {f"iou_{name}": evaluate(model, x, y, graphs, idx, mode) for name, idx in {"train": fit_idx, **held_out}.items()}
+                rows.append(row | {"seconds": round(time.time() - t0, 1)})
+                print(json.dumps(rows[-1]), flush=True)
+                out.write_text(json.dumps(_diagnose_doc(rows, torch.cuda.get_device_name() if device.type == "cuda" else "cpu"), indent=2))
+    return rows
+
+
+def _diagnose_doc(rows: list[dict], machine: str) -> dict:
+    """Bench format: UV IoU per ``<mode>_zoom<max_zoom>`` and split (mean, std, seeds), and every run."""
+    metrics: dict[str, dict] = {}
+    for split in ("train", "test", "held_out"):
+        per: dict[str, dict[str, float]] = {}
+        for r in rows:
+            per.setdefault(f"{r['mode']}_zoom{r['max_zoom']:g}", {})[str(r["seed"])] = r[f"iou_{split}"]
+        metrics[f"uv_iou_{split}"] = _summarise(per)
+    return {"machine": machine, "date": time.strftime("%Y-%m-%d"), "metrics": metrics, "runs": rows}
+
+
+def _write(out, results, held_out, curves, device, preset, pre_epochs, ft_epochs, batch, pre_idx, train_idx, few, test_idx, held_out_idx,
+           t0, image_dropout, recipe) -> dict:
     """Write the results so far (after every run, so a cut-off run keeps what it finished)."""
     import torch
 
     summary = _summarise(results)
     doc = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "preset": preset, "pretrain_epochs": pre_epochs,
-           "finetune_epochs": ft_epochs, "batch_size": batch, "augment": True, "image_dropout": image_dropout,
-           "tiles": {"pretrain": len(pre_idx), "train": len(train_idx), "train_10pct": len(few), "test": len(test_idx)},
-           "uv_iou": summary, "pretrain_curves": curves, "seconds": time.time() - t0}
+           "finetune_epochs": ft_epochs, "batch_size": batch, **recipe, "augment": True, "image_dropout": image_dropout,
+           "tiles": {"pretrain": len(pre_idx), "train": len(train_idx), "train_10pct": len(few), "test": len(test_idx),
+                     "held_out": len(held_out_idx)},
+           "uv_iou": summary, "uv_iou_held_out": _summarise(held_out), "pretrain_curves": curves, "seconds": time.time() - t0}
     out.write_text(json.dumps(doc, indent=2))
     return summary
 
@@ -221,20 +276,31 @@ def _summarise(results: dict[str, dict[str, float]]) -> dict:
 
 
 def merge(parts: list[Path], out: Path) -> dict:
-    """Combine per-seed result files (seeds run as separate processes, e.g. side by side on one GPU) into one."""
+    """Combine per-seed result files (seeds run as separate processes, e.g. side by side on one GPU) into one;
+    or the files of several ``diagnose`` runs into one."""
     docs = [json.loads(p.read_text()) for p in parts]
+    if all("runs" in d for d in docs):  # `diagnose` files
+        merged = _diagnose_doc([r for d in docs for r in d["runs"]], docs[0]["machine"])
+        out.write_text(json.dumps(merged, indent=2))
+        for name, s in merged["metrics"]["uv_iou_held_out"].items():
+            print(f"{name:<24} held-out cities {s['mean']:.4f} +- {s['std']:.4f}  (n={s['n_seeds']})")
+        return merged
     results: dict[str, dict[str, float]] = {}
+    held_out: dict[str, dict[str, float]] = {}
     curves: dict[str, list] = {}
     for doc in docs:
-        for name, s in doc["uv_iou"].items():
-            for seed, value in s["seeds"].items():
-                if seed in results.get(name, {}):
-                    raise ValueError(f"seed {seed} of {name!r} appears in more than one of {[str(p) for p in parts]}")
-                results.setdefault(name, {})[seed] = value
+        for key, into in (("uv_iou", results), ("uv_iou_held_out", held_out)):
+            for name, s in doc.get(key, {}).items():  # files written before held-out scoring have no uv_iou_held_out
+                for seed, value in s["seeds"].items():
+                    if seed in into.get(name, {}):
+                        raise ValueError(f"seed {seed} of {name!r} appears in more than one of {[str(p) for p in parts]}")
+                    into.setdefault(name, {})[seed] = value
         curves.update(doc["pretrain_curves"])
     summary = _summarise(results)
-    keep = ("device", "preset", "pretrain_epochs", "finetune_epochs", "batch_size", "augment", "image_dropout", "tiles")
-    merged = {"machine": docs[0].get("device"), "date": time.strftime("%Y-%m-%d"), "metrics": {"uv_iou": summary}}
+    keep = ("device", "preset", "pretrain_epochs", "finetune_epochs", "batch_size", "finetune_batch_size", "finetune_lr", "augment",
+            "image_dropout", "tiles")
+    metrics = {"uv_iou": summary} | ({"uv_iou_held_out": _summarise(held_out)} if held_out else {})
+    merged = {"machine": docs[0].get("device"), "date": time.strftime("%Y-%m-%d"), "metrics": metrics}
     merged |= {k: docs[0].get(k) for k in keep} | {"pretrain_curves": curves, "seconds_per_process": [d["seconds"] for d in docs]}
     out.write_text(json.dumps(merged, indent=2))
     for name, s in summary.items():
@@ -256,21 +322,39 @@ def main() -> None:
     r.add_argument("--pretrain-epochs", type=int, default=40)
     r.add_argument("--finetune-epochs", type=int, default=30)
     r.add_argument("--batch-size", type=int, default=32)
+    r.add_argument("--finetune-batch-size", type=int, default=16, help="the H100 runs of docs/EXPERIMENTS.md used 32")
+    r.add_argument("--finetune-lr", type=float, default=5e-4, help="the H100 runs of docs/EXPERIMENTS.md used 2e-4")
+    r.add_argument("--only", nargs="+", default=None, help="run only these fine-tunings (e.g. fused_10pct_pretrained fused_10pct_scratch)")
     r.add_argument("--limit", type=int, default=None, help="tiles per split (smoke runs)")
     r.add_argument("--image-dropout", type=float, default=IMAGE_DROPOUT, help="share of blanked images in the fused_imgdrop run")
     r.add_argument("--variants", nargs="+", choices=("guided", "unguided"), default=["guided", "unguided"],
                    help="pretrainings to run: with position-guided attention (and its fine-tunings) and/or the ablation")
+    d = sub.add_parser("diagnose", help="fine-tune from scratch and score on training tiles, val and test cities")
+    d.add_argument("--data", type=Path, default=Path(".expdata/tiles.parquet"))
+    d.add_argument("--out", type=Path, default=Path("bench/results/experiments_diagnose.json"))
+    d.add_argument("--modes", nargs="+", choices=("image", "osm", "fused"), default=["image"])
+    d.add_argument("--seeds", type=int, nargs="+", default=[0])
+    d.add_argument("--zooms", type=float, nargs="+", default=[1.0, 1.6], help="max zoom per run (1 = no scale augmentation)")
+    d.add_argument("--epochs", type=int, default=12)
+    d.add_argument("--batch-size", type=int, default=16)
+    d.add_argument("--lr", type=float, default=5e-4)
+    d.add_argument("--train-tiles", type=int, default=160)
+    d.add_argument("--no-photometric", action="store_true", help="train without the photometric augmentation")
     m = sub.add_parser("merge")
     m.add_argument("parts", type=Path, nargs="+")
     m.add_argument("--out", type=Path, default=Path("bench/results/experiments.json"))
     args = parser.parse_args()
     if args.cmd == "merge":
         merge(args.parts, args.out)
+    elif args.cmd == "diagnose":
+        diagnose(args.data, args.out, args.modes, args.seeds, args.zooms, args.epochs, args.batch_size, args.lr, args.train_tiles,
+                 augment=not args.no_photometric)
     elif args.cmd == "export":
         export(args.workspace, args.out)
     else:
         run(args.data, args.out, args.seeds, args.preset, args.pretrain_epochs, args.finetune_epochs, args.batch_size, args.limit,
-            tuple(args.variants), args.image_dropout)
+            tuple(args.variants), args.image_dropout, args.finetune_batch_size, args.finetune_lr,
+            tuple(args.only) if args.only else None)
 
 
 if __name__ == "__main__":

@@ -44,14 +44,15 @@ def test_two_worker_finetune_survives_a_failure_and_resumes(small_tiles, tmp_pat
 def test_pretrain_then_finetune_from_it(small_tiles, tmp_path):
     ws, catalog = small_tiles
     pre = run_training(catalog, ws, TrainConfig(task="pretrain", model_overrides=SMALL_MODEL, epochs=1, batch_size=8, checkpoint_every=50,
-                                                num_workers=1, cpus_per_worker=0.5), name="pre", storage=str(tmp_path / "runs"))
+                                                num_workers=1, cpus_per_worker=0.5, max_zoom=1.5), name="pre", storage=str(tmp_path / "runs"))
     record = json.loads((pre / "metrics.jsonl").read_text().splitlines()[-1])
     assert all(record[f"train_{k}"] > 0 for k in ("mae", "contrastive", "node"))
     ft = run_training(catalog, ws, TrainConfig(task="finetune", model_overrides=SMALL_MODEL, epochs=1, batch_size=8, num_workers=1,
                                                cpus_per_worker=0.5, init_from=str(pre), label_fraction=0.5, mode="fused",
-                                               image_dropout=0.5),
+                                               image_dropout=0.5, max_zoom=1.5),
                       name="ft-from-pre", storage=str(tmp_path / "runs"))
-    assert json.loads((ft / "train_config.json").read_text())["init_from"] == str(pre)
+    saved = json.loads((ft / "train_config.json").read_text())
+    assert saved["init_from"] == str(pre) and saved["max_zoom"] == 1.5
     assert (ft / "model.safetensors").is_file()
 
 
@@ -61,6 +62,8 @@ def test_bad_training_requests_fail_clearly(small_tiles):
         TrainConfig(task="distill")
     with pytest.raises(ValueError, match="image_dropout"):
         TrainConfig(task="finetune", image_dropout=1.0)
+    with pytest.raises(ValueError, match="max_zoom"):
+        TrainConfig(task="finetune", max_zoom=0.5)
     with pytest.raises(ValueError, match="run name"):
         run_training(catalog, ws, TrainConfig(task="finetune"), name="../escape")
     rows = [{**r, "split": "map"} for r in catalog.to_pylist()]
@@ -84,3 +87,50 @@ def test_augmentations_are_seeded_and_blank_whole_images():
     assert 0 < int(blank.sum()) < 16, "some, not all, samples blanked"
     assert torch.equal(dropped[~blank], x[~blank]), "the others untouched"
     assert drop_images(x, 0.0) is x
+
+
+def test_zoom_moves_labels_and_osm_nodes_with_the_pixels():
+    """A building drawn into image and labels, and its OSM polygon: after any zoom, the polygon's transformed
+    bounding box and area still describe where its labelled pixels are (to a pixel)."""
+    import numpy as np
+    import shapely
+    import torch
+
+    from engine.training.augment import zoom
+    from engine.training.metrics import IGNORE
+    from geolink_model import batch_graphs
+    from geolink_model.osm_graph import GEOM_FEATURES, OsmGraphConfig, build_tile_graph, tokenize_tags
+
+    size, boxes = 64, [(10, 20, 30, 44), (36, 4, 60, 18), (2, 2, 12, 60), (24, 24, 40, 40)]  # (x0, y0, x1, y1), y up
+    cfg = OsmGraphConfig()
+    graphs, labels = [], torch.zeros(len(boxes), size, size, dtype=torch.long)
+    for i, (x0, y0, x1, y1) in enumerate(boxes):
+        graphs.append(build_tile_graph(np.array([shapely.box(x0, y0, x1, y1)], dtype=object), np.array(["polygon"]),
+                                       tokenize_tags([{"building": "yes"}], cfg), np.arange(1), (0.0, 0.0, float(size), float(size)), cfg))
+        labels[i, size - y1:size - y0, x0:x1] = 1  # rows run downwards
+    images = labels[:, None].float().expand(-1, 3, -1, -1) * 2 - 1
+    data = batch_graphs(graphs)
+    before = data["polygon"].x.clone()
+    out_images, out_labels, out_graphs = zoom(images, labels, data, max_zoom=2.0, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(data["polygon"].x, before), "the input batch is left alone"
+    names = GEOM_FEATURES["polygon"]
+    feats = out_graphs["polygon"].x
+    col = {n: names.index(n) for n in ("xmin", "ymin", "xmax", "ymax", "area")}
+    extents = []
+    for i in range(len(boxes)):
+        rows, cols = torch.nonzero(out_labels[i] == 1, as_tuple=True)
+        f = feats[i]
+        inside = f[col["xmin"]] >= 0 and f[col["ymin"]] >= 0 and f[col["xmax"]] <= 1 and f[col["ymax"]] <= 1
+        if inside:  # the whole building is still in view
+            assert abs(cols.min().item() - f[col["xmin"]].item() * size) <= 1 and abs(cols.max().item() + 1 - f[col["xmax"]].item() * size) <= 1
+            assert abs(rows.min().item() - f[col["ymin"]].item() * size) <= 1 and abs(rows.max().item() + 1 - f[col["ymax"]].item() * size) <= 1
+            assert abs(len(rows) / size**2 - f[col["area"]].item()) < 0.02
+        bright = out_images[i, 0] > 0
+        assert ((out_labels[i] == 1) == bright).float().mean() > 0.98, "labels follow the pixels"
+        extents.append((before[i, col["xmax"]] - before[i, col["xmin"]]) / (f[col["xmax"]] - f[col["xmin"]]))
+    assert min(extents) < 0.95 and max(extents) > 1.05, "this seed zooms in and out"
+    assert bool((out_labels == IGNORE).any()), "zooming out leaves no-data around the tile"
+    assert torch.equal(zoom(images, labels, data, max_zoom=2.0, generator=torch.Generator().manual_seed(5))[1], out_labels), "seeded"
+    assert zoom(images, labels, data, max_zoom=1.0)[0] is images
+    with pytest.raises(ValueError, match="max_zoom"):
+        zoom(images, labels, data, max_zoom=0.5)

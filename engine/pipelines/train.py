@@ -42,6 +42,8 @@ class TrainConfig:
         augment: photometric augmentation (colour, haze, blur, noise) so the image branch carries over to new cities.
         image_dropout: ``fused`` fine-tuning only: share of samples whose image is blanked (modality dropout), so
             the model also reads OSM and predicts where imagery is cloudy or unlike the training cities'.
+        max_zoom: random zoom in and out by up to this factor (image, labels and OSM nodes alike; 1 = off), so
+            the image branch sees every city's pixel size (0.5-1.2 m in the demo catalog).
         init_from: a model bundle to start from (a pretrained model for fine-tuning).
         max_failures: worker failures survived by resuming from the latest checkpoint.
     """
@@ -64,6 +66,7 @@ class TrainConfig:
     uv_weight: float = 3.0
     augment: bool = True
     image_dropout: float = 0.0
+    max_zoom: float = 1.0
     init_from: str | None = None
     seed: int = 0
     max_failures: int = 2
@@ -80,6 +83,8 @@ class TrainConfig:
             raise ValueError("label_fraction must be in (0, 1]")
         if not 0.0 <= self.image_dropout < 1.0:
             raise ValueError(f"image_dropout={self.image_dropout}: must be in [0, 1)")
+        if not 1.0 <= self.max_zoom <= 4.0:
+            raise ValueError(f"max_zoom={self.max_zoom}: must be in [1, 4] (1 = no zoom augmentation)")
         if self.epochs < 1 or self.batch_size < 1 or self.checkpoint_every < 1:
             raise ValueError("epochs, batch_size and checkpoint_every must be >= 1")
 
@@ -161,7 +166,7 @@ def run_training(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: Trai
         "warmup_steps": cfg.warmup_steps, "total_steps": steps_per_epoch * cfg.epochs, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
         "checkpoint_every": cfg.checkpoint_every, "mode": cfg.mode, "classes": list(classes), "has_val": bool(val_cities),
         "class_weights": [1.0] + [cfg.uv_weight] * (len(classes) - 1), "init_from": cfg.init_from, "augment": cfg.augment,
-        "image_dropout": cfg.image_dropout if cfg.task == "finetune" and cfg.mode == "fused" else 0.0,
+        "max_zoom": cfg.max_zoom, "image_dropout": cfg.image_dropout if cfg.task == "finetune" and cfg.mode == "fused" else 0.0,
         "fail_at_step": cfg.fail_at_step, "fail_marker": os.path.join(storage_path if storage_fs is None else os.path.join(workspace, "runs", "train"), f".{name}.failed-once"),
     }
     datasets = {"train": sample_dataset(workspace, train_cities, references, classes, cfg.label_fraction, cfg.seed)}

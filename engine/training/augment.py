@@ -1,16 +1,19 @@
-"""Photometric augmentation on normalised image batches (torch, on the training device).
+"""Training augmentation on normalised image batches (torch, on the training device).
 
-Why: every city has its own sensor and atmosphere (colour balance, haze, blur, noise); without these variations
-in training, the image branch learns its training cities' look and does not carry over to other cities
-(docs/EXPERIMENTS.md). Geometry is left alone, so labels and OSM node positions stay aligned with the pixels.
+Why: every city has its own sensor and atmosphere (colour balance, haze, blur, noise) and pixel size; without
+these variations in training, the image branch learns its training cities' look and does not carry over to other
+cities (docs/EXPERIMENTS.md). :func:`photometric` leaves geometry alone; :func:`zoom` moves the labels and the OSM
+node positions with the pixels.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-from engine.training.metrics import MEAN, STD
+from engine.training.metrics import IGNORE, MEAN, STD
 
 
 def photometric(images: torch.Tensor, generator: torch.Generator | None = None, strength: float = 1.0) -> torch.Tensor:
@@ -67,3 +70,72 @@ def drop_images(images: torch.Tensor, p: float, generator: torch.Generator | Non
         return images
     keep = torch.rand(images.shape[0], generator=generator, device="cpu").to(images.device) >= p
     return images * keep[:, None, None, None].to(images.dtype)
+
+
+# tile-relative geometry columns (``geolink_model.osm_graph.GEOM_FEATURES``) and how a zoom moves or scales them
+_X_COLUMNS = ("x", "cx", "x0", "x1", "xmin", "xmax")
+_Y_COLUMNS = ("y", "cy", "y0", "y1", "ymin", "ymax")
+_LENGTH_COLUMNS = ("length", "perimeter")  # in units of the tile's side
+_AREA_COLUMNS = ("area",)  # in units of the tile's area
+
+
+def zoom(images: torch.Tensor, labels: torch.Tensor | None = None, graphs=None, max_zoom: float = 1.5,
+         generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None, object]:
+    """Random per-sample zoom (scale in ``[1/max_zoom, max_zoom]``, log-uniform) and shift, applied alike to the
+    image, its labels and its OSM graph. Returns ``(images, labels, graphs)``; inputs are not modified.
+
+    Why: cities are imaged at 0.5-1.2 m pixels, so the same village texture is 2.4x larger in one city than in
+    another; an image branch trained at its training cities' scales does not recognise the others'. Zooming in
+    crops a part of the tile and enlarges it; zooming out shrinks the tile into the frame and leaves the rest as
+    no data (image 0 = the mean colour, labels :data:`~engine.training.metrics.IGNORE`), as at an AOI's edge.
+    The OSM node positions and their tile-relative lengths and areas follow the same transform, so the fused
+    model still sees each node where its pixels are (nodes zoomed out of the frame stay, outside [0, 1]).
+
+    Example:
+        >>> imgs, labs, _ = zoom(torch.zeros(2, 3, 8, 8), torch.zeros(2, 8, 8, dtype=torch.long), max_zoom=2.0)
+        >>> imgs.shape, labs.shape
+        (torch.Size([2, 3, 8, 8]), torch.Size([2, 8, 8]))
+    """
+    if max_zoom < 1:
+        raise ValueError(f"max_zoom must be >= 1, got {max_zoom}")
+    b, dev = images.shape[0], images.device
+    if max_zoom == 1 or b == 0:
+        return images, labels, graphs
+    u = torch.rand(b, 3, generator=generator, device="cpu", dtype=torch.float64)
+    extent = torch.exp((1 - 2 * u[:, 0]) * math.log(max_zoom))  # share of the tile's side in view: < 1 zooms in
+    low, high = torch.clamp(1 - extent, max=0.0), torch.clamp(1 - extent, min=0.0)
+    origin = low[:, None] + u[:, 1:] * (high - low)[:, None]  # (b, 2): the view's top-left corner, tile units
+    theta = torch.zeros(b, 2, 3, dtype=torch.float64)
+    theta[:, 0, 0] = theta[:, 1, 1] = extent
+    theta[:, :, 2] = 2 * origin + extent[:, None] - 1  # [-1, 1] coordinates (align_corners=False)
+    grid = F.affine_grid(theta.to(dev, images.dtype), list(images.shape), align_corners=False)
+    images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if labels is not None:
+        shifted = (labels.to(images.dtype) + 1)[:, None]  # 0 = no data after zero padding
+        sampled = F.grid_sample(shifted, grid, mode="nearest", padding_mode="zeros", align_corners=False)[:, 0].round().long()
+        labels = torch.where(sampled == 0, torch.full_like(sampled, IGNORE), sampled - 1)
+    if graphs is not None:
+        graphs = _zoom_graphs(graphs, origin.float().to(dev), extent.float().to(dev))
+    return images, labels, graphs
+
+
+def _zoom_graphs(graphs, origin: torch.Tensor, extent: torch.Tensor):
+    from geolink_model.osm_graph import GEOM_FEATURES, NODE_TYPES
+
+    graphs = graphs.clone()
+    for t in NODE_TYPES:
+        x = graphs[t].x
+        if x.shape[0] == 0:
+            continue
+        sample = graphs[t].batch
+        o, e = origin[sample], extent[sample, None]
+        names = GEOM_FEATURES[t]
+        cols = {kind: [i for i, n in enumerate(names) if n in group] for kind, group in
+                (("x", _X_COLUMNS), ("y", _Y_COLUMNS), ("length", _LENGTH_COLUMNS), ("area", _AREA_COLUMNS))}
+        x = x.clone()
+        x[:, cols["x"]] = (x[:, cols["x"]] - o[:, :1]) / e
+        x[:, cols["y"]] = (x[:, cols["y"]] - o[:, 1:]) / e
+        x[:, cols["length"]] = x[:, cols["length"]] / e
+        x[:, cols["area"]] = x[:, cols["area"]] / e**2
+        graphs[t].x = x
+    return graphs

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine import storage
-from engine.training.augment import drop_images, photometric
+from engine.training.augment import drop_images, photometric, zoom
 from engine.training.metrics import confusion, scores, segmentation_loss
 from engine.training.samples import collate
 from engine.training.schedule import lr_at
@@ -121,6 +121,7 @@ def train_loop_per_worker(config: dict) -> None:
                     marker.write_text("failed once")
                     raise RuntimeError(f"injected failure at step {step}")
             images, graphs, labels = collate(batch, device)
+            images, labels, graphs = zoom(images, labels, graphs, float(config.get("max_zoom", 1.0)))  # cities differ in pixel size
             if config.get("augment", True):  # cities differ in colour, haze, blur and noise: train across them
                 images = photometric(images)
             images = drop_images(images, float(config.get("image_dropout", 0.0)))
@@ -163,6 +164,7 @@ def _validate(model, shard, config: dict, classes: tuple[str, ...], device: torc
     with torch.no_grad():
         for batch in shard.iter_batches(batch_size=int(config["batch_size"]), batch_format="pyarrow"):
             images, graphs, labels = collate(batch, device)
+            images, labels, graphs = zoom(images, labels, graphs, float(config.get("max_zoom", 1.0)))  # cities differ in pixel size
             logits = model(images if config["mode"] != "osm" else None, graphs, config["mode"])
             matrix += confusion(logits.float(), labels, n).to(device)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
