@@ -224,6 +224,8 @@ def diagnose(data: Path, out: Path, modes: list[str], seeds: list[int], zooms: l
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     x, y, graphs, split, _ = load_data(data, device)
+    held_out = {s: np.flatnonzero(split == s) for s in ("val", "test", "map")}  # cities never trained on here
+    held_out["held_out"] = np.flatnonzero(split != "train")
     rows: list[dict] = []
     for mode in modes:
         for seed in seeds:
@@ -234,8 +236,6 @@ def diagnose(data: Path, out: Path, modes: list[str], seeds: list[int], zooms: l
                 model = build_model(create_config(preset, img_size=x.shape[-1])).to(device)
                 train(model, x, y, graphs, fit_idx, "finetune", epochs, batch, lr, seed, mode=mode, max_zoom=max_zoom, augment=augment)
                 row = {"mode": mode, "seed": seed, "max_zoom": max_zoom, "photometric": augment, "epochs": epochs, "train_tiles": len(fit_idx)}
-                held_out = {s: np.flatnonzero(split == s) for s in ("val", "test", "map")}  # cities never trained on here
-                held_out["held_out"] = np.flatnonzero(split != "train")
                 row |= {f"iou_{name}": evaluate(model, x, y, graphs, idx, mode) for name, idx in {"train": fit_idx, **held_out}.items()}
                 rows.append(row | {"seconds": round(time.time() - t0, 1)})
                 print(json.dumps(rows[-1]), flush=True)
@@ -329,7 +329,7 @@ def main() -> None:
     r.add_argument("--image-dropout", type=float, default=IMAGE_DROPOUT, help="share of blanked images in the fused_imgdrop run")
     r.add_argument("--variants", nargs="+", choices=("guided", "unguided"), default=["guided", "unguided"],
                    help="pretrainings to run: with position-guided attention (and its fine-tunings) and/or the ablation")
-    d = sub.add_parser("diagnose", help="fine-tune from scratch and score on training tiles, val and test cities")
+    d = sub.add_parser("diagnose", help="fine-tune from scratch, score on the training tiles and every other split")
     d.add_argument("--data", type=Path, default=Path(".expdata/tiles.parquet"))
     d.add_argument("--out", type=Path, default=Path("bench/results/experiments_diagnose.json"))
     d.add_argument("--modes", nargs="+", choices=("image", "osm", "fused"), default=["image"])

@@ -164,7 +164,6 @@ def _validate(model, shard, config: dict, classes: tuple[str, ...], device: torc
     with torch.no_grad():
         for batch in shard.iter_batches(batch_size=int(config["batch_size"]), batch_format="pyarrow"):
             images, graphs, labels = collate(batch, device)
-            images, labels, graphs = zoom(images, labels, graphs, float(config.get("max_zoom", 1.0)))  # cities differ in pixel size
             logits = model(images if config["mode"] != "osm" else None, graphs, config["mode"])
             matrix += confusion(logits.float(), labels, n).to(device)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
