@@ -8,6 +8,7 @@ node positions with the pixels.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -119,8 +120,18 @@ def zoom(images: torch.Tensor, labels: torch.Tensor | None = None, graphs=None, 
     return images, labels, graphs
 
 
+@functools.cache
+def _zoom_columns(node_type: str) -> dict[str, list[int]]:
+    """Indices of the x, y, length and area columns among a node type's geometry features (fixed per type)."""
+    from geolink_model.osm_graph import GEOM_FEATURES
+
+    names = GEOM_FEATURES[node_type]
+    return {kind: [i for i, n in enumerate(names) if n in group] for kind, group in
+            (("x", _X_COLUMNS), ("y", _Y_COLUMNS), ("length", _LENGTH_COLUMNS), ("area", _AREA_COLUMNS))}
+
+
 def _zoom_graphs(graphs, origin: torch.Tensor, extent: torch.Tensor):
-    from geolink_model.osm_graph import GEOM_FEATURES, NODE_TYPES
+    from geolink_model.osm_graph import NODE_TYPES
 
     graphs = graphs.clone()
     for t in NODE_TYPES:
@@ -129,9 +140,7 @@ def _zoom_graphs(graphs, origin: torch.Tensor, extent: torch.Tensor):
             continue
         sample = graphs[t].batch
         o, e = origin[sample], extent[sample, None]
-        names = GEOM_FEATURES[t]
-        cols = {kind: [i for i, n in enumerate(names) if n in group] for kind, group in
-                (("x", _X_COLUMNS), ("y", _Y_COLUMNS), ("length", _LENGTH_COLUMNS), ("area", _AREA_COLUMNS))}
+        cols = _zoom_columns(t)
         x = x.clone()
         x[:, cols["x"]] = (x[:, cols["x"]] - o[:, :1]) / e
         x[:, cols["y"]] = (x[:, cols["y"]] - o[:, 1:]) / e
