@@ -93,16 +93,16 @@ def load_data(path: Path, device):
 
 
 def train(model, x, y, graphs, idx, task: str, epochs: int, batch: int, lr: float, seed: int, mode: str = "fused", history=None,
-          augment: bool = True, image_dropout: float = 0.0, max_zoom: float = 1.0):
+          augment: bool = True, image_dropout: float = 0.0, max_zoom: float = 1.0, backbone_lr_scale: float = 1.0):
     import torch
 
     from engine.training.augment import drop_images, photometric, zoom
     from engine.training.metrics import segmentation_loss
-    from engine.training.schedule import lr_at
+    from engine.training.schedule import lr_at, param_groups
     from geolink_model import batch_graphs
 
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    opt = torch.optim.AdamW(param_groups(model, backbone_lr_scale), lr=lr, weight_decay=0.05)
     # graph batches are collated once (fixed groups of tiles, drawn per seed) and reused every epoch in a new
     # order: collating PyG batches on the CPU, not the GPU, was the bottleneck
     groups = [b for b in np.array_split(idx[torch.randperm(len(idx), generator=g).numpy()], max(1, len(idx) // batch)) if len(b)]
@@ -119,7 +119,7 @@ def train(model, x, y, graphs, idx, task: str, epochs: int, batch: int, lr: floa
             if task != "pretrain" and mode == "fused":
                 images = drop_images(images, image_dropout, g)
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, total, max(1, total // 20), lr)
+                group["lr"] = lr_at(step, total, max(1, total // 20), lr) * group["lr_scale"]
             with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
                 if task == "pretrain":
                     losses = model(images, data, "pretrain")
@@ -160,14 +160,16 @@ def evaluate(model, x, y, graphs, idx, mode: str, batch: int = 32) -> float:
 
 def run(data: Path, out: Path, seeds: list[int], preset: str, pre_epochs: int, ft_epochs: int, batch: int, limit: int | None = None,
         variants: tuple[str, ...] = ("guided", "unguided"), image_dropout: float = IMAGE_DROPOUT, ft_batch: int = 16,
-        ft_lr: float = 5e-4, only: tuple[str, ...] | None = None) -> None:
+        ft_lr: float = 5e-4, only: tuple[str, ...] | None = None, backbone_lr_scale: float = 1.0, few_epochs: int | None = None,
+        pretrain_on_test: bool = False) -> None:
     import torch
 
     from geolink_model import build_model, create_config
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     x, y, graphs, split, tile_ids = load_data(data, device)
-    pre_idx = np.flatnonzero(split != "test")
+    # pretraining needs no labels, so it may see every city to be mapped; by default the test cities stay unseen
+    pre_idx = np.arange(len(split)) if pretrain_on_test else np.flatnonzero(split != "test")
     train_idx = np.flatnonzero(split == "train")
     test_idx = np.flatnonzero(split == "test")
     held_out_idx = np.flatnonzero(split != "train")  # every city never fine-tuned on (pretraining saw the val and map ones)
@@ -190,23 +192,29 @@ def run(data: Path, out: Path, seeds: list[int], preset: str, pre_epochs: int, f
             pre = train(build_model(cfg).to(device), x, y, graphs, pre_idx, "pretrain", pre_epochs, batch, 3e-4, seed, history=history)
             curves[f"seed{seed}_{'guided' if guided else 'unguided'}"] = history
             state = {k: v.detach().clone() for k, v in pre.state_dict().items()}
-            # (name, training tiles, from the pretrained weights, share of fused samples with the image blanked)
-            runs = [("fused", train_idx, True, 0.0), ("fused_imgdrop", train_idx, True, image_dropout), ("image", train_idx, True, 0.0),
-                    ("osm", train_idx, True, 0.0), ("fused_10pct_pretrained", few, True, 0.0),
-                    ("fused_10pct_scratch", few, False, 0.0)] if guided else [("fused_unguided", train_idx, True, 0.0)]
+            # (name, training tiles, from the pretrained weights, share of fused samples with the image blanked,
+            # backbone lr scale); the probes freeze the backbone: how much do its features alone carry?
+            s = backbone_lr_scale
+            runs = [("fused", train_idx, True, 0.0, s), ("fused_imgdrop", train_idx, True, image_dropout, s), ("image", train_idx, True, 0.0, s),
+                    ("osm", train_idx, True, 0.0, s), ("fused_10pct_pretrained", few, True, 0.0, s), ("fused_10pct_scratch", few, False, 0.0, 1.0),
+                    ("fused_10pct_probe_pretrained", few, True, 0.0, 0.0), ("fused_10pct_probe_scratch", few, False, 0.0, 0.0),
+                    ] if guided else [("fused_unguided", train_idx, True, 0.0, s)]
             chosen = runs if only is None else [r for name in only for r in runs if r[0] == name]  # in the order asked for
-            for name, idx, from_pre, dropout in chosen:
+            for name, idx, from_pre, dropout, scale in chosen:
                 torch.manual_seed(seed)
                 model = build_model(cfg).to(device)
                 if from_pre:
                     model.load_state_dict(state)
                 mode = name.split("_")[0]
-                train(model, x, y, graphs, idx, "finetune", ft_epochs, ft_batch, ft_lr, seed, mode=mode, image_dropout=dropout)
+                epochs = few_epochs if few_epochs and idx is few else ft_epochs
+                train(model, x, y, graphs, idx, "finetune", epochs, ft_batch, ft_lr, seed, mode=mode, image_dropout=dropout, backbone_lr_scale=scale)
                 iou = evaluate(model, x, y, graphs, test_idx, mode)
                 results.setdefault(name, {})[str(seed)] = iou
                 held_out.setdefault(name, {})[str(seed)] = wide = evaluate(model, x, y, graphs, held_out_idx, mode)
                 print(f"seed {seed} {name:<24} test UV IoU {iou:.4f}, all held-out cities {wide:.4f}  ({time.time() - t0:.0f} s)", flush=True)
-                recipe = {"finetune_batch_size": ft_batch, "finetune_lr": ft_lr}
+                recipe = {"finetune_batch_size": ft_batch, "finetune_lr": ft_lr, "backbone_lr_scale": backbone_lr_scale,
+                          "finetune_epochs_10pct": few_epochs or ft_epochs,
+                          "pretrain_on_test": pretrain_on_test}
                 summary = _write(out, results, held_out, curves, device, preset, pre_epochs, ft_epochs, batch, pre_idx, train_idx, few, test_idx,
                                  held_out_idx, t0, image_dropout, recipe)
     for name, s in summary.items():
@@ -298,7 +306,7 @@ def merge(parts: list[Path], out: Path) -> dict:
         curves.update(doc["pretrain_curves"])
     summary = _summarise(results)
     keep = ("device", "preset", "pretrain_epochs", "finetune_epochs", "batch_size", "finetune_batch_size", "finetune_lr", "augment",
-            "image_dropout", "tiles")
+            "image_dropout", "backbone_lr_scale", "finetune_epochs_10pct", "pretrain_on_test", "tiles")
     metrics = {"uv_iou": summary} | ({"uv_iou_held_out": _summarise(held_out)} if held_out else {})
     merged = {"machine": docs[0].get("device"), "date": time.strftime("%Y-%m-%d"), "metrics": metrics}
     merged |= {k: docs[0].get(k) for k in keep} | {"pretrain_curves": curves, "seconds_per_process": [d["seconds"] for d in docs]}
@@ -325,6 +333,9 @@ def main() -> None:
     r.add_argument("--finetune-batch-size", type=int, default=16, help="the H100 runs of docs/EXPERIMENTS.md used 32")
     r.add_argument("--finetune-lr", type=float, default=5e-4, help="the H100 runs of docs/EXPERIMENTS.md used 2e-4")
     r.add_argument("--only", nargs="+", default=None, help="run only these fine-tunings (e.g. fused_10pct_pretrained fused_10pct_scratch)")
+    r.add_argument("--backbone-lr-scale", type=float, default=1.0, help="fine-tuning from the pretrained weights: backbone lr share")
+    r.add_argument("--few-epochs", type=int, default=None, help="epochs of the 10%%-label fine-tunings (default: --finetune-epochs)")
+    r.add_argument("--pretrain-on-test", action="store_true", help="pretrain on the test cities' tiles too (no labels are used)")
     r.add_argument("--limit", type=int, default=None, help="tiles per split (smoke runs)")
     r.add_argument("--image-dropout", type=float, default=IMAGE_DROPOUT, help="share of blanked images in the fused_imgdrop run")
     r.add_argument("--variants", nargs="+", choices=("guided", "unguided"), default=["guided", "unguided"],
@@ -354,7 +365,8 @@ def main() -> None:
     else:
         run(args.data, args.out, args.seeds, args.preset, args.pretrain_epochs, args.finetune_epochs, args.batch_size, args.limit,
             tuple(args.variants), args.image_dropout, args.finetune_batch_size, args.finetune_lr,
-            tuple(args.only) if args.only else None)
+            tuple(args.only) if args.only else None, args.backbone_lr_scale, args.few_epochs,
+            args.pretrain_on_test)
 
 
 if __name__ == "__main__":

@@ -168,7 +168,7 @@ def prepare(
 
 def _train(ctx: typer.Context, task: str, name: str, preset: str, epochs: int, batch_size: int, lr: float, workers: str,
            gpu: bool, mode: str, classes: str, label_fraction: float, init_from: str | None, storage: str | None, seed: int,
-           address: str | None, image_dropout: float = 0.0, max_zoom: float = 1.0) -> None:
+           address: str | None, image_dropout: float = 0.0, max_zoom: float = 1.0, backbone_lr_scale: float = 1.0) -> None:
     from engine.pipelines.runtime import init_ray
     from engine.pipelines.train import TrainConfig, run_training
 
@@ -179,7 +179,7 @@ def _train(ctx: typer.Context, task: str, name: str, preset: str, epochs: int, b
         n_workers: int | tuple[int, int] = (int(lo), int(hi)) if hi else int(lo)
         cfg = TrainConfig(task=task, preset=preset, epochs=epochs, batch_size=batch_size, lr=lr, num_workers=n_workers, use_gpu=gpu,
                           mode=mode, classes=classes, label_fraction=label_fraction, init_from=init_from, seed=seed,
-                          image_dropout=image_dropout, max_zoom=max_zoom)
+                          image_dropout=image_dropout, max_zoom=max_zoom, backbone_lr_scale=backbone_lr_scale)
     except ValueError as exc:
         _fail(f"{exc} (--workers takes N or MIN-MAX)")
     init_ray(address)
@@ -247,10 +247,11 @@ def finetune(
     address: Annotated[str | None, _TRAIN_OPTIONS["address"]] = None,
     image_dropout: Annotated[float, typer.Option("--image-dropout", help="Fused mode: share of training samples with the image blanked (modality dropout).")] = 0.0,
     max_zoom: Annotated[float, _TRAIN_OPTIONS["max_zoom"]] = 1.0,
+    backbone_lr_scale: Annotated[float, typer.Option("--backbone-lr-scale", help="The pretrained encoders and fusion learn at this share of --lr (0 freezes them).")] = 1.0,
 ) -> None:
     """Fine-tune for urban-village segmentation on the train split; IoU/F1/mIoU on the val split each epoch."""
     _train(ctx, "finetune", name, preset, epochs, batch_size, lr, workers, gpu, mode, classes, label_fraction, init_from, storage, seed, address,
-           image_dropout, max_zoom)
+           image_dropout, max_zoom, backbone_lr_scale)
 
 
 @app.command("map")

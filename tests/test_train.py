@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from engine.catalog import load_catalog
 from engine.pipelines.prepare import run_prepare
@@ -49,11 +50,15 @@ def test_pretrain_then_finetune_from_it(small_tiles, tmp_path):
     assert all(record[f"train_{k}"] > 0 for k in ("mae", "contrastive", "node"))
     ft = run_training(catalog, ws, TrainConfig(task="finetune", model_overrides=SMALL_MODEL, epochs=1, batch_size=8, num_workers=1,
                                                cpus_per_worker=0.5, init_from=str(pre), label_fraction=0.5, mode="fused",
-                                               image_dropout=0.5, max_zoom=1.5),
+                                               image_dropout=0.5, max_zoom=1.5, backbone_lr_scale=0.0),
                       name="ft-from-pre", storage=str(tmp_path / "runs"))
     saved = json.loads((ft / "train_config.json").read_text())
-    assert saved["init_from"] == str(pre) and saved["max_zoom"] == 1.5
-    assert (ft / "model.safetensors").is_file()
+    assert saved["init_from"] == str(pre) and saved["max_zoom"] == 1.5 and saved["backbone_lr_scale"] == 0.0
+    # a backbone lr scale of 0 freezes what pretraining taught; the new decoder still learns
+    before, after = load_model(pre)[0].state_dict(), load_model(ft)[0].state_dict()
+    backbone = [k for k in after if k.startswith(("image_encoder.", "osm_encoder.", "fusion.")) and after[k].is_floating_point()]
+    assert backbone and all(torch.equal(before[k], after[k]) for k in backbone)
+    assert not torch.equal(before["seg_decoder.merge.0.weight"], after["seg_decoder.merge.0.weight"])
 
 
 def test_bad_training_requests_fail_clearly(small_tiles):
@@ -64,6 +69,8 @@ def test_bad_training_requests_fail_clearly(small_tiles):
         TrainConfig(task="finetune", image_dropout=1.0)
     with pytest.raises(ValueError, match="max_zoom"):
         TrainConfig(task="finetune", max_zoom=0.5)
+    with pytest.raises(ValueError, match="backbone_lr_scale"):
+        TrainConfig(task="finetune", backbone_lr_scale=1.5)
     with pytest.raises(ValueError, match="run name"):
         run_training(catalog, ws, TrainConfig(task="finetune"), name="../escape")
     rows = [{**r, "split": "map"} for r in catalog.to_pylist()]
@@ -134,3 +141,16 @@ def test_zoom_moves_labels_and_osm_nodes_with_the_pixels():
     assert zoom(images, labels, data, max_zoom=1.0)[0] is images
     with pytest.raises(ValueError, match="max_zoom"):
         zoom(images, labels, data, max_zoom=0.5)
+
+
+def test_backbone_parameter_groups_cover_every_parameter_once():
+    from geolink_model import build_model, create_config
+    from engine.training.schedule import param_groups
+
+    model = build_model(create_config("tiny", img_size=64, **SMALL_MODEL))
+    for wrapped in (model, torch.nn.ModuleDict({"module": model})):  # as is, and as DDP names it
+        backbone, heads = param_groups(wrapped, 0.1)
+        assert (backbone["lr_scale"], heads["lr_scale"]) == (0.1, 1.0)
+        assert sorted(map(id, backbone["params"] + heads["params"])) == sorted(map(id, model.parameters()))
+        assert {id(p) for p in model.image_encoder.parameters()} | {id(p) for p in model.fusion.parameters()} <= set(map(id, backbone["params"]))
+        assert {id(p) for p in model.seg_decoder.parameters()} <= set(map(id, heads["params"]))

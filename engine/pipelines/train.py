@@ -45,6 +45,8 @@ class TrainConfig:
         max_zoom: random zoom in and out by up to this factor (image, labels and OSM nodes alike; 1 = off), so
             the image branch sees every city's pixel size (0.5-1.2 m in the demo catalog).
         init_from: a model bundle to start from (a pretrained model for fine-tuning).
+        backbone_lr_scale: fine-tuning only: the image encoder, OSM encoder and fusion learn at this share of
+            ``lr`` (the new decoder at ``lr``), so few labels adjust the pretrained backbone rather than overwrite it.
         max_failures: worker failures survived by resuming from the latest checkpoint.
     """
 
@@ -68,6 +70,7 @@ class TrainConfig:
     image_dropout: float = 0.0
     max_zoom: float = 1.0
     init_from: str | None = None
+    backbone_lr_scale: float = 1.0
     seed: int = 0
     max_failures: int = 2
     fail_at_step: int | None = None  # tests: raise once at this step on rank 0, to prove resume
@@ -85,6 +88,8 @@ class TrainConfig:
             raise ValueError(f"image_dropout={self.image_dropout}: must be in [0, 1)")
         if not 1.0 <= self.max_zoom <= 4.0:
             raise ValueError(f"max_zoom={self.max_zoom}: must be in [1, 4] (1 = no zoom augmentation)")
+        if not 0.0 <= self.backbone_lr_scale <= 1.0:
+            raise ValueError(f"backbone_lr_scale={self.backbone_lr_scale}: must be in [0, 1] (0 freezes the backbone)")
         if self.epochs < 1 or self.batch_size < 1 or self.checkpoint_every < 1:
             raise ValueError("epochs, batch_size and checkpoint_every must be >= 1")
 
@@ -166,6 +171,7 @@ def run_training(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: Trai
         "warmup_steps": cfg.warmup_steps, "total_steps": steps_per_epoch * cfg.epochs, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
         "checkpoint_every": cfg.checkpoint_every, "mode": cfg.mode, "classes": list(classes), "has_val": bool(val_cities),
         "class_weights": [1.0] + [cfg.uv_weight] * (len(classes) - 1), "init_from": cfg.init_from, "augment": cfg.augment,
+        "backbone_lr_scale": cfg.backbone_lr_scale if cfg.task == "finetune" else 1.0,
         "max_zoom": cfg.max_zoom, "image_dropout": cfg.image_dropout if cfg.task == "finetune" and cfg.mode == "fused" else 0.0,
         "fail_at_step": cfg.fail_at_step, "fail_marker": os.path.join(storage_path if storage_fs is None else os.path.join(workspace, "runs", "train"), f".{name}.failed-once"),
     }

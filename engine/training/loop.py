@@ -21,7 +21,7 @@ from engine import storage
 from engine.training.augment import drop_images, photometric, zoom
 from engine.training.metrics import confusion, scores, segmentation_loss
 from engine.training.samples import collate
-from engine.training.schedule import lr_at
+from engine.training.schedule import lr_at, param_groups
 from geolink_model.checkpoint import load_model, save_model
 from geolink_model.config import GeoLinkConfig
 from geolink_model.model import GeoLink, build_model
@@ -90,7 +90,7 @@ def train_loop_per_worker(config: dict) -> None:
             model = build_model(GeoLinkConfig.from_json(config["model_config"]))
         opt_state = None
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
-    opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    opt = torch.optim.AdamW(param_groups(model, float(config.get("backbone_lr_scale", 1.0))), lr=config["lr"], weight_decay=config["weight_decay"])
     if opt_state is not None:
         opt.load_state_dict(opt_state)
     weights = torch.tensor(config["class_weights"], dtype=torch.float32, device=device) if config.get("class_weights") else None
@@ -126,7 +126,7 @@ def train_loop_per_worker(config: dict) -> None:
                 images = photometric(images)
             images = drop_images(images, float(config.get("image_dropout", 0.0)))
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, total, int(config["warmup_steps"]), float(config["lr"]))
+                group["lr"] = lr_at(step, total, int(config["warmup_steps"]), float(config["lr"])) * group["lr_scale"]
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
                 if task == "pretrain":  # through the (DDP-wrapped) forward, so gradients are synchronised
                     losses = model(images, graphs, "pretrain")
