@@ -194,11 +194,11 @@ def run(data: Path, out: Path, seeds: list[int], preset: str, pre_epochs: int, f
             state = {k: v.detach().clone() for k, v in pre.state_dict().items()}
             # (name, training tiles, from the pretrained weights, share of fused samples with the image blanked,
             # backbone lr scale); the probes freeze the backbone: how much do its features alone carry?
-            s = backbone_lr_scale
-            runs = [("fused", train_idx, True, 0.0, s), ("fused_imgdrop", train_idx, True, image_dropout, s), ("image", train_idx, True, 0.0, s),
-                    ("osm", train_idx, True, 0.0, s), ("fused_10pct_pretrained", few, True, 0.0, s), ("fused_10pct_scratch", few, False, 0.0, 1.0),
+            b = backbone_lr_scale
+            runs = [("fused", train_idx, True, 0.0, b), ("fused_imgdrop", train_idx, True, image_dropout, b), ("image", train_idx, True, 0.0, b),
+                    ("osm", train_idx, True, 0.0, b), ("fused_10pct_pretrained", few, True, 0.0, b), ("fused_10pct_scratch", few, False, 0.0, 1.0),
                     ("fused_10pct_probe_pretrained", few, True, 0.0, 0.0), ("fused_10pct_probe_scratch", few, False, 0.0, 0.0),
-                    ] if guided else [("fused_unguided", train_idx, True, 0.0, s)]
+                    ] if guided else [("fused_unguided", train_idx, True, 0.0, b)]
             chosen = runs if only is None else [r for name in only for r in runs if r[0] == name]  # in the order asked for
             for name, idx, from_pre, dropout, scale in chosen:
                 torch.manual_seed(seed)
@@ -213,8 +213,7 @@ def run(data: Path, out: Path, seeds: list[int], preset: str, pre_epochs: int, f
                 held_out.setdefault(name, {})[str(seed)] = wide = evaluate(model, x, y, graphs, held_out_idx, mode)
                 print(f"seed {seed} {name:<24} test UV IoU {iou:.4f}, all held-out cities {wide:.4f}  ({time.time() - t0:.0f} s)", flush=True)
                 recipe = {"finetune_batch_size": ft_batch, "finetune_lr": ft_lr, "backbone_lr_scale": backbone_lr_scale,
-                          "finetune_epochs_10pct": few_epochs or ft_epochs,
-                          "pretrain_on_test": pretrain_on_test}
+                          "finetune_epochs_10pct": few_epochs or ft_epochs, "pretrain_on_test": pretrain_on_test}
                 summary = _write(out, results, held_out, curves, device, preset, pre_epochs, ft_epochs, batch, pre_idx, train_idx, few, test_idx,
                                  held_out_idx, t0, image_dropout, recipe)
     for name, s in summary.items():
