@@ -161,10 +161,11 @@ def evaluate(model, x, y, graphs, idx, mode: str, batch: int = 32) -> float:
 def run(data: Path, out: Path, seeds: list[int], preset: str, pre_epochs: int, ft_epochs: int, batch: int, limit: int | None = None,
         variants: tuple[str, ...] = ("guided", "unguided"), image_dropout: float = IMAGE_DROPOUT, ft_batch: int = 16,
         ft_lr: float = 5e-4, only: tuple[str, ...] | None = None, backbone_lr_scale: float = 1.0, few_epochs: int | None = None,
-        pretrain_on_test: bool = False) -> None:
+        pretrain_on_test: bool = False, pretrained_dir: Path | None = None) -> None:
     import torch
 
     from geolink_model import build_model, create_config
+    from geolink_model.checkpoint import load_model, save_model
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     x, y, graphs, split, tile_ids = load_data(data, device)
@@ -188,8 +189,18 @@ def run(data: Path, out: Path, seeds: list[int], preset: str, pre_epochs: int, f
         for guided in [v == "guided" for v in variants]:
             torch.manual_seed(seed)
             cfg = create_config(preset, img_size=x.shape[-1], position_guided=guided)
-            history: list = []
-            pre = train(build_model(cfg).to(device), x, y, graphs, pre_idx, "pretrain", pre_epochs, batch, 3e-4, seed, history=history)
+            # a pretraining is the slow part (20+ min per seed on CPU): keep it, so later fine-tunings can reuse it
+            bundle = pretrained_dir and pretrained_dir / (f"{preset}_seed{seed}_{'guided' if guided else 'unguided'}_ep{pre_epochs}"
+                                                          f"{'_alltiles' if pretrain_on_test else ''}{f'_limit{limit}' if limit else ''}")
+            if bundle and (bundle / "model.safetensors").is_file():
+                pre, extra = load_model(bundle, device=str(device))
+                history = extra["history"]
+                print(f"seed {seed}: pretrained weights from {bundle}", flush=True)
+            else:
+                history = []
+                pre = train(build_model(cfg).to(device), x, y, graphs, pre_idx, "pretrain", pre_epochs, batch, 3e-4, seed, history=history)
+                if bundle:
+                    save_model(pre, bundle, extra={"history": history, "pretrain_tiles": len(pre_idx)})
             curves[f"seed{seed}_{'guided' if guided else 'unguided'}"] = history
             state = {k: v.detach().clone() for k, v in pre.state_dict().items()}
             # (name, training tiles, from the pretrained weights, share of fused samples with the image blanked,
@@ -221,10 +232,11 @@ def run(data: Path, out: Path, seeds: list[int], preset: str, pre_epochs: int, f
 
 
 def diagnose(data: Path, out: Path, modes: list[str], seeds: list[int], zooms: list[float], epochs: int, batch: int, lr: float,
-             n_train: int, preset: str = "tiny", augment: bool = True) -> list[dict]:
+             n_train: int, preset: str = "tiny", augment: bool = True, position_guided: bool = True) -> list[dict]:
     """Does a mode carry over to new cities? Fine-tune from scratch on ``n_train`` training tiles, score UV IoU on
     those tiles and on the cities of each other split (never trained on here; ``held_out``: all of them together,
-    25 village tiles in the 12-city demo against 6 in the test cities); once per mode x seed x zoom (1 = off)."""
+    25 village tiles in the 12-city demo against 6 in the test cities); once per mode x seed x zoom (1 = off).
+    ``position_guided=False`` is the ablation: node tokens enter the fusion without their image-position embedding."""
     import torch
 
     from geolink_model import build_model, create_config
@@ -240,9 +252,9 @@ def diagnose(data: Path, out: Path, modes: list[str], seeds: list[int], zooms: l
             for max_zoom in zooms:
                 t0 = time.time()
                 torch.manual_seed(seed)
-                model = build_model(create_config(preset, img_size=x.shape[-1])).to(device)
+                model = build_model(create_config(preset, img_size=x.shape[-1], position_guided=position_guided)).to(device)
                 train(model, x, y, graphs, fit_idx, "finetune", epochs, batch, lr, seed, mode=mode, max_zoom=max_zoom, augment=augment)
-                row = {"mode": mode, "seed": seed, "max_zoom": max_zoom, "photometric": augment, "epochs": epochs, "train_tiles": len(fit_idx)}
+                row = {"mode": mode if position_guided else f"{mode}_unguided", "seed": seed, "max_zoom": max_zoom, "photometric": augment, "epochs": epochs, "train_tiles": len(fit_idx)}
                 row |= {f"iou_{name}": evaluate(model, x, y, graphs, idx, mode) for name, idx in {"train": fit_idx, **held_out}.items()}
                 rows.append(row | {"seconds": round(time.time() - t0, 1)})
                 print(json.dumps(rows[-1]), flush=True)
@@ -335,6 +347,8 @@ def main() -> None:
     r.add_argument("--backbone-lr-scale", type=float, default=1.0, help="fine-tuning from the pretrained weights: backbone lr share")
     r.add_argument("--few-epochs", type=int, default=None, help="epochs of the 10%%-label fine-tunings (default: --finetune-epochs)")
     r.add_argument("--pretrain-on-test", action="store_true", help="pretrain on the test cities' tiles too (no labels are used)")
+    r.add_argument("--pretrained-dir", type=Path, default=None,
+                   help="keep each pretraining here (safetensors bundle per preset, seed, variant, epochs) and reuse it when present")
     r.add_argument("--limit", type=int, default=None, help="tiles per split (smoke runs)")
     r.add_argument("--image-dropout", type=float, default=IMAGE_DROPOUT, help="share of blanked images in the fused_imgdrop run")
     r.add_argument("--variants", nargs="+", choices=("guided", "unguided"), default=["guided", "unguided"],
@@ -350,6 +364,7 @@ def main() -> None:
     d.add_argument("--lr", type=float, default=5e-4)
     d.add_argument("--train-tiles", type=int, default=160)
     d.add_argument("--no-photometric", action="store_true", help="train without the photometric augmentation")
+    d.add_argument("--unguided", action="store_true", help="the ablation: no image-position embedding on the node tokens")
     m = sub.add_parser("merge")
     m.add_argument("parts", type=Path, nargs="+")
     m.add_argument("--out", type=Path, default=Path("bench/results/experiments.json"))
@@ -358,14 +373,14 @@ def main() -> None:
         merge(args.parts, args.out)
     elif args.cmd == "diagnose":
         diagnose(args.data, args.out, args.modes, args.seeds, args.zooms, args.epochs, args.batch_size, args.lr, args.train_tiles,
-                 augment=not args.no_photometric)
+                 augment=not args.no_photometric, position_guided=not args.unguided)
     elif args.cmd == "export":
         export(args.workspace, args.out)
     else:
         run(args.data, args.out, args.seeds, args.preset, args.pretrain_epochs, args.finetune_epochs, args.batch_size, args.limit,
             tuple(args.variants), args.image_dropout, args.finetune_batch_size, args.finetune_lr,
             tuple(args.only) if args.only else None, args.backbone_lr_scale, args.few_epochs,
-            args.pretrain_on_test)
+            args.pretrain_on_test, args.pretrained_dir)
 
 
 if __name__ == "__main__":

@@ -168,7 +168,8 @@ def prepare(
 
 def _train(ctx: typer.Context, task: str, name: str, preset: str, epochs: int, batch_size: int, lr: float, workers: str,
            gpu: bool, mode: str, classes: str, label_fraction: float, init_from: str | None, storage: str | None, seed: int,
-           address: str | None, image_dropout: float = 0.0, max_zoom: float = 1.0, backbone_lr_scale: float = 1.0) -> None:
+           address: str | None, image_dropout: float = 0.0, max_zoom: float = 1.0, backbone_lr_scale: float = 1.0,
+           pretrain_on_test: bool = False) -> None:
     from engine.pipelines.runtime import init_ray
     from engine.pipelines.train import TrainConfig, run_training
 
@@ -179,7 +180,8 @@ def _train(ctx: typer.Context, task: str, name: str, preset: str, epochs: int, b
         n_workers: int | tuple[int, int] = (int(lo), int(hi)) if hi else int(lo)
         cfg = TrainConfig(task=task, preset=preset, epochs=epochs, batch_size=batch_size, lr=lr, num_workers=n_workers, use_gpu=gpu,
                           mode=mode, classes=classes, label_fraction=label_fraction, init_from=init_from, seed=seed,
-                          image_dropout=image_dropout, max_zoom=max_zoom, backbone_lr_scale=backbone_lr_scale)
+                          image_dropout=image_dropout, max_zoom=max_zoom, backbone_lr_scale=backbone_lr_scale,
+                          pretrain_on_test=pretrain_on_test)
     except ValueError as exc:
         _fail(f"{exc} (--workers takes N or MIN-MAX)")
     init_ray(address)
@@ -222,10 +224,11 @@ def pretrain(
     seed: Annotated[int, _TRAIN_OPTIONS["seed"]] = 0,
     address: Annotated[str | None, _TRAIN_OPTIONS["address"]] = None,
     max_zoom: Annotated[float, _TRAIN_OPTIONS["max_zoom"]] = 1.0,
+    pretrain_on_test: Annotated[bool, typer.Option("--pretrain-on-test", help="Pretrain on the test cities' imagery and OSM too (no labels are read).")] = False,
 ) -> None:
     """Self-supervised pretraining (masked patches, image-graph contrast, masked OSM nodes) on Ray Train."""
     _train(ctx, "pretrain", name, preset, epochs, batch_size, lr, workers, gpu, "fused", "binary", 1.0, None, storage, seed, address,
-           max_zoom=max_zoom)
+           max_zoom=max_zoom, pretrain_on_test=pretrain_on_test)
 
 
 @app.command("finetune")

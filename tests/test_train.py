@@ -80,6 +80,19 @@ def test_bad_training_requests_fail_clearly(small_tiles):
         run_training(pa.Table.from_pylist(rows, schema=catalog.schema), ws, TrainConfig(task="finetune"), name="nothing")
 
 
+def test_training_cities_follow_the_splits():
+    from engine.pipelines.train import training_cities
+
+    split = {"a": "train", "b": "val", "c": "test", "d": "map"}
+    assert training_cities(split, "pretrain") == (["a", "b", "d"], [])
+    assert training_cities(split, "pretrain", pretrain_on_test=True) == (["a", "b", "c", "d"], [])
+    assert training_cities(split, "finetune") == (["a"], ["b"])
+    with pytest.raises(ValueError, match="split 'train'"):
+        training_cities({"c": "test"}, "finetune")
+    with pytest.raises(ValueError, match="pretraining only"):
+        TrainConfig(task="finetune", pretrain_on_test=True)
+
+
 def test_augmentations_are_seeded_and_blank_whole_images():
     import torch
 

@@ -47,6 +47,9 @@ class TrainConfig:
         init_from: a model bundle to start from (a pretrained model for fine-tuning).
         backbone_lr_scale: fine-tuning only: the image encoder, OSM encoder and fusion learn at this share of
             ``lr`` (the new decoder at ``lr``), so few labels adjust the pretrained backbone rather than overwrite it.
+        pretrain_on_test: pretraining only: the test cities' imagery and OSM join pretraining (no labels are read;
+            the paper's setting: self-supervision may see every city to be mapped, and it lifts the 10%-label
+            results there, docs/EXPERIMENTS.md). Off, the test cities stay wholly unseen until evaluation.
         max_failures: worker failures survived by resuming from the latest checkpoint.
     """
 
@@ -71,6 +74,7 @@ class TrainConfig:
     max_zoom: float = 1.0
     init_from: str | None = None
     backbone_lr_scale: float = 1.0
+    pretrain_on_test: bool = False
     seed: int = 0
     max_failures: int = 2
     fail_at_step: int | None = None  # tests: raise once at this step on rank 0, to prove resume
@@ -90,6 +94,8 @@ class TrainConfig:
             raise ValueError(f"max_zoom={self.max_zoom}: must be in [1, 4] (1 = no zoom augmentation)")
         if not 0.0 <= self.backbone_lr_scale <= 1.0:
             raise ValueError(f"backbone_lr_scale={self.backbone_lr_scale}: must be in [0, 1] (0 freezes the backbone)")
+        if self.pretrain_on_test and self.task != "pretrain":
+            raise ValueError("pretrain_on_test is for pretraining only: fine-tuning never reads the test cities")
         if self.epochs < 1 or self.batch_size < 1 or self.checkpoint_every < 1:
             raise ValueError("epochs, batch_size and checkpoint_every must be >= 1")
 
@@ -128,13 +134,27 @@ def count_tiles(workspace: str, cities: list[str]) -> tuple[int, int]:
     return n, size or 224
 
 
+def training_cities(split: dict[str, str], task: str, pretrain_on_test: bool = False) -> tuple[list[str], list[str]]:
+    """(cities to train on, cities to validate on) from each city's split. Pretraining reads no labels, so it may
+    take every city but the test ones (or all, ``pretrain_on_test``); fine-tuning takes ``train`` and ``val``."""
+    if task == "pretrain":
+        train = [c for c, s in split.items() if pretrain_on_test or s != "test"]
+        val: list[str] = []
+    else:
+        train = [c for c, s in split.items() if s == "train"]
+        val = [c for c, s in split.items() if s == "val"]
+    if not train:
+        raise ValueError(f"no cities to {task} on: the catalog needs rows with split 'train'")
+    return train, val
+
+
 def run_training(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: TrainConfig, name: str,
                  storage: str | None = None) -> Path:
     """Train on Ray and write ``<workspace>/models/<name>/``; returns that folder.
 
-    Splits: pretraining uses every city but the test split (no labels needed); fine-tuning trains on ``train``
-    cities and validates on ``val`` cities. Raises ValueError naming what is missing (no train cities, no
-    reference for a train city, unprepared city).
+    Splits (``training_cities``): pretraining uses every city but the test split (all of them with
+    ``pretrain_on_test``; no labels needed); fine-tuning trains on ``train`` cities and validates on ``val``
+    cities. Raises ValueError naming what is missing (no train cities, no reference for a train city, unprepared city).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -146,14 +166,7 @@ def run_training(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: Trai
         raise ValueError(f"run name {name!r} must match {CITY_SLUG_RE.pattern}")
     rows = catalog.to_pylist()
     split = {r["city"]: (r.get("split") or "train") for r in rows}
-    if cfg.task == "pretrain":
-        train_cities = [c for c, s in split.items() if s != "test"]
-        val_cities: list[str] = []
-    else:
-        train_cities = [c for c, s in split.items() if s == "train"]
-        val_cities = [c for c, s in split.items() if s == "val"]
-    if not train_cities:
-        raise ValueError(f"no cities to {cfg.task} on: the catalog needs rows with split 'train'")
+    train_cities, val_cities = training_cities(split, cfg.task, cfg.pretrain_on_test)
     references = None
     classes = LABEL_SETS[cfg.classes]
     if cfg.task == "finetune":
