@@ -47,9 +47,9 @@ class TrainConfig:
         init_from: a model bundle to start from (a pretrained model for fine-tuning).
         backbone_lr_scale: fine-tuning only: the image encoder, OSM encoder and fusion learn at this share of
             ``lr`` (the new decoder at ``lr``), so few labels adjust the pretrained backbone rather than overwrite it.
-        pretrain_on_test: pretraining only: the test cities' imagery and OSM join pretraining (no labels are read;
-            the paper's setting: self-supervision may see every city to be mapped, and it lifts the 10%-label
-            results there, docs/EXPERIMENTS.md). Off, the test cities stay wholly unseen until evaluation.
+        pretrain_on_test: pretraining only: the test cities' imagery and OSM join pretraining (no labels are read,
+            so self-supervision may see every city to be mapped; it lifts the 10%-label results there,
+            docs/EXPERIMENTS.md). Off, the test cities stay wholly unseen until evaluation.
         max_failures: worker failures survived by resuming from the latest checkpoint.
     """
 
