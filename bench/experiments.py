@@ -186,11 +186,12 @@ def run(data: Path, out: Path, seeds: list[int], preset: str, pre_epochs: int, f
     summary: dict = {}
     t0 = time.time()
     for seed in seeds:
-        for guided in [v == "guided" for v in variants]:
+        for variant in variants:
+            guided = variant == "guided"
             torch.manual_seed(seed)
             cfg = create_config(preset, img_size=x.shape[-1], position_guided=guided)
             # a pretraining is the slow part (20+ min per seed on CPU): keep it, so later fine-tunings can reuse it
-            bundle = pretrained_dir and pretrained_dir / (f"{preset}_seed{seed}_{'guided' if guided else 'unguided'}_ep{pre_epochs}"
+            bundle = pretrained_dir and pretrained_dir / (f"{preset}_seed{seed}_{variant}_ep{pre_epochs}"
                                                           f"{'_alltiles' if pretrain_on_test else ''}{f'_limit{limit}' if limit else ''}")
             if bundle and (bundle / "model.safetensors").is_file():
                 pre, extra = load_model(bundle, device=str(device))
@@ -201,7 +202,7 @@ def run(data: Path, out: Path, seeds: list[int], preset: str, pre_epochs: int, f
                 pre = train(build_model(cfg).to(device), x, y, graphs, pre_idx, "pretrain", pre_epochs, batch, 3e-4, seed, history=history)
                 if bundle:
                     save_model(pre, bundle, extra={"history": history, "pretrain_tiles": len(pre_idx)})
-            curves[f"seed{seed}_{'guided' if guided else 'unguided'}"] = history
+            curves[f"seed{seed}_{variant}"] = history
             state = {k: v.detach().clone() for k, v in pre.state_dict().items()}
             # (name, training tiles, from the pretrained weights, share of fused samples with the image blanked,
             # backbone lr scale); the probes freeze the backbone: how much do its features alone carry?

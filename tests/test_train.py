@@ -8,6 +8,7 @@ import torch
 from engine.catalog import load_catalog
 from engine.pipelines.prepare import run_prepare
 from engine.pipelines.train import TrainConfig, run_training
+from engine.training.schedule import BACKBONE
 from engine.tiles.city import PrepareConfig
 from engine.tiles.grid import TileGridConfig
 from geolink_model.checkpoint import load_model
@@ -56,7 +57,7 @@ def test_pretrain_then_finetune_from_it(small_tiles, tmp_path):
     assert saved["init_from"] == str(pre) and saved["max_zoom"] == 1.5 and saved["backbone_lr_scale"] == 0.0
     # a backbone lr scale of 0 freezes what pretraining taught; the new decoder still learns
     before, after = load_model(pre)[0].state_dict(), load_model(ft)[0].state_dict()
-    backbone = [k for k in after if k.startswith(("image_encoder.", "osm_encoder.", "fusion.")) and after[k].is_floating_point()]
+    backbone = [k for k in after if k.startswith(BACKBONE) and after[k].is_floating_point()]
     assert backbone and all(torch.equal(before[k], after[k]) for k in backbone)
     assert not torch.equal(before["seg_decoder.merge.0.weight"], after["seg_decoder.merge.0.weight"])
 
