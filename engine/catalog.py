@@ -153,11 +153,14 @@ def select_cities(catalog: pa.Table, cities: str) -> pa.Table:
 
 
 # --- validation ------------------------------------------------------------------------------------------------
-def validate_catalog(catalog: pa.Table) -> list[CatalogProblem]:
+def validate_catalog(catalog: pa.Table, facts: dict | None = None) -> list[CatalogProblem]:
     """Check every row of a loaded catalog; return all problems (errors and warnings), in row order.
 
-    Checks: slug and uniqueness, region, split; imagery readable with a CRS, 3+ bands, north-up; OSM readable,
-    non-empty, with a CRS; imagery and OSM overlap; optional AOI (WKT or file) and reference (with ``class``).
+    Checks: slug and uniqueness, region, split; imagery readable with a CRS, 3+ bands, north-up, its first and last
+    blocks and smallest overview readable (a truncated file), 8-bit (a warning: prepare and map refuse other pixel
+    types); OSM readable, non-empty, with a CRS; imagery and OSM overlap; optional AOI (WKT or file) and reference
+    (with ``class``). ``facts``: when given, filled with each readable raster's
+    :class:`engine.imagery.ImageryFacts` by city (CRS, size, bands, pixel type, ground GSD in metres).
     """
     problems: list[CatalogProblem] = []
     seen: dict[str, int] = {}
@@ -181,7 +184,7 @@ def validate_catalog(catalog: pa.Table) -> list[CatalogProblem]:
         if split is not None and split not in SPLITS:
             report("split", f"{split!r} is not one of {', '.join(SPLITS)}")
 
-        image_bounds = _check_imagery(row.get("imagery"), report)
+        image_bounds = _check_imagery(row.get("imagery"), report, facts, city)
         osm_bounds = _check_vector(row.get("osm"), "osm", report, need_rows=True)
         if image_bounds is not None and osm_bounds is not None and not shapely.box(*image_bounds).intersects(shapely.box(*osm_bounds)):
             report("osm", f"does not overlap the imagery (imagery {_fmt(image_bounds)}, OSM {_fmt(osm_bounds)} in EPSG:4326)")
@@ -195,9 +198,14 @@ def validate_catalog(catalog: pa.Table) -> list[CatalogProblem]:
     return problems
 
 
-def _check_imagery(path: str | None, report) -> tuple[float, float, float, float] | None:
+def _check_imagery(path: str | None, report, facts: dict | None = None, city: str = "") -> tuple[float, float, float, float] | None:
+    """Header checks plus a cheap read (the smallest overview, the first and last block of each band) that catches a
+    truncated file; records the raster's :class:`engine.imagery.ImageryFacts` in ``facts[city]``."""
     import rasterio
     from rasterio.warp import transform_bounds
+
+    from engine.errors import describe_error
+    from engine.imagery import imagery_facts, model_input_problem, probe_blocks
 
     if not path:
         report("imagery", "empty; every city needs imagery (a GeoTIFF or COG)")
@@ -206,7 +214,7 @@ def _check_imagery(path: str | None, report) -> tuple[float, float, float, float
         report("imagery", f"file not found: {path}")
         return None
     try:
-        with warnings.catch_warnings(), rasterio.open(path) as src:
+        with warnings.catch_warnings(), storage.raster_env(), rasterio.open(path) as src:
             warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
             if src.crs is None:
                 report("imagery", f"{path} has no CRS; write one (e.g. gdal_edit.py -a_srs EPSG:32650 {Path(path).name})")
@@ -218,9 +226,19 @@ def _check_imagery(path: str | None, report) -> tuple[float, float, float, float
             if src.width == 0 or src.height == 0:
                 report("imagery", f"{path} is empty ({src.width}x{src.height} px)")
                 return None
+            found = imagery_facts(src, path)
+            if facts is not None:
+                facts[city] = found
+            problem = model_input_problem(found)
+            if problem and src.count >= 3:
+                report("imagery", f"{problem}; prepare and map refuse it", severity="warning")
+            try:
+                probe_blocks(src)
+            except Exception as exc:  # noqa: BLE001 (GDAL raises its own error classes too)
+                report("imagery", f"{path} is damaged (truncated or corrupt): {describe_error(exc)}")
             return tuple(transform_bounds(src.crs, CRS.from_epsg(4326), *src.bounds))
     except rasterio.errors.RasterioError as exc:
-        report("imagery", f"{path} cannot be read as a raster: {exc}")
+        report("imagery", f"{path} cannot be read as a raster: {describe_error(exc)}")
     return None
 
 

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -56,6 +57,13 @@ def _main(
 ) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", datefmt="[%X]",
                         handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=False)], force=True)
+    # GDAL's errors reach us as exceptions (their causes are in every message); its log lines would be a wall
+    for name in ("rasterio", "pyogrio", "botocore", "boto3"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
+    if not verbose:  # polygons are traced in pixel space on purpose (an identity transform is no mistake there)
+        from rasterio.errors import NotGeoreferencedWarning
+
+        warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
     storage.configure_process()
     ctx.obj = Settings(workspace=storage.workspace_root(workspace), catalog=storage.local_path(catalog) if catalog else None)
 
@@ -271,12 +279,13 @@ def map_command(
     actors_per_gpu: Annotated[int, typer.Option("--actors-per-gpu", min=1, help="Predictor actors sharing one GPU (keeps a fast GPU busy).")] = 1,
     actors: Annotated[int | None, typer.Option("--actors", min=1, help="Predictor actors on CPU (default: half the CPUs).")] = None,
     min_area: Annotated[float, typer.Option("--min-area", help="Drop UV polygons smaller than this (m2).")] = 100.0,
+    allow_gsd_mismatch: Annotated[bool, typer.Option("--allow-gsd-mismatch", help="Map cities whose ground GSD is more than 3x off the "
+                                                     "model's training GSD (refused otherwise).")] = False,
 ) -> None:
     """The main job: prepare -> fused inference -> stitch -> products, for the catalog's cities (demo cities if none)."""
     from engine.catalog import find_catalog as _find
     from engine.mapping.infer import InferenceConfig
-    from engine.pipelines.map import REFERENCE_MODEL, MapConfig, default_model, run_map
-    from engine.pipelines.runtime import init_ray
+    from engine.pipelines.map import MapConfig, check_model, default_model, run_map
 
     settings: Settings = ctx.obj
     if settings.catalog is None:
@@ -293,33 +302,35 @@ def map_command(
     path, table = _load_catalog(settings)
     try:
         table = select_cities(table, cities)
-        cfg = MapConfig(run=run, model_dir=model, mode=mode, min_area_m2=min_area,
+        cfg = MapConfig(run=run, model_dir=model, mode=mode, min_area_m2=min_area, allow_gsd_mismatch=allow_gsd_mismatch,
                         inference=InferenceConfig(batch_size=batch_size, gpus=devices, actors=actors, actors_per_gpu=actors_per_gpu))
     except (CatalogError, ValueError) as exc:
         _fail(str(exc))
     errors = [p for p in validate_catalog(table) if p.severity == "error" and p.field == "city"]
     if errors:
         _fail("; ".join(str(p) for p in errors) + f" (run `geolink-engine catalog validate` on {path})")
-    if model not in (None, REFERENCE_MODEL) and not (storage.local_path(model) / "model.safetensors").is_file():
-        _fail(f"--model {model}: no model.safetensors there (a bundle from `geolink-engine finetune`)")
-    init_ray(address)
+    try:
+        check_model(cfg, settings.workspace)  # run_map checks it too; here, so a broken bundle is one line and nothing else
+    except ValueError as exc:
+        _fail(str(exc))
     say = lambda msg: console.print(f"[bold]>[/] {escape(msg)}", soft_wrap=True)  # noqa: E731
     with _progress() as progress:
         bar = progress.add_task("tiles predicted", total=None)
         try:
             report = run_map(table, settings.workspace, cfg,
                              ensure_model=lambda cat: default_model(settings.workspace, cat, use_gpu=devices > 0, say=say),
-                             on_stage=say, on_commit=lambda n, total: progress.update(bar, advance=n, total=total))
-        except (ValueError, FileNotFoundError) as exc:
+                             on_stage=say, on_commit=lambda n, total: progress.update(bar, advance=n, total=total), address=address)
+        except (ValueError, FileNotFoundError) as exc:  # a broken model bundle, a bad option: one line, before any stage
             _fail(str(exc))
     _print_city_report(report.cities, f"map run {report.run} (model {report.model_version})")
     if report.assessment is not None:
         _print_assessment(report.assessment)
     timing = ", ".join(f"{k} {v:.1f} s" for k, v in report.seconds.items())
     console.print(f"products in [bold]{report.products}[/] (open {report.products / 'index.html'}); {timing}", soft_wrap=True)
-    if report.failed:
-        _fail(f"{len(report.failed)} of {len(report.cities)} cities failed or are incomplete: "
-              + ", ".join(f"{c.city} ({c.stage})" for c in report.failed), code=1)
+    if report.failed or report.assessment_failed:
+        cities = ", ".join(f"{c.city} ({c.stage})" for c in report.failed)
+        _fail(f"{len(report.failed)} of {len(report.cities)} cities failed or are incomplete" + (f": {cities}" if cities else "")
+              + ("; the accuracy assessment failed" if report.assessment_failed else ""), code=1)
 
 
 @app.command("stitch")
@@ -397,6 +408,9 @@ def assess_command(
     except (CatalogError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
     _print_assessment(result)
+    if result.skipped:
+        _fail(f"{len(result.skipped)} of {len(result.skipped) + len(result.cities)} cities not assessed: "
+              + ", ".join(sorted(result.skipped)), code=1)
 
 
 @app.command("assess-table")
@@ -421,15 +435,22 @@ def assess_table_command(
 
 
 def _print_assessment(result) -> None:
+    from engine.accuracy.report import overall_label
+
     if isinstance(result, str):
         console.print(f"[red]accuracy assessment {escape(result)}[/]", soft_wrap=True)
         return
+    for city, why in sorted(result.skipped.items()):  # one line per city the estimates leave out
+        console.print(f"[yellow]accuracy: {escape(city)} not assessed:[/] {escape(why)}", soft_wrap=True, highlight=False)
     if result.status != "done":
         sheet = result.files.get("sheet_csv") or result.out_dir
-        console.print(f"[yellow]accuracy:[/] {len(result.points)} points need a reference label: fill {sheet} and rerun "
-                      "`geolink-engine assess --reference FILLED.csv`", soft_wrap=True)
+        pending = int(result.points["ref_class"].isna().sum())
+        console.print(f"[yellow]accuracy:[/] {pending} of {len(result.points)} points need a reference label: fill {sheet} and "
+                      "rerun `geolink-engine assess --reference FILLED.csv`", soft_wrap=True)
         return
-    view = Table(title=f"accuracy, estimate [95% CI] (design-based): {result.out_dir / 'report.md'}")
+    overall = overall_label({"skipped_cities": result.skipped, "cities": result.cities})
+    scope = "" if overall == "national" else f" over {overall}"
+    view = Table(title=f"accuracy{scope}, estimate [95% CI] (design-based): {result.out_dir / 'report.md'}")
     for name in ("domain", "n", "overall", "UV user's", "UV producer's", "UV km2"):
         view.add_column(name, overflow="fold")
 
@@ -440,10 +461,11 @@ def _print_assessment(result) -> None:
 
     for domain in [result.national, *result.regions.values()]:
         r = domain.result
+        name = overall if domain is result.national else domain.name
         if r is None:
-            view.add_row(domain.name, str(domain.n), escape(domain.status), "", "", "")
+            view.add_row(name, str(domain.n), escape(domain.status), "", "", "")
             continue
-        view.add_row(domain.name, str(domain.n), fmt(r.overall_accuracy), fmt(r.users_accuracy.get("urban_village")),
+        view.add_row(name, str(domain.n), fmt(r.overall_accuracy), fmt(r.users_accuracy.get("urban_village")),
                      fmt(r.producers_accuracy.get("urban_village")), fmt(r.area.get("urban_village"), 1e-6))
     console.print(view)
 
@@ -481,9 +503,20 @@ def catalog_show(ctx: typer.Context) -> None:
 
 @catalog_app.command("validate")
 def catalog_validate(ctx: typer.Context) -> None:
-    """Check every row (slug, unique city, readable imagery with a CRS, readable OSM, overlap, reference)."""
+    """Check every row (slug, unique city, readable imagery with a CRS and intact blocks, readable OSM, overlap,
+    reference) and show each raster's CRS, size, bands, pixel type and ground GSD in metres."""
+    from engine.imagery import format_gsd
+
     path, table = _load_catalog(ctx.obj)
-    problems = validate_catalog(table)
+    facts: dict = {}
+    problems = validate_catalog(table, facts)
+    if facts:  # what each raster is, on the ground: the model needs 8-bit RGB near the GSD it was trained at
+        view = Table(title=f"imagery of {path}")
+        for name in ("city", "CRS", "size (px)", "bands", "pixel type", "ground GSD"):
+            view.add_column(name, overflow="fold")
+        for city, f in facts.items():
+            view.add_row(city, f.crs, f"{f.width_px} x {f.height_px}", str(f.bands), f.dtype, format_gsd(f.gsd_m))
+        console.print(view)
     errors = [p for p in problems if p.severity == "error"]
     warnings = [p for p in problems if p.severity != "error"]
     for p in problems:  # one line per problem, so logs and CI output stay greppable

@@ -41,6 +41,13 @@ BUILT_UP_CLASSES: tuple[str, ...] = (
     "institutional",
 )
 
+LABEL_SETS: dict[str, tuple[str, ...]] = {
+    "binary": ("other", "urban_village"),
+    "landuse": ("other", "urban_village", "formal_residential", "commercial", "industrial", "institutional", "green", "water",
+                "farmland", "vacant"),
+}
+"""The class sets a model predicts (``--classes``); index 0 is always ``other``."""
+
 # --- schemas -------------------------------------------------------------------------------------------------
 CATALOG_SCHEMA = pa.schema(
     [

@@ -14,7 +14,6 @@ import time
 from engine.catalog import find_catalog, load_catalog, select_cities
 from engine.mapping.infer import InferenceConfig
 from engine.pipelines.map import MapConfig, default_model, run_map
-from engine.pipelines.runtime import init_ray
 
 
 def progress_printer(every_fraction: float = 0.05, every_s: float = 30.0):
@@ -44,23 +43,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--devices", type=int, default=0, help="GPUs (one predictor actor each)")
     parser.add_argument("--actors", type=int, default=None)
     parser.add_argument("--actors-per-gpu", type=int, default=1, help="predictor actors sharing one GPU (keeps a fast GPU busy)")
+    parser.add_argument("--allow-gsd-mismatch", action="store_true", help="map cities whose ground GSD is more than 3x off the model's")
     parser.add_argument("--address", default="auto", help="'auto' (RAY_ADDRESS or the local cluster), ray://host:10001, or 'local'")
     return parser
 
 
 def main() -> int:
     args = build_parser().parse_args()
-    catalog = select_cities(load_catalog(args.catalog or find_catalog(args.workspace)), args.cities)
-    init_ray(args.address)
-    cfg = MapConfig(run=args.run, model_dir=args.model, mode=args.mode, tile_size_px=args.tile_size,
-                    inference=InferenceConfig(batch_size=args.batch_size, gpus=args.devices, actors=args.actors,
-                                              actors_per_gpu=args.actors_per_gpu))
-    report = run_map(catalog, args.workspace, cfg, ensure_model=lambda cat: default_model(args.workspace, cat, use_gpu=args.devices > 0, say=print),
-                     on_stage=lambda msg: print(msg, flush=True), on_commit=progress_printer())
+    try:
+        catalog = select_cities(load_catalog(args.catalog or find_catalog(args.workspace)), args.cities)
+        cfg = MapConfig(run=args.run, model_dir=args.model, mode=args.mode, tile_size_px=args.tile_size,
+                        allow_gsd_mismatch=args.allow_gsd_mismatch,
+                        inference=InferenceConfig(batch_size=args.batch_size, gpus=args.devices, actors=args.actors,
+                                                  actors_per_gpu=args.actors_per_gpu))
+        report = run_map(catalog, args.workspace, cfg,
+                         ensure_model=lambda cat: default_model(args.workspace, cat, use_gpu=args.devices > 0, say=print),
+                         on_stage=lambda msg: print(msg, flush=True), on_commit=progress_printer(), address=args.address)
+    except (ValueError, FileNotFoundError) as exc:  # a bad catalog or model bundle: one line, before any stage
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
     for c in report.cities:
         print(f"{c.city}\t{c.status}\t{c.tiles_ok}\t{c.tiles_failed}\t{c.polygons}\t{c.uv_area_m2:.0f}\t{c.stage}\t{c.error}")
+    if report.assessment_failed:
+        print(f"assessment {report.assessment}")
     print(f"products: {report.products}")
-    return 1 if report.failed else 0
+    return 1 if report.failed or report.assessment_failed else 0
 
 
 if __name__ == "__main__":

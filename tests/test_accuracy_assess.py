@@ -271,7 +271,9 @@ def test_run_assess_writes_every_file_with_the_issue_shape(products, tmp_path: P
         assert (s["unseen_error_bound_m2"] is None) == (s["disagreements"] > 0)
     assert any("producer's accuracy of urban_village is 1 with SE 0" in f for f in doc["cities"]["c"]["flags"])
     md = (out / "report.md").read_text()
-    assert "## National estimates" in md and "| overall accuracy |" in md and "d: no class.tif" in md
+    # city d has no class map: the estimates cover 3 of 4 cities and must not be called national
+    assert "## Estimates over the assessed cities: 3 of 4 cities (not national)" in md and "## National" not in md
+    assert "| overall accuracy |" in md and "d: no class.tif" in md
 
 
 def test_unreadable_class_map_is_reported_and_the_rest_completes(tmp_path: Path) -> None:

@@ -84,7 +84,8 @@ def test_killed_run_resumes_to_the_same_products(prepared):
     shutil.copy(some_part, some_part.with_name("part-orphan.parquet"))
 
     again = run_inference(ws, resumed, cities, OraclePredictor, _oracle(catalog), cfg)
-    assert again.skipped == committed and again.predicted == total - committed
+    # parts the actors finished but the driver never committed are verified and adopted, not predicted again
+    assert again.skipped == committed + again.adopted and again.predicted == total - committed - again.adopted
     assert not list((path / "predictions").rglob("part-orphan.parquet"))
     with Ledger(path, read_only=True) as a, Ledger(run_dir(ws, "clean"), read_only=True) as b:
         ta, tb = a.table(), b.table()
@@ -119,7 +120,8 @@ def test_map_completes_past_a_corrupt_city_and_a_failing_tile(prepared, tmp_path
     report = run_map(bad_catalog, ws, MapConfig(run="faults", model_dir=str(model_dir), fail_tiles=(bad_tile,),
                                                  inference=InferenceConfig(batch_size=8, actors=1)))
     by_city = {c.city: c for c in report.cities}
-    assert by_city["broken-city"].status == "failed" and by_city["broken-city"].stage == "prepare"
+    # refused by the imagery check before prepare, in one line with GDAL's cause
+    assert by_city["broken-city"].status == "failed" and by_city["broken-city"].stage in ("imagery", "prepare")
     assert "broken.tif" in by_city["broken-city"].error or "broken-city" in by_city["broken-city"].error
     hit = by_city[rows[1]["city"]]
     assert hit.status == "partial" and hit.tiles_failed == 1 and hit.tiles_ok == index.num_rows - 1
@@ -154,6 +156,59 @@ def test_cli_map_reports_and_exits_nonzero_on_failure(prepared, tmp_path):
     assert bad.exit_code == 2 and "model.safetensors" in bad.output
     bad = runner.invoke(app, ["--workspace", str(ws), "--catalog", str(cat), "map", "--model", str(model_dir), "--run", "../x"])
     assert bad.exit_code == 2 and "run name" in bad.output
+
+
+def test_resume_adopts_finished_parts_and_deletes_the_rest(prepared):
+    """A driver killed after the actors wrote their parts but before it committed any: the rerun verifies each part
+    (tiles, rows, checksum in its footer) and adopts it; a part cut short or altered is deleted and its tiles redone."""
+    ws, catalog, _ = prepared
+    cities = catalog["city"].to_pylist()[:2]
+    full = RunManifest(run="adopt-full", model_dir="oracle", model_version="oracle-1", classes=LABEL_SETS["binary"], mode="fused",
+                       tile_size_px=128, overlap_px=32)
+    cfg = InferenceConfig(batch_size=8, actors=1)
+    first = run_inference(ws, full, cities, OraclePredictor, _oracle(catalog), cfg)
+    killed = replace(full, run="adopt-killed")
+    src, dst = run_dir(ws, full.run), run_dir(ws, killed.run)
+    shutil.copytree(src / "predictions", dst / "predictions")  # the parts landed; the ledger never heard of them
+    parts = sorted((dst / "predictions").rglob("*.parquet"))
+    cut, altered = parts[0], parts[-1]
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    table = pq.read_table(altered)
+    probs = table["probs"].to_pylist()
+    probs[0] = bytes([255 - probs[0][0]]) + probs[0][1:]
+    pq.write_table(table.set_column(table.schema.get_field_index("probs"), table.schema.field("probs"), pa.array(probs, pa.binary())),
+                   altered)
+    with Ledger(src, read_only=True) as ledger:
+        by_part = {}
+        for row in ledger.committed().to_pylist():
+            by_part[Path(row["part"]).name] = by_part.get(Path(row["part"]).name, 0) + 1
+    redo = by_part[cut.name] + by_part[altered.name]
+
+    again = run_inference(ws, killed, cities, OraclePredictor, _oracle(catalog), cfg)
+    assert again.adopted == first.predicted - redo and again.predicted == redo and again.skipped == again.adopted
+    assert not cut.exists() and not altered.exists()
+    with Ledger(dst, read_only=True) as ledger:
+        rows = ledger.table().to_pylist()
+    assert len(rows) == first.predicted == len({r["tile_id"] for r in rows}) and {r["status"] for r in rows} == {"ok"}
+    assert all((dst / r["part"]).is_file() for r in rows)
+    shard = catalog.filter(pa.array([c in cities for c in catalog["city"].to_pylist()]))
+    for run in (full.run, killed.run):
+        stitch_products(str(ws), run, shard, publish=False)
+    assert _digest(ws / "products" / full.run / "urban_villages.parquet") == _digest(ws / "products" / killed.run / "urban_villages.parquet")
+
+
+def test_console_counts_the_points_awaiting_labels(prepared, tmp_path):
+    ws, catalog, model_dir = prepared
+    rows = catalog.to_pylist()[:2]
+    rows[1] = {**rows[1], "reference": None}  # a real city: its points go to the labelling sheet
+    cat = write_catalog(rows, tmp_path / "catalog.yaml")
+    result = CliRunner().invoke(app, ["--workspace", str(ws), "--catalog", str(cat), "map", "--model", str(model_dir), "--run", "labels",
+                                      "--batch-size", "8", "--actors", "1"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads((ws / "products" / "labels" / "accuracy" / "report.json").read_text())
+    pending, total = doc["reference"]["awaiting_labels"], doc["design"]["n_total"]
+    assert 0 < pending < total
+    assert f"{pending} of {total} points need a reference label" in " ".join(result.output.split())
 
 
 def test_ledger_upsert_keeps_one_row_per_tile_the_latest(tmp_path):

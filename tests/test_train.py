@@ -39,6 +39,18 @@ def test_two_worker_finetune_survives_a_failure_and_resumes(small_tiles, tmp_pat
     assert all(0.0 <= h["val_iou_urban_village"] <= 1.0 and "val_miou" in h for h in history)
     splits = json.loads((out / "splits.json").read_text())
     assert splits["train"] and splits["val"] and not set(splits["train"]) & set(splits["val"])
+    # the bundle records the ground GSD of its training imagery: `map` checks every city against it
+    import rasterio
+
+    from engine.mapping.bundle import model_gsd_range
+
+    sides = []
+    for row in catalog.to_pylist():
+        if row["city"] in splits["train"] + splits["val"]:
+            with rasterio.open(row["imagery"]) as src:
+                sides.append(abs(src.transform.a))  # UTM metres: ground metres within the zone's scale factor
+    lo, hi = model_gsd_range(out)
+    assert lo == pytest.approx(min(sides), rel=2e-3) and hi == pytest.approx(max(sides), rel=2e-3)
     model, extra = load_model(out)
     assert extra["task"] == "finetune" and model.cfg.img_size == 128 and model.cfg.num_classes == 2
 

@@ -131,13 +131,15 @@ def run_assess(workspace: str | os.PathLike[str], run: str, catalog: pa.Table, c
     if UV_CLASS not in classes:
         raise ValueError(f"run {run}: classes {list(classes)} have no {UV_CLASS!r}; nothing to assess")
     out_dir = products / ACCURACY_DIR
-    rows = [r for r in catalog.to_pylist() if r.get("city")]
+    all_rows = [r for r in catalog.to_pylist() if r.get("city")]
     warnings: list[str] = []
-    references = _load_references(rows, warnings)
+    # a reference that cannot be used (unreadable, no `class` column) is an input error of its city: the city is
+    # left out (and reported), never silently sent to the labelling sheet
+    references, skipped = _load_references(all_rows)
+    rows = [r for r in all_rows if r["city"] not in skipped]
     stats = _stitch_status(products)
 
     say(f"assess: scanning {len(rows)} class maps")
-    skipped: dict[str, str] = {}
     scans: list[CityStrata] = []
     workers = max(1, min(cfg.workers or min(4, os.cpu_count() or 1), len(rows) or 1))
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -147,16 +149,18 @@ def run_assess(workspace: str | os.PathLike[str], run: str, catalog: pa.Table, c
             else:
                 scans.append(outcome)
     if not scans:
-        raise ValueError(f"run {run}: no city has a readable class map ({'; '.join(f'{c}: {w}' for c, w in skipped.items())}); "
-                         f"run `geolink-engine stitch --run {run}` first")
+        hint = f"; run `geolink-engine stitch --run {run}` first" if any(CLASS_TIF in w for w in skipped.values()) else ""
+        raise ValueError(f"run {run}: no city has a readable class map (or each one's reference is unusable): "
+                         f"{'; '.join(f'{c}: {w}' for c, w in skipped.items())}{hint}")
     if skipped:
-        warnings.append(f"{len(skipped)} of {len(rows)} cities skipped (see skipped_cities): the estimates describe "
-                        f"the {len(scans)} others only")
+        warnings.append(f"{len(skipped)} of {len(all_rows)} cities skipped (see skipped_cities): the estimates describe "
+                        f"the {len(scans)} others only and are not national")
 
     design = plan_design(scans, cfg.sampling)
     say(f"assess: {design.n_total} points in {len(design.strata)} strata")
     points = draw_sample(scans, design)
-    points, sheet_files = _reference(points, rows, references, cfg, reference_labels, out_dir, warnings)
+    stamp = str(manifest.get("datetime") or "")  # the GeoPackages' last_change: the run's start, stable across reruns
+    points, sheet_files = _reference(points, rows, references, cfg, reference_labels, out_dir, warnings, stamp)
     status = "awaiting_labels" if points["ref_class"].isna().any() else "done"
 
     regions = sorted({s.grid.region for s in scans})
@@ -181,7 +185,7 @@ def run_assess(workspace: str | os.PathLike[str], run: str, catalog: pa.Table, c
     report = AssessReport(run=run, model_version=str(manifest.get("model_version", "")), status=status, out_dir=out_dir,
                           config=cfg.to_json(), design=design, points=points, national=national, regions=by_region,
                           cities=by_city, census=census, skipped=skipped, files=files, warnings=tuple(warnings))
-    write_samples(points, out_dir)
+    write_samples(points, out_dir, stamp)
     if status == "done":
         write_tables(points, design, out_dir)
     write_report(report)
@@ -212,10 +216,11 @@ def _stitch_status(products: Path) -> dict[str, str]:
         return {r["city"]: r.get("status") or "" for r in csv.DictReader(fh) if r.get("city")}
 
 
-def _load_references(rows: list[dict], warnings: list[str]) -> dict[str, object]:
-    """city -> reference polygons, each file read once (several cities may share one national file)."""
+def _load_references(rows: list[dict]) -> tuple[dict[str, object], dict[str, str]]:
+    """city -> reference polygons, each file read once (several cities may share one national file); and city ->
+    why its reference cannot be used."""
     by_path: dict[str, object] = {}
-    out = {}
+    out, bad = {}, {}
     for row in rows:
         path = row.get("reference")
         if not path:
@@ -224,11 +229,12 @@ def _load_references(rows: list[dict], warnings: list[str]) -> dict[str, object]
             try:
                 by_path[path] = load_reference(path)
             except ValueError as exc:
-                by_path[path] = None
-                warnings.append(f"city {row['city']}: {exc}; its points go to the labelling sheet")
-        if by_path[path] is not None:
+                by_path[path] = str(exc)
+        if isinstance(by_path[path], str):
+            bad[row["city"]] = by_path[path]
+        else:
             out[row["city"]] = by_path[path]
-    return out
+    return out, bad
 
 
 def _scan(products: Path, row: dict, classes: tuple[str, ...], cfg: AssessConfig, references: dict,
@@ -253,7 +259,7 @@ def _scan(products: Path, row: dict, classes: tuple[str, ...], cfg: AssessConfig
 
 def _reference(points: pd.DataFrame, rows: list[dict], references: dict, cfg: AssessConfig,
                labels_csv: str | os.PathLike[str] | None, out_dir: Path,
-               warnings: list[str]) -> tuple[pd.DataFrame, dict[str, Path]]:
+               warnings: list[str], timestamp: str = "") -> tuple[pd.DataFrame, dict[str, Path]]:
     """Points with ``ref_class``/``ref_source``; exports the labelling sheet for points still without a label."""
     points = points.copy()
     ref = np.full(len(points), None, dtype=object)
@@ -276,7 +282,7 @@ def _reference(points: pd.DataFrame, rows: list[dict], references: dict, cfg: As
     if not pending.any():
         return points, {}
     imagery = {r["city"]: r.get("imagery") for r in rows}
-    files, chip_warnings = export_label_sheet(points[pending], imagery, out_dir, cfg.chip_px)
+    files, chip_warnings = export_label_sheet(points[pending], imagery, out_dir, cfg.chip_px, timestamp)
     warnings += chip_warnings
     warnings.append(f"{int(pending.sum())} points have no reference label: fill {files['csv'].name} and run the "
                     f"assessment again with it")
@@ -347,7 +353,7 @@ def census_tables(scans: list[CityStrata]) -> dict[str, dict[str, Census]]:
     compared with an estimate over a larger area.
     """
     rows = [{"city": s.grid.city, "region": s.grid.region, "map_index": i, "ref_index": j,
-             "pixels": int(s.census[i, j]), "area_m2": float(s.census[i, j]) * s.grid.pixel_area_m2}
+             "pixels": int(s.census[i, j]), "area_m2": float(s.census_area_m2[i, j])}
             for s in scans if s.census is not None for i in range(2) for j in range(2)]
     con = connect(threads=1)
     try:

@@ -33,6 +33,7 @@ from engine import storage
 from engine.accuracy.sampling import ASSESS_CLASSES, OTHER_CLASS, UV_CLASS, CityGrid, TruthStrip
 from engine.accuracy.tables import AccuracyInputError, _first_bad, _read_csv
 from engine.atomic import atomic_path
+from engine.gpkg import write_gpkg
 
 SHEET_CSV = "samples_to_label.csv"
 SHEET_GPKG = "samples_to_label.gpkg"
@@ -135,7 +136,7 @@ def _chip(src: rasterio.DatasetReader, x: float, y: float, chip_px: int) -> np.n
 
 
 def export_label_sheet(points: pd.DataFrame, imagery: Mapping[str, str], out_dir: str | os.PathLike[str],
-                       chip_px: int = 96) -> tuple[dict[str, Path], list[str]]:
+                       chip_px: int = 96, timestamp: str = "") -> tuple[dict[str, Path], list[str]]:
     """Write the blind labelling sheet of ``points`` under ``out_dir``: CSV, GeoPackage and one PNG chip per point.
 
     The sheet has :data:`SHEET_COLUMNS`; ``label`` is empty, to be filled with ``urban_village`` or ``other``. The
@@ -147,6 +148,7 @@ def export_label_sheet(points: pd.DataFrame, imagery: Mapping[str, str], out_dir
         imagery: city -> imagery path.
         out_dir: the run's ``accuracy/`` folder.
         chip_px: chip side in imagery pixels.
+        timestamp: the GeoPackage's last_change (the run's start), so a rerun writes the same bytes.
 
     Returns:
         The files written (``csv``, ``gpkg``, ``chips``) and warnings (a city whose imagery cannot be read gets
@@ -179,9 +181,8 @@ def export_label_sheet(points: pd.DataFrame, imagery: Mapping[str, str], out_dir
     csv_path, gpkg_path = out_dir / SHEET_CSV, out_dir / SHEET_GPKG
     with atomic_path(csv_path) as tmp:
         table.to_csv(tmp, index=False, float_format="%.8f")
-    with atomic_path(gpkg_path) as tmp:
-        gpd.GeoDataFrame(table, geometry=shapely.points(table["lon"], table["lat"]), crs=4326).to_file(
-            tmp, layer=SHEET_LAYER, driver="GPKG", engine="pyogrio")
+    write_gpkg(gpd.GeoDataFrame(table, geometry=shapely.points(table["lon"], table["lat"]), crs=4326), gpkg_path, SHEET_LAYER,
+               timestamp)
     return {"csv": csv_path, "gpkg": gpkg_path, "chips": out_dir / CHIPS_DIR}, warnings
 
 

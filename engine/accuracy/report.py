@@ -24,6 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from engine.accuracy.estimators import AccuracyResult  # noqa: E402
 from engine.accuracy.sampling import ASSESS_CLASSES, UV_CLASS, SampleDesign  # noqa: E402
 from engine.atomic import atomic_path  # noqa: E402
+from engine.gpkg import write_gpkg  # noqa: E402
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -267,6 +268,15 @@ def _summary_table(kind: str, domains: dict, census: dict | None) -> list[str]:
     return out
 
 
+def overall_label(doc: dict) -> str:
+    """The name of the all-cities domain: ``national`` only when no city was left out of the assessment."""
+    skipped = len(doc.get("skipped_cities") or {})
+    if not skipped:
+        return "national"
+    n = len(doc.get("cities") or {})
+    return f"{n} of {n + skipped} cities (not national)"
+
+
 def report_markdown(doc: dict) -> str:
     """``report.md`` from the ``report.json`` document: design, national/regional/city tables, census, warnings."""
     d = doc["design"]
@@ -291,7 +301,9 @@ def report_markdown(doc: dict) -> str:
             f"{'' if s.get('unseen_error_bound_m2') is None else '<= ' + _ha(s['unseen_error_bound_m2'])} |" for s in d["strata"]]
     out.append("")
     if doc["status"] == "done":
-        out += ["## National estimates", ""] + _domain_table(doc["national"], census.get("national", {}).get("national")
+        heading = "National estimates" if overall_label(doc) == "national" else \
+            f"Estimates over the assessed cities: {overall_label(doc)}, see Skipped cities"
+        out += [f"## {heading}", ""] + _domain_table(doc["national"], census.get("national", {}).get("national")
                                                             if census else None)
         out += ["", f"![user's and producer's accuracy by region]({ACCURACY_PNG})",
                 f"![UV area by region]({AREA_PNG})", "", "## Regions", ""]
@@ -302,7 +314,7 @@ def report_markdown(doc: dict) -> str:
         notes = [f"- {name}: {c['note']}" for name, c in doc["cities"].items() if c.get("note")]
         if notes:
             out += ["", "Not estimated:", ""] + notes
-        flags = [f"- {name}: {f}" for name, d in [("national", doc["national"])] + list(doc["regions"].items())
+        flags = [f"- {name}: {f}" for name, d in [(overall_label(doc), doc["national"])] + list(doc["regions"].items())
                  + list(doc["cities"].items()) for f in d.get("flags", [])]
         if flags:
             out += ["", "## Degenerate intervals", ""] + flags
@@ -334,6 +346,7 @@ def write_charts(doc: dict, out_dir: Path) -> dict[str, Path]:
              for n in names]
     x = np.arange(len(names), dtype=float)
     paths = {}
+    labels = [overall_label(doc) if n == "national" else n for n in names]
 
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(names) + 2), 4.2))
     _bars(ax, x, [d["users_accuracy"][UV_CLASS] for d in domains], -0.12, "user's accuracy (UV)", "tab:blue")
@@ -343,7 +356,7 @@ def write_charts(doc: dict, out_dir: Path) -> dict[str, Path]:
             values = [np.nan if t is None or t[key][UV_CLASS] is None else t[key][UV_CLASS] for t in truth]
             ax.scatter(x + off, values, marker="x", s=50, color=color, zorder=3)
         ax.scatter([], [], marker="x", color="k", label="census value")
-    ax.set_xticks(x, names, rotation=30, ha="right")
+    ax.set_xticks(x, labels, rotation=30, ha="right")
     ax.set_ylim(0, 1.02)
     ax.set_ylabel("accuracy")
     ax.set_title(f"Run {doc['run']}: accuracy of the urban-village class (95% CI)")
@@ -362,7 +375,7 @@ def write_charts(doc: dict, out_dir: Path) -> dict[str, Path]:
     if any(t is not None for t in truth):
         ax.scatter(x + 0.15, [np.nan if t is None else t["area"][UV_CLASS] / 1e4 for t in truth], marker="x", s=50,
                    color="k", zorder=3, label="census UV area")
-    ax.set_xticks(x, names, rotation=30, ha="right")
+    ax.set_xticks(x, labels, rotation=30, ha="right")
     ax.set_ylabel("area (ha)")
     ax.set_title(f"Run {doc['run']}: urban-village area, estimated vs mapped")
     ax.legend(loc="best", fontsize=8)
@@ -383,13 +396,13 @@ def _save(fig, path: Path) -> Path:
 # files
 
 
-def write_samples(points: pd.DataFrame, out_dir: Path) -> Path:
-    """``samples.gpkg``: every point (EPSG:4326) with its stratum, map class, reference class and source."""
+def write_samples(points: pd.DataFrame, out_dir: Path, timestamp: str = "") -> Path:
+    """``samples.gpkg``: every point (EPSG:4326) with its stratum, map class, reference class and source; stamped
+    ``timestamp`` (the run's start), so the same sample gives the same bytes."""
     path = out_dir / SAMPLES_GPKG
     gdf = gpd.GeoDataFrame(points.reset_index(drop=True),
                            geometry=shapely.points(points["lon"].to_numpy(), points["lat"].to_numpy()), crs=4326)
-    with atomic_path(path) as tmp:
-        gdf.to_file(tmp, layer=SAMPLES_LAYER, driver="GPKG", engine="pyogrio")
+    write_gpkg(gdf, path, SAMPLES_LAYER, timestamp)
     return path
 
 

@@ -11,6 +11,13 @@ areas, each city's points fall on pixels chosen uniformly (with replacement) amo
 point gets a uniform offset inside its pixel. The points are i.i.d. uniform on the stratum's area, so stratum sizes
 are areas (m2) and no finite population correction applies (the population of points is infinite).
 
+Any CRS: the sample is drawn in the class map's own grid (UTM, Web Mercator, EPSG:4326 degrees...), while areas are
+ground areas in an equal-area CRS (EPSG:6933), pixel by pixel row: where a pixel's ground area changes across the
+map (degrees of longitude shrink with latitude; Mercator stretches), each strip's stratum area is the sum of its
+rows' areas, and a stratum's points are spread over strips in proportion to those areas, so they stay uniform on
+the ground (within a strip rows differ by less than 1e-4 of their area). Distances for the buffer are ground metres
+at the map's centre.
+
 Why two passes over each class map, strip by strip: memory stays at one strip (plus a halo of ``buffer_m`` for the
 distance transform) whatever the city's size. The first pass counts stratum pixels per strip; the draw picks ranks
 among a stratum's pixels (in raster order, so the points do not depend on the strip height); the second pass reads
@@ -23,7 +30,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +43,7 @@ from rasterio.windows import Window
 from scipy import ndimage
 
 from engine.accuracy.design import allocate, sample_size_overall
+from engine.imagery import ground_gsd_m
 from engine.db import connect
 
 UV_CLASS = "urban_village"
@@ -120,19 +128,27 @@ class CityGrid:
     uv_index: int
     nodata: int
     pixel_area_m2: float  # in EPSG:6933, at the map's centre
+    ground_res_m: tuple[float, float] = (0.0, 0.0)  # pixel height and width on the ground at the centre (metres)
+    row_area_m2: np.ndarray | None = field(default=None, repr=False, compare=False)  # area of one pixel of each row; None: all equal
 
     @property
     def res_m(self) -> tuple[float, float]:
-        """Pixel height and width in metres (the CRS is projected in metres)."""
-        return abs(self.transform.e), abs(self.transform.a)
+        """Pixel height and width in ground metres at the map's centre (any CRS: degrees and Mercator included)."""
+        return self.ground_res_m
+
+    def rows_area_m2(self, y0: int, y1: int) -> np.ndarray:
+        """Ground area (m2) of one pixel in each of the rows ``[y0, y1)``."""
+        if self.row_area_m2 is None:
+            return np.full(y1 - y0, self.pixel_area_m2)
+        return self.row_area_m2[y0:y1]
 
 
 def open_city_grid(path: str | os.PathLike[str], city: str, region: str, classes: tuple[str, ...]) -> CityGrid:
-    """Open and check a city's ``class.tif`` (one uint8 band, north-up, projected CRS in metres).
+    """Open and check a city's ``class.tif`` (one uint8 band, north-up, any CRS).
 
     Raises:
-        ValueError: naming the city and file: not a single uint8 band, rotated, geographic CRS, or a ``classes``
-            tag that disagrees with the run's classes.
+        ValueError: naming the city and file: not a single uint8 band, rotated, no CRS, or a ``classes`` tag that
+            disagrees with the run's classes.
     """
     path = Path(path)
     if UV_CLASS not in classes:
@@ -144,9 +160,8 @@ def open_city_grid(path: str | os.PathLike[str], city: str, region: str, classes
         if src.transform.b != 0 or src.transform.d != 0 or src.transform.e >= 0:
             raise ValueError(f"{where}: the grid is rotated or south-up; the class map must be north-up")
         crs = CRS.from_user_input(src.crs) if src.crs else None
-        if crs is None or not crs.is_projected or crs.axis_info[0].unit_name not in ("metre", "meter"):
-            raise ValueError(f"{where}: CRS {crs} is not projected in metres (the buffer and areas need metres); "
-                             f"stitch into the city's UTM zone")
+        if crs is None:
+            raise ValueError(f"{where}: the class map has no CRS; stitch the run again")
         tag = src.tags(1).get("classes")
         if tag is not None and tuple(json.loads(tag)) != tuple(classes):
             raise ValueError(f"{where}: its classes tag {json.loads(tag)} differs from the run's {list(classes)}; "
@@ -154,17 +169,43 @@ def open_city_grid(path: str | os.PathLike[str], city: str, region: str, classes
         nodata = 255 if src.nodata is None else int(src.nodata)
         grid = CityGrid(city, region, path, src.width, src.height, src.transform, crs, len(classes),
                         classes.index(UV_CLASS), nodata, 0.0)
-    return CityGrid(**{**grid.__dict__, "pixel_area_m2": _pixel_area_m2(grid)})
+    rows = _row_areas_m2(grid)
+    centre = float(rows[grid.height_px // 2])
+    uniform = float(np.ptp(rows)) <= ROW_AREA_TOLERANCE * centre  # a projected grid: one area for every pixel
+    return replace(grid, pixel_area_m2=centre, ground_res_m=_ground_res_m(grid), row_area_m2=None if uniform else rows)
 
 
-def _pixel_area_m2(grid: CityGrid) -> float:
-    """Ground area of the centre pixel in the equal-area CRS (the quadrilateral of its projected corners)."""
-    col, row = grid.width_px // 2, grid.height_px // 2
-    corners = np.array([(col, row), (col + 1, row), (col + 1, row + 1), (col, row + 1)], dtype=float)
-    x, y = grid.transform @ (corners[:, 0], corners[:, 1])
-    x, y = Transformer.from_crs(grid.crs, CRS.from_user_input(EQUAL_AREA_CRS), always_xy=True).transform(x, y)
-    x, y = np.asarray(x) - x[0], np.asarray(y) - y[0]  # local origin: absolute coordinates (~1e7 m) would cancel
-    return float(0.5 * abs(np.dot(x, np.roll(y, -1)) - np.dot(np.roll(x, -1), y)))
+ROW_AREA_TOLERANCE = 1e-6  # pixel areas closer than this (relative) are one area: projected grids keep the old sums
+GRID_METRES_TOLERANCE = 0.01  # a metre grid within 1% of the ground (UTM, Gauss-Kruger) measures buffers in its own metres
+
+
+def _ground_res_m(grid: CityGrid) -> tuple[float, float]:
+    """Pixel height and width in metres for the buffer's distances: the grid's own metres where they are ground
+    metres within 1% (UTM, national transverse Mercator grids, so buffers stay exact in pixels there), else the
+    centre pixel's sides measured on the ellipsoid (degrees; Web Mercator, whose metres stretch by 1/cos(lat))."""
+    gx, gy = ground_gsd_m(grid.transform, grid.crs, grid.width_px, grid.height_px)
+    if grid.crs.is_projected and grid.crs.axis_info[0].unit_name in ("metre", "meter"):
+        own = abs(grid.transform.e), abs(grid.transform.a)
+        if abs(gy / own[0] - 1) < GRID_METRES_TOLERANCE and abs(gx / own[1] - 1) < GRID_METRES_TOLERANCE:
+            return own
+    return gy, gx
+
+
+def _row_areas_m2(grid: CityGrid) -> np.ndarray:
+    """Ground area in the equal-area CRS of one pixel of each row, at the centre column (the quadrilateral of its
+    projected corners). In a north-up geographic or Mercator grid a pixel's area depends on its row only."""
+    col = grid.width_px // 2
+    rows = np.arange(grid.height_px, dtype=float)
+    to_area = Transformer.from_crs(grid.crs, CRS.from_user_input(EQUAL_AREA_CRS), always_xy=True)
+    xs, ys = [], []
+    for dc, dr in ((0, 0), (1, 0), (1, 1), (0, 1)):
+        x, y = grid.transform @ (np.full_like(rows, col + dc), rows + dr)
+        x, y = to_area.transform(x, y)
+        xs.append(np.asarray(x, float))
+        ys.append(np.asarray(y, float))
+    x = np.stack(xs) - xs[0]  # local origin per row: absolute coordinates (~1e7 m) would cancel
+    y = np.stack(ys) - ys[0]
+    return 0.5 * np.abs((x * np.roll(y, -1, axis=0)).sum(axis=0) - (np.roll(x, -1, axis=0) * y).sum(axis=0))
 
 
 def stratum_codes(classes_px: np.ndarray, grid: CityGrid, buffer_m: float) -> np.ndarray:
@@ -226,11 +267,27 @@ class CityStrata:
     block_rows: int
     strip_counts: np.ndarray  # (strips, 3) int64: pixels of each stratum code per strip
     census: np.ndarray | None
+    strip_areas: np.ndarray | None = None  # (strips, 3) float: their ground area (m2); None: pixels x pixel_area_m2
+    census_m2: np.ndarray | None = None  # the census as ground areas (m2)
 
     @property
     def pixels(self) -> np.ndarray:
         """Pixels per stratum code (other, UV, buffer)."""
         return self.strip_counts.sum(axis=0)
+
+    @property
+    def areas_m2(self) -> np.ndarray:
+        """Ground area (m2) per stratum code (other, UV, buffer)."""
+        if self.strip_areas is None:
+            return self.pixels * self.grid.pixel_area_m2
+        return self.strip_areas.sum(axis=0)
+
+    @property
+    def census_area_m2(self) -> np.ndarray | None:
+        """``census`` in m2 (row by row where pixel areas differ)."""
+        if self.census is None:
+            return None
+        return self.census_m2 if self.census_m2 is not None else self.census * self.grid.pixel_area_m2
 
 
 def scan_city(grid: CityGrid, buffer_m: float, block_rows: int, truth: TruthStrip | None = None) -> CityStrata:
@@ -239,16 +296,25 @@ def scan_city(grid: CityGrid, buffer_m: float, block_rows: int, truth: TruthStri
     Example:
         >>> # scan_city(open_city_grid("products/run/cities/wuhan/class.tif", "wuhan", "central", classes), 30.0, 256)
     """
-    counts = []
+    counts, areas = [], []
     census = np.zeros((2, 2), np.int64) if truth is not None else None
+    census_m2 = np.zeros((2, 2)) if truth is not None and grid.row_area_m2 is not None else None
     for _, y0, codes in strata_strips(grid, buffer_m, block_rows):
         counts.append(np.bincount(codes.ravel(), minlength=256)[:3])
+        row_area = grid.rows_area_m2(y0, y0 + codes.shape[0])
+        if grid.row_area_m2 is not None:  # per row: pixels of each code x that row's pixel area
+            per_row = np.stack([(codes == c).sum(axis=1) for c in range(3)], axis=1)
+            areas.append(row_area @ per_row)
         if truth is not None:
             ref = truth(y0, y0 + codes.shape[0])
             valid = codes != CODE_NODATA
-            mapped_uv = codes[valid] == 1
-            census += np.bincount(mapped_uv * 2 + ref[valid], minlength=4).reshape(2, 2)
-    return CityStrata(grid, buffer_m, block_rows, np.array(counts, np.int64).reshape(-1, 3), census)
+            cell = (codes == 1) * 2 + ref
+            census += np.bincount(cell[valid], minlength=4).reshape(2, 2)
+            if census_m2 is not None:
+                weights = np.broadcast_to(row_area[:, None], codes.shape)[valid]
+                census_m2 += np.bincount(cell[valid], weights=weights, minlength=4).reshape(2, 2)
+    strip_areas = np.array(areas, float).reshape(-1, 3) if grid.row_area_m2 is not None else None
+    return CityStrata(grid, buffer_m, block_rows, np.array(counts, np.int64).reshape(-1, 3), census, strip_areas, census_m2)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -297,7 +363,7 @@ class SampleDesign:
 def city_cells(scan: CityStrata) -> list[dict]:
     """The city's rows of the cells table (every map stratum, pixels and m2)."""
     return [{"city": scan.grid.city, "region": scan.grid.region, "map_stratum": name, "pixels": int(px),
-             "area_m2": float(px) * scan.grid.pixel_area_m2} for name, px in zip(MAP_STRATA, scan.pixels)]
+             "area_m2": float(area)} for name, px, area in zip(MAP_STRATA, scan.pixels, scan.areas_m2)]
 
 
 def plan_design(scans: list[CityStrata], cfg: SampleConfig) -> SampleDesign:
@@ -365,6 +431,22 @@ def draw_ranks(cell_stratum: np.ndarray, cell_area: np.ndarray, cell_pixels: np.
     return cell, rank
 
 
+def area_weighted_ranks(scan: CityStrata, code: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Ranks (raster order within each stratum code) for points of ``scan``'s city whose pixels differ in area by
+    row: each point picks a strip with probability proportional to its stratum's ground area there, then a pixel of
+    that strip uniformly. So points are uniform on the ground, as the stratum sizes (areas) assume."""
+    cum = np.cumsum(scan.strip_counts, axis=0)
+    before = np.vstack([np.zeros((1, 3), np.int64), cum[:-1]])
+    out = np.zeros(code.size, np.int64)
+    for c in np.unique(code):
+        mine = np.flatnonzero(code == c)
+        weights = scan.strip_areas[:, c]
+        strips = rng.choice(len(weights), size=mine.size, p=weights / weights.sum())
+        within = np.minimum((rng.random(mine.size) * scan.strip_counts[strips, c]).astype(np.int64), scan.strip_counts[strips, c] - 1)
+        out[mine] = before[strips, c] + within
+    return out
+
+
 def locate(scan: CityStrata, code: np.ndarray, rank: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Row and column of the ``rank``-th pixel (raster order) of stratum ``code``, reading only the needed strips."""
     rows = np.zeros(rank.size, np.int64)
@@ -418,6 +500,8 @@ def draw_sample(scans: list[CityStrata], design: SampleDesign) -> pd.DataFrame:
         idx = idx.to_numpy()
         scan = by_city[city]
         code = cells["map_stratum"].map(code_of).to_numpy()[cell[idx]]
+        if scan.strip_areas is not None:  # pixel areas differ by row: uniform on the ground, not on pixels
+            rank[idx] = area_weighted_ranks(scan, code, rng)
         rows, cols = locate(scan, code, rank[idx])
         x, y = scan.grid.transform @ (cols + offset[idx, 0], rows + offset[idx, 1])
         lon, lat = Transformer.from_crs(scan.grid.crs, "EPSG:4326", always_xy=True).transform(x, y)

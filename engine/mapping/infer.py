@@ -30,7 +30,7 @@ import rasterio
 from engine import storage
 from engine.atomic import atomic_path
 from engine.mapping.predict import Predictor
-from engine.mapping.store import Ledger, RunManifest, predictions_dir, remove_orphans, run_dir, write_manifest, write_part
+from engine.mapping.store import Ledger, RunManifest, adopt_orphans, predictions_dir, run_dir, write_manifest, write_part
 from engine.tiles.grid import read_window
 from engine.tiles.parts import load_part
 
@@ -87,6 +87,7 @@ class InferenceResult:
     seconds: float
     cities: dict[str, dict[str, int]]
     missing: dict[str, str]  # city -> why it has no tiles to predict (not prepared)
+    adopted: int = 0  # tiles of parts a killed driver never committed, verified and committed now (counted in skipped)
 
 
 def load_todo(pairs: pa.Table, done_dir: str) -> pa.Table:
@@ -105,25 +106,40 @@ def load_todo(pairs: pa.Table, done_dir: str) -> pa.Table:
 
 
 def read_pixels(batch: pa.Table, attempts: int = 2) -> pa.Table:
-    """Ray Data step: each tile's window as ``image`` (uint8 3 x H x W); failures go to ``read_error`` (zeros)."""
+    """Ray Data step: each tile's window as ``image`` (uint8 3 x H x W); failures go to ``read_error`` (zeros).
+
+    Every image leaves here as uint8, the model's input type, whatever the raster holds: a raster of another pixel
+    type (or with fewer than 3 bands) fails its tiles with one clear error instead of being rescaled, and no batch
+    ever mixes tensor types across cities. A read error carries GDAL's root cause (the chained exception).
+    """
     from ray.data.extensions import ArrowTensorArray
+
+    from engine.errors import describe_error
+    from engine.imagery import imagery_facts, model_input_problem
 
     keys = ("imagery", "window_col_off", "window_row_off", "window_width", "window_height", "tile_id")
     images, errors, seconds = [], [], []
     sources: dict[str, rasterio.io.DatasetReader] = {}  # one open per raster per batch, not per tile
+    refused: dict[str, str] = {}  # rasters the model cannot take, with why (checked once per raster)
     with storage.raster_env():
         try:
             for row in batch.select(list(keys)).to_pylist():
                 t0, pixels, error = time.perf_counter(), None, ""
                 for attempt in range(attempts):
                     try:
-                        if row["imagery"] not in sources:
-                            sources[row["imagery"]] = rasterio.open(row["imagery"])
+                        if row["imagery"] not in sources and row["imagery"] not in refused:
+                            src = sources[row["imagery"]] = rasterio.open(row["imagery"])
+                            problem = model_input_problem(imagery_facts(src, row["imagery"])) if src.crs is not None else None
+                            if problem:
+                                refused[row["imagery"]] = problem
+                        if row["imagery"] in refused:
+                            error = refused[row["imagery"]]
+                            break
                         pixels = read_window(sources[row["imagery"]], row)
                         error = ""
                         break
                     except Exception as exc:  # a corrupt block or a vanished file: reopen and retry, then record
-                        error = f"read {row['imagery']}: {type(exc).__name__}: {exc}"
+                        error = f"read {row['imagery']}: {describe_error(exc)}"
                         stale = sources.pop(row["imagery"], None)
                         if stale is not None:
                             stale.close()
@@ -243,7 +259,8 @@ def run_inference(workspace: str | os.PathLike[str], manifest: RunManifest, citi
             total += n
             per_city[city] = per_city.get(city, 0) + n
     with Ledger(run_path) as ledger:
-        remove_orphans(run_path, ledger)
+        # parts a killed driver never committed: adopted when they verify (finished work is kept), else removed
+        sweep = adopt_orphans(run_path, ledger, manifest.model_version)
         done_dir = run_path / "_done"
         done = _write_done(ledger, [c for c in cities if c not in missing], manifest.model_version, done_dir)
         done_counts = {city: table.num_rows for city, table in done.items()}
@@ -285,7 +302,8 @@ def run_inference(workspace: str | os.PathLike[str], manifest: RunManifest, citi
                     synced = time.monotonic()
         summary = ledger.summary()
         if pairs and total > skipped:
-            remove_orphans(run_path, ledger)  # parts of batches redone after a lost node or actor: never committed
+            adopt_orphans(run_path, ledger, manifest.model_version)  # parts of batches redone after a lost node or actor
     return InferenceResult(predicted=predicted, failed=failed, skipped=skipped, seconds=time.perf_counter() - t0,
-                           cities={c: summary.get(c, {"ok": 0, "failed": 0}) for c in cities if c not in missing}, missing=missing)
+                           cities={c: summary.get(c, {"ok": 0, "failed": 0}) for c in cities if c not in missing}, missing=missing,
+                           adopted=sweep.adopted_tiles)
 

@@ -8,13 +8,16 @@ Layout of ``<workspace>/runs/<run>/``::
 
 Why a ledger apart from the parts: the commit point of a tile is its ledger row, written by the driver in one
 transaction per batch *after* the part file is in place. A part written by a worker whose batch never reached
-the ledger (the driver was killed in between) is an orphan: nothing reads it and the rerun removes it. So a run
-killed anywhere and rerun has each tile exactly once (the ledger's primary key) and reads only committed rows.
+the ledger (the driver was killed in between) is an orphan: nothing reads it; the rerun adopts it when it verifies
+(its footer names its tiles, row count and a checksum of its rows, and none of its tiles is in the ledger) and
+removes it otherwise. So a run killed anywhere and rerun keeps the predictions that were finished, has each tile
+exactly once (the ledger's primary key) and reads only committed rows.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import os
 import time
@@ -107,14 +110,53 @@ def decode_probs(blob: bytes, n_classes: int, height: int, width: int) -> np.nda
     return np.concatenate([first[None], rest])
 
 
+PART_META_KEY = b"geolink.part"  # the part's own record (tiles, row count, checksum), in the Parquet footer
+
+
+def part_checksum(table: pa.Table) -> str:
+    """blake2b over every row's ``tile_id, input_hash, model_version, n_classes, height, width, probs``, in row order."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in ("tile_id", "input_hash", "model_version", "n_classes", "height", "width", "probs"):
+        for value in table[name].to_pylist():
+            h.update(value if isinstance(value, bytes) else str(value).encode())
+            h.update(b"\x1f")
+        h.update(b"\x1e")
+    return h.hexdigest()
+
+
 def write_part(run_path: Path, city: str, table: pa.Table) -> str:
-    """Write one batch of a city's predictions atomically; returns its path relative to the run folder."""
+    """Write one batch of a city's predictions atomically; returns its path relative to the run folder.
+
+    The footer carries the part's tiles, row count, model version and a checksum of its contents, so a part whose
+    batch never reached the ledger (the driver died in between) can be verified and adopted on resume instead of
+    predicted again (:func:`adopt_orphans`).
+    """
     name = f"part-{uuid.uuid4().hex}.parquet"
     target = predictions_dir(run_path, city) / name
+    table = table.cast(PREDICTIONS_SCHEMA)
+    record = {"tiles": table["tile_id"].to_pylist(), "rows": table.num_rows, "checksum": part_checksum(table),
+              "model_version": table["model_version"][0].as_py() if table.num_rows else ""}
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), PART_META_KEY: json.dumps(record).encode()})
     with atomic_path(target) as tmp:
-        pq.write_table(table.cast(PREDICTIONS_SCHEMA), tmp, compression="zstd")
+        pq.write_table(table, tmp, compression="zstd")
     storage.publish(target, keep_local=False)  # remote workspace: the store holds it; this node need not
     return str(target.relative_to(run_path))
+
+
+def verify_part(path: Path, model_version: str) -> pa.Table | None:
+    """The part's rows when it verifies: its footer record is there, for ``model_version``, and the rows match it
+    (tile set and order, row count, checksum, schema). None otherwise."""
+    try:
+        table = pq.read_table(path)
+        record = json.loads((table.schema.metadata or {})[PART_META_KEY])
+        table = table.replace_schema_metadata(None)
+        ok = (record.get("model_version") == model_version and record.get("rows") == table.num_rows > 0
+              and record.get("tiles") == table["tile_id"].to_pylist() and len(set(record["tiles"])) == table.num_rows
+              and table.schema.equals(PREDICTIONS_SCHEMA) and set(table["model_version"].to_pylist()) == {model_version}
+              and record.get("checksum") == part_checksum(table))
+        return table if ok else None
+    except Exception:  # noqa: BLE001 (a truncated file, no record, bad JSON: it does not verify)
+        return None
 
 
 # --- ledger --------------------------------------------------------------------------------------------------
@@ -224,21 +266,58 @@ class Ledger:
             out.setdefault(city, {"ok": 0, "failed": 0})[status] = n
         return out
 
+    def first_failure(self, city: str) -> tuple[str, str] | None:
+        """``(tile_id, error)`` of the city's first failed tile (by tile id), or None: an example for a report line."""
+        return self.con.execute("SELECT tile_id, error FROM ledger WHERE status = 'failed' AND city = ? ORDER BY tile_id LIMIT 1",
+                                [city]).fetchone()
+
     def failures(self) -> list[tuple[str, str, int, str]]:
         """``(city, tile_id, attempts, error)`` of every failed tile."""
         return self.con.execute("SELECT city, tile_id, attempts, error FROM ledger WHERE status = 'failed' ORDER BY tile_id").fetchall()
 
 
-def remove_orphans(run_path: Path, ledger: Ledger) -> int:
-    """Delete prediction parts the ledger does not reference (a batch written but never committed); returns the count."""
+@dataclass(frozen=True)
+class OrphanSweep:
+    """What :func:`adopt_orphans` did: parts adopted (and their tiles), parts removed."""
+
+    adopted_parts: int = 0
+    adopted_tiles: int = 0
+    removed: int = 0
+
+
+def adopt_orphans(run_path: Path, ledger: Ledger, model_version: str | None = None) -> OrphanSweep:
+    """Settle every prediction part the ledger does not reference (its batch was written but never committed).
+
+    With ``model_version``, a part is adopted (its tiles committed ``ok`` in one transaction) when none of its tiles
+    is in the ledger and its contents verify (:func:`verify_part`): the work a driver had received from the actors
+    before it died is kept. Every other orphan is deleted: a part whose tiles were committed from another part (a
+    batch redone after a lost actor), one of another model version, or one that fails verification. So each tile
+    stays in exactly one committed part.
+    """
     referenced = {row[0] for row in ledger.con.execute("SELECT DISTINCT part FROM ledger WHERE part IS NOT NULL").fetchall()}
-    removed = 0
-    for path in storage.list_files(run_path / "predictions", ".parquet", recursive=True):
+    known = {row[0] for row in ledger.con.execute("SELECT tile_id FROM ledger").fetchall()}
+    adopted_parts = adopted_tiles = removed = 0
+    for path in sorted(storage.list_files(run_path / "predictions", ".parquet", recursive=True)):
         rel = str(path.relative_to(run_path))
-        if rel not in referenced:
-            storage.remove(path)
-            removed += 1
-    return removed
+        if rel in referenced:
+            continue
+        table = verify_part(storage.localize(path), model_version) if model_version else None
+        if table is not None and not known.intersection(table["tile_id"].to_pylist()):
+            ledger.commit([{"tile_id": t, "city": c, "status": "ok", "attempts": 1, "error": "", "input_hash": h,
+                            "model_version": model_version, "part": rel, "read_s": None, "predict_s": None}
+                           for t, c, h in zip(*(table[k].to_pylist() for k in ("tile_id", "city", "input_hash")))])
+            known.update(table["tile_id"].to_pylist())
+            adopted_parts += 1
+            adopted_tiles += table.num_rows
+            continue
+        storage.remove(path)
+        removed += 1
+    return OrphanSweep(adopted_parts, adopted_tiles, removed)
+
+
+def remove_orphans(run_path: Path, ledger: Ledger) -> int:
+    """Delete prediction parts the ledger does not reference, adopting none; returns the count."""
+    return adopt_orphans(run_path, ledger).removed
 
 
 def read_city_predictions(run_path: Path, committed: pa.Table, batch_rows: int = 64,

@@ -9,25 +9,39 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
+import rasterio
 
 from engine import storage
+from engine.errors import describe_error
+from engine.imagery import (
+    GSD_REFUSE_RATIO,
+    GSD_WARN_RATIO,
+    ImageryFacts,
+    format_gsd,
+    gsd_ratio,
+    imagery_facts,
+    model_input_problem,
+    probe_blocks,
+)
+from engine.mapping.bundle import BundleError, check_bundle, model_classes, model_gsd_range, model_mode  # noqa: F401 (re-exported)
 from engine.mapping.infer import InferenceConfig, InferenceResult, run_inference
 from engine.mapping.predict import ModelPredictor, OraclePredictor, Predictor, model_version
-from engine.mapping.store import RunManifest, run_dir
+from engine.mapping.store import Ledger, RunManifest, run_dir
 from engine.pipelines.prepare import CityResult, run_prepare
 from engine.stitch import StitchConfig, StreamingStitch
 from engine.tiles.city import PrepareConfig
 from engine.tiles.grid import TileGridConfig
-from engine.training.samples import LABEL_SETS
-from geolink_model.config import MODES
+from engine.schema import LABEL_SETS
+from geolink_model.config import MODES, GeoLinkConfig
 
 if TYPE_CHECKING:
     from engine.accuracy.assess import AssessConfig
@@ -53,6 +67,8 @@ class MapConfig:
         fail_tiles: fault drill: these tiles raise in the predictor (proves a run completes and reports them).
         assess: run the accuracy assessment on the products (reference from the catalog, or a labelling sheet).
         tile_size_px: the prepared grid's tile size when no model fixes it (the reference model, a default model).
+        allow_gsd_mismatch: map cities whose ground GSD lies more than 3x outside the model's training GSD (they are
+            refused otherwise; beyond 1.5x they are mapped with a warning).
     """
 
     run: str = "default"
@@ -64,6 +80,7 @@ class MapConfig:
     fail_tiles: tuple[str, ...] = ()
     assess: bool = True
     tile_size_px: int = 224
+    allow_gsd_mismatch: bool = False
 
     def __post_init__(self) -> None:
         run_dir(".", self.run)  # the run name becomes a folder: refuse a bad one before any work
@@ -96,55 +113,120 @@ class MapReport:
     inference: InferenceResult | None
     seconds: dict[str, float]
     assessment: AssessReport | str | None = None  # "failed: ..." when the assessment could not run
+    warnings: tuple[str, ...] = ()  # things the user should know that failed nothing (a GSD near the limit, ...)
 
     @property
     def failed(self) -> list[CityReport]:
+        """Cities that did not end ``ok``: failed at a stage, missing tiles, or left out of the assessment."""
         return [c for c in self.cities if c.status != "ok"]
 
-
-def model_classes(model_dir: str | os.PathLike[str], num_classes: int) -> tuple[str, ...]:
-    """The class names a bundle predicts: from its training config, else the label set of that size."""
-    train_cfg = Path(model_dir) / "train_config.json"
-    if train_cfg.is_file():
-        name = json.loads(train_cfg.read_text()).get("classes")
-        if name in LABEL_SETS:
-            return LABEL_SETS[name]
-    for names in LABEL_SETS.values():
-        if len(names) == num_classes:
-            return names
-    return tuple(f"class_{i}" for i in range(num_classes))
+    @property
+    def assessment_failed(self) -> bool:
+        return isinstance(self.assessment, str)
 
 
-def model_mode(model_dir: str | os.PathLike[str]) -> str:
-    train_cfg = Path(model_dir) / "train_config.json"
-    mode = json.loads(train_cfg.read_text()).get("mode") if train_cfg.is_file() else None
-    return mode if mode in MODES else "fused"
+def check_model(cfg: MapConfig, workspace: str | os.PathLike[str]) -> GeoLinkConfig | None:
+    """The run's model bundle, checked before any stage runs (config, safetensors header, tensor shapes); its config.
+
+    None for ``--model reference``, and for the default model when it has not been trained yet.
+
+    Raises:
+        BundleError: one line naming the bundle's file and what is wrong with it.
+    """
+    if cfg.model_dir == REFERENCE_MODEL:
+        return None
+    if cfg.model_dir:
+        return check_bundle(storage.local_path(cfg.model_dir))
+    default = storage.localize(storage.workspace_root(workspace) / "models" / DEFAULT_MODEL)
+    return check_bundle(default) if (default / "model.safetensors").is_file() or (default / "config.json").is_file() else None
+
+
+def check_imagery(rows: dict[str, dict]) -> tuple[dict[str, ImageryFacts], dict[str, str]]:
+    """Each city's imagery facts, and the cities whose imagery the model cannot take or GDAL cannot read, with why.
+
+    Reads the header, the smallest overview and the first and last block of each band (:func:`probe_blocks`): a
+    truncated file fails its city here in one line instead of failing its tiles one by one. A raster that cannot be
+    opened at all is left to ``prepare``, which reports it with GDAL's error.
+    """
+    facts, refused = {}, {}
+    with storage.raster_env():
+        for city, row in rows.items():
+            try:
+                with rasterio.open(row["imagery"]) as src:
+                    if src.crs is None:
+                        continue  # prepare says how to assign one
+                    facts[city] = imagery_facts(src, row["imagery"])
+                    problem = model_input_problem(facts[city])
+                    if problem is None:
+                        try:
+                            probe_blocks(src)
+                        except Exception as exc:  # noqa: BLE001 (GDAL's own error classes too)
+                            problem = f"imagery {row['imagery']} is damaged (truncated or corrupt): {describe_error(exc)}"
+            except Exception:  # noqa: BLE001 (prepare names the file and the error)
+                continue
+            if problem:
+                refused[city] = f"city {city}: {problem}"
+    return facts, refused
+
+
+def check_gsd(facts: dict[str, ImageryFacts], trained_m: tuple[float, float], allow_mismatch: bool,
+              model: str) -> tuple[dict[str, str], list[str]]:
+    """Cities refused for a ground GSD more than ``GSD_REFUSE_RATIO`` outside the model's training range (unless
+    ``allow_mismatch``), and warnings for those beyond ``GSD_WARN_RATIO``.
+
+    Why: the model's receptive field is in pixels; at another ground resolution a village is another size in
+    pixels, and the model answers with confidence anyway (a 10 m scene gave 49.6 ha of villages on a glacier).
+    """
+    lo, hi = trained_m
+    trained = format_gsd(lo) if math.isclose(lo, hi, rel_tol=1e-3) else f"{format_gsd(lo)[:-2]}-{format_gsd(hi)}"
+    refused, warnings = {}, []
+    for city, f in sorted(facts.items()):
+        ratio = gsd_ratio(f.gsd_m, trained_m)
+        if ratio <= GSD_WARN_RATIO:
+            continue
+        what = (f"city {city}: ground GSD {format_gsd(f.gsd_m)} is {ratio:.1f}x {'coarser' if f.gsd_m > hi else 'finer'} "
+                f"than the {trained} model {model} was trained at")
+        if ratio > GSD_REFUSE_RATIO and not allow_mismatch:
+            refused[city] = f"{what} (limit {GSD_REFUSE_RATIO:g}x): resample the imagery, or map it anyway with --allow-gsd-mismatch"
+        else:
+            warnings.append(f"{what}; its map may be unreliable")
+    return refused, warnings
 
 
 def run_map(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: MapConfig,
             ensure_model: Callable[[pa.Table], str] | None = None,
             on_stage: Callable[[str], None] | None = None,
-            on_commit: Callable[[int, int], None] | None = None) -> MapReport:
+            on_commit: Callable[[int, int], None] | None = None, address: str | None = None) -> MapReport:
     """Run every stage for ``catalog`` and return the per-city report (products under ``products/<run>/``).
 
+    Before anything runs, the model bundle is checked (a broken one raises :class:`BundleError`) and each city's
+    imagery header is read: imagery that is not 3+ bands of uint8, or whose ground GSD lies more than 3x outside
+    the model's training GSD, fails its city with one line (never rescaled, never mapped blind).
     ``ensure_model(prepared_catalog) -> model_dir`` is called when ``cfg.model_dir`` is None (the CLI trains the
-    default quick model there). Ray must be initialised.
+    default quick model there). Ray is started (``address``, see :func:`init_ray`) unless it already is.
     """
-    from geolink_model.checkpoint import load_config
+    from engine.pipelines.runtime import init_ray
 
     workspace = str(storage.workspace_root(workspace))  # a remote workspace is worked on through its mirror
     say = on_stage or (lambda _msg: None)
     seconds: dict[str, float] = {}
     rows = {r["city"]: r for r in catalog.to_pylist()}
     failures: dict[str, tuple[str, str]] = {}
+    warnings: list[str] = []
 
     oracle = cfg.model_dir == REFERENCE_MODEL
+    model_cfg = check_model(cfg, workspace)
     model_dir = str(storage.local_path(cfg.model_dir)) if cfg.model_dir and not oracle else None
-    tile_size = load_config(model_dir)[0].img_size if model_dir else cfg.tile_size_px
+    facts, refused = check_imagery(rows)
+    for city, why in refused.items():
+        failures[city] = ("imagery", why)
+    init_ray(address)
+    tile_size = model_cfg.img_size if model_dir else cfg.tile_size_px
     prepare_cfg = PrepareConfig(grid=TileGridConfig(tile_size_px=tile_size, overlap_px=cfg.overlap_px))
-    say(f"prepare: {len(rows)} cities ({tile_size} px tiles, {cfg.overlap_px} px overlap)")
+    to_prepare = catalog.filter(pa.array([c not in failures for c in catalog["city"].to_pylist()]))
+    say(f"prepare: {to_prepare.num_rows} cities ({tile_size} px tiles, {cfg.overlap_px} px overlap)")
     t0 = time.perf_counter()
-    prepared: list[CityResult] = run_prepare(catalog, workspace, prepare_cfg)
+    prepared: list[CityResult] = run_prepare(to_prepare, workspace, prepare_cfg) if to_prepare.num_rows else []
     seconds["prepare"] = time.perf_counter() - t0
     for r in prepared:
         if r.status == "failed":
@@ -162,7 +244,22 @@ def run_map(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: MapConfig
         t0 = time.perf_counter()
         ok_catalog = catalog.filter(pa.array([c in ok_cities for c in catalog["city"].to_pylist()]))
         model_dir = ensure_model(ok_catalog)
+        check_bundle(model_dir)
         seconds["train"] = time.perf_counter() - t0
+    if not oracle:
+        trained = model_gsd_range(model_dir)
+        if trained is None:
+            warnings.append(f"model {model_dir} does not record the ground GSD it was trained at (a bundle from before "
+                            f"GSDs were recorded): the cities' GSD was not checked")
+        else:
+            gsd_refused, gsd_warnings = check_gsd({c: facts[c] for c in ok_cities if c in facts}, trained,
+                                                  cfg.allow_gsd_mismatch, Path(model_dir).name)
+            warnings += gsd_warnings
+            for city, why in gsd_refused.items():
+                failures[city] = ("imagery", why)
+            ok_cities = [c for c in ok_cities if c not in failures]
+    for warning in warnings:
+        say(f"warning: {warning}")
     if oracle:
         manifest, predictor, kwargs = _reference_predictor(cfg, tile_size, {c: rows[c]["reference"] for c in ok_cities})
     else:
@@ -177,6 +274,8 @@ def run_map(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: MapConfig
         stitcher.close()
         raise
     seconds["inference"] = time.perf_counter() - t0
+    kept = f" ({inference.adopted} of them from prediction parts a killed run left, verified and kept)" if inference.adopted else ""
+    say(f"inference: {inference.predicted} tiles predicted, {inference.failed} failed, {inference.skipped} done before{kept}")
     for city, why in inference.missing.items():
         failures[city] = ("inference", why)
     say("stitch: the cities not stitched during inference, then the run-wide products")
@@ -188,20 +287,28 @@ def run_map(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: MapConfig
         try:
             assessment = assess(workspace, cfg.run, catalog)
         except Exception as exc:  # an assessment that cannot run never takes the products down; it is reported
-            say(f"assess failed: {type(exc).__name__}: {exc}")
-            assessment = f"failed: {type(exc).__name__}: {exc}"
+            assessment = f"failed: {describe_error(exc)}"
+            say(f"assess {assessment}")
         seconds["assess"] = time.perf_counter() - t0
+        if not isinstance(assessment, str):
+            report = [_unassessed(c, assessment.skipped.get(c.city)) for c in report]
     t0 = time.perf_counter()
     publish_products(Path(workspace) / "products" / cfg.run, catalog)
     seconds["publish"] = time.perf_counter() - t0
     return MapReport(run=cfg.run, model_version=manifest.model_version, products=Path(workspace) / "products" / cfg.run,
-                     cities=report, inference=inference, seconds=seconds, assessment=assessment)
+                     cities=report, inference=inference, seconds=seconds, assessment=assessment, warnings=tuple(warnings))
+
+
+def _unassessed(city: CityReport, why: str | None) -> CityReport:
+    """A city mapped ``ok`` that the assessment left out (e.g. its reference has no ``class`` column): ``partial``,
+    stage ``assess``, so the console shows why and the exit code says something is missing."""
+    if why is None or city.status != "ok":
+        return city
+    return replace(city, status="partial", stage="assess", error=why)
 
 
 def _model_predictor(cfg: MapConfig, tile_size: int, model_dir: str) -> tuple[RunManifest, type[Predictor], dict]:
-    from geolink_model.checkpoint import load_config
-
-    model_cfg, _ = load_config(model_dir)
+    model_cfg = check_bundle(model_dir)
     if model_cfg.img_size != tile_size:
         raise ValueError(f"model {model_dir} expects {model_cfg.img_size} px tiles, the workspace was prepared with {tile_size} px")
     manifest = RunManifest(run=cfg.run, model_dir=str(Path(model_dir).resolve()), model_version=model_version(model_dir),
@@ -270,6 +377,10 @@ def stitch_products(workspace: str, run: str, catalog: pa.Table, min_area_m2: fl
     t0 = time.perf_counter()
     stitched = {s.city: s for s in stitcher.finish()}
     seconds["stitch"] = time.perf_counter() - t0
+    first_failures = {}
+    if any(s.tiles_failed for s in stitched.values()):
+        with Ledger(run_dir(workspace, run), read_only=True) as ledger:
+            first_failures = {c: f for c in stitched if stitched[c].tiles_failed and (f := ledger.first_failure(c))}
     if publish:
         t0 = time.perf_counter()
         publish_products(Path(workspace) / "products" / run, catalog)
@@ -282,15 +393,19 @@ def stitch_products(workspace: str, run: str, catalog: pa.Table, min_area_m2: fl
             stage, error = failures[city]
         elif s is None or s.status == "failed":
             stage, error = "stitch", (s.error if s else "no stitch result")
+        elif s.status == "empty":  # prepared cities have tiles: none committed means the city was never mapped
+            stage, error = "inference", s.error
         else:
             stage, error = "", ""
         share = None
         if s is not None and s.built_up_area_m2 and s.built_up_area_m2 == s.built_up_area_m2:  # not NaN, not 0
             share = s.uv_area_m2 / s.built_up_area_m2
         status = "failed" if error else "ok"
-        if s is not None and not error and s.tiles_failed:  # some (or all) tiles are missing: say so
+        if s is not None and not error and s.tiles_failed:  # some (or all) tiles are missing: say so, with a cause
             status = "partial" if s.tiles_ok else "failed"
-            stage, error = "inference", f"{s.tiles_failed} tile(s) failed (see `runs/{run}/ledger.duckdb`)"
+            example = first_failures.get(city)
+            cause = f", e.g. {example[0]}: {example[1]}" if example else ""
+            stage, error = "inference", f"{s.tiles_failed} tile(s) failed (all in `runs/{run}/ledger.duckdb`){cause}"
         out.append(CityReport(city=city, region=row["region"], status=status,
                               tiles_ok=s.tiles_ok if s else 0, tiles_failed=s.tiles_failed if s else 0, polygons=s.polygons if s else 0,
                               uv_area_m2=s.uv_area_m2 if s else 0.0, uv_share=share, stage=stage, error=error))

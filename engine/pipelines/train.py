@@ -15,12 +15,13 @@ import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engine.atomic import atomic_path
 from engine.schema import CITY_SLUG_RE
-from engine.storage import filesystem, is_remote, localize, publish, uri_of, workspace_root
+from engine.storage import filesystem, is_remote, localize, publish, raster_env, uri_of, workspace_root
 from engine.training.samples import LABEL_SETS, add_pixels, load_part, part_pairs
 from geolink_model.config import MODES, create_config
 
@@ -175,6 +176,7 @@ def run_training(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: Trai
         if missing:
             raise ValueError(f"fine-tuning needs reference polygons; missing for {', '.join(missing)}")
     n_tiles, tile_size = count_tiles(workspace, train_cities)
+    gsd = training_gsd({r["city"]: r["imagery"] for r in rows if r["city"] in train_cities + val_cities})
     model_cfg = create_config(cfg.preset, img_size=tile_size, num_classes=len(classes), **cfg.model_overrides)
     workers = cfg.num_workers if isinstance(cfg.num_workers, int) else cfg.num_workers[1]
     steps_per_epoch = max(1, math.ceil(n_tiles * cfg.label_fraction / (cfg.batch_size * workers)))
@@ -210,9 +212,22 @@ def run_training(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: Trai
             shutil.copy2(Path(d) / f, tmp / f)
         (tmp / "splits.json").write_text(json.dumps({"train": train_cities, "val": val_cities,
                                                       "test": [c for c, s in split.items() if s == "test"]}, indent=2))
-        (tmp / "train_config.json").write_text(json.dumps({**asdict(cfg), "model": json.loads(model_cfg.to_json())}, indent=2, default=str))
+        (tmp / "train_config.json").write_text(json.dumps({**asdict(cfg), "model": json.loads(model_cfg.to_json()), **gsd},
+                                                          indent=2, default=str))
     publish(out)  # a remote workspace: the bundle every map node will fetch
     return out
+
+
+def training_gsd(imagery: dict[str, str]) -> dict:
+    """``gsd_m`` (median) and ``gsd_range_m`` ([min, max]) of the training cities' ground GSD in metres, for the bundle:
+    `map` compares each city's GSD with this range (a model sees villages at the size in pixels it learnt them)."""
+    from engine.imagery import read_imagery_facts
+
+    with raster_env():
+        values = sorted(read_imagery_facts(path).gsd_m for path in imagery.values())
+    if not values:
+        return {}
+    return {"gsd_m": round(float(np.median(values)), 4), "gsd_range_m": [round(values[0], 4), round(values[-1], 4)]}
 
 
 def train_storage(location: str | None, workspace: str) -> tuple[str, object | None]:

@@ -69,9 +69,9 @@ def merge_products(workspace: str | os.PathLike[str], runs: list[str], into: str
             src = city_folder(sources[run], city)
             if src.is_dir():
                 shutil.copytree(src, city_folder(tmp, city))
-        write_urban_villages([pq.read_table(path / UV_PARQUET) for path in sources.values()], tmp)
-        write_city_stats(rows, tmp)
         starts = sorted(m["datetime"] for m in manifests.values() if m.get("datetime"))
+        write_urban_villages([pq.read_table(path / UV_PARQUET) for path in sources.values()], tmp, starts[0] if starts else "")
+        write_city_stats(rows, tmp)
         merged = {**manifests[first], "run": into, "merged_from": list(runs)}
         if starts:
             merged["datetime"] = starts[0]

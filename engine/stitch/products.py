@@ -10,7 +10,8 @@ Layout of ``<workspace>/products/<run>/``::
     cities/<city>/class.tif        COG, uint8 class index in run.json's ``classes`` order, nodata 255
 
 Every file is written to a temporary name and renamed. The Parquet file has no timestamps and a fixed row order
-and compression, so stitching the same predictions again gives the same bytes.
+and compression, and the GeoPackage is stamped with the run's start time, so stitching the same predictions again
+gives the same bytes.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import pyarrow as pa
 
 from engine.atomic import atomic_path
 from engine.geoparquet import table_to_gdf, write_geoparquet
+from engine.gpkg import write_gpkg
 from engine.products.layout import CITY_STATS, RUN_JSON, UV_GPKG, UV_PARQUET
 
 UV_LAYER = "urban_villages"
@@ -42,17 +44,18 @@ URBAN_VILLAGES_SCHEMA = pa.schema([
 CITY_STATS_COLUMNS = ("city", "region", "uv_area_m2", "built_up_area_m2", "uv_share", "polygons", "tiles_ok", "tiles_failed", "status")
 
 
-def write_urban_villages(tables: Iterable[pa.Table], out_dir: Path) -> tuple[Path, Path]:
-    """Concatenate the cities' polygons, sort by ``uv_id``, write GeoParquet and GeoPackage; return both paths."""
+def write_urban_villages(tables: Iterable[pa.Table], out_dir: Path, timestamp: str = "") -> tuple[Path, Path]:
+    """Concatenate the cities' polygons, sort by ``uv_id``, write GeoParquet and GeoPackage; return both paths.
+
+    ``timestamp``: the GeoPackage's ``last_change`` (the run's start), so a rerun writes the same bytes."""
     tables = [t.cast(URBAN_VILLAGES_SCHEMA) for t in tables]
     table = pa.concat_tables(tables) if tables else URBAN_VILLAGES_SCHEMA.empty_table()
     table = table.sort_by("uv_id").combine_chunks()
     parquet = write_geoparquet(table, out_dir / UV_PARQUET, 4326)
     gpkg = out_dir / UV_GPKG
-    with atomic_path(gpkg) as tmp:
-        gdf = table_to_gdf(table, 4326)
-        kwargs = {"geometry_type": "Polygon"} if len(gdf) == 0 else {}  # nothing to infer the type from
-        gdf.to_file(tmp, layer=UV_LAYER, driver="GPKG", engine="pyogrio", **kwargs)
+    gdf = table_to_gdf(table, 4326)
+    kwargs = {"geometry_type": "Polygon"} if len(gdf) == 0 else {}  # nothing to infer the type from
+    write_gpkg(gdf, gpkg, UV_LAYER, timestamp, **kwargs)
     return parquet, gpkg
 
 

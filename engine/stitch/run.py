@@ -243,7 +243,7 @@ class StreamingStitch:
                     on_city(result)
         finally:
             self.close(cancel=False)
-        write_urban_villages(tables, self.out_dir)
+        write_urban_villages(tables, self.out_dir, read_manifest(self.run_path).datetime or self.manifest.datetime)
         write_city_stats([r.stats_row() for r in results], self.out_dir)
         copy_manifest(self.run_path, self.out_dir)
         return results

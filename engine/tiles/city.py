@@ -23,6 +23,7 @@ from pyproj import CRS
 
 from engine import storage
 from engine.atomic import atomic_path
+from engine.imagery import model_input_problem, read_imagery_facts
 from engine.tiles.graph_store import graphs_to_table
 from engine.tiles.grid import TileGridConfig, build_tile_grid
 from engine.tiles.osm_join import Features, metres_per_unit, read_osm_bbox, tile_graphs, to_features
@@ -116,9 +117,13 @@ def plan_city(row: dict, cfg: PrepareConfig, staging: Path, imagery_digest: str,
     """Grid the city, and stage its OSM once: read by the imagery's bbox, reproject, tokenise, sort by position.
 
     Raises:
-        ValueError naming the city when imagery and OSM do not overlap (no features at all in the imagery).
+        ValueError naming the city when the model cannot take its imagery (not 3+ bands of uint8), or when imagery
+        and OSM do not overlap (no features at all in the imagery).
     """
     city = row["city"]
+    problem = model_input_problem(read_imagery_facts(row["imagery"]))
+    if problem:  # refused by name, never rescaled (16-bit divided by 255 would map to zeros everywhere)
+        raise ValueError(f"city {city}: {problem}")
     grid = build_tile_grid(city, row["region"], row["imagery"], cfg.grid, parse_aoi(row.get("aoi")))
     staging.mkdir(parents=True, exist_ok=True)
     features_path = staging / "features.parquet"

@@ -18,17 +18,13 @@ from rasterio.windows import Window
 from rasterio.windows import transform as window_transform
 
 from engine import storage
+from engine.schema import LABEL_SETS
 from engine.tiles.graph_store import row_to_graph
 from engine.tiles.parts import join_graphs, load_part, part_pairs  # noqa: F401  (re-exported: training reads parts too)
 from engine.training.metrics import IGNORE, MEAN, STD
 from engine.tiles.grid import read_window
 from geolink_model import batch_graphs
 
-LABEL_SETS: dict[str, tuple[str, ...]] = {
-    "binary": ("other", "urban_village"),
-    "landuse": ("other", "urban_village", "formal_residential", "commercial", "industrial", "institutional", "green", "water",
-                "farmland", "vacant"),
-}
 
 
 @functools.lru_cache(maxsize=8)
