@@ -153,6 +153,25 @@ def select_cities(catalog: pa.Table, cities: str) -> pa.Table:
 
 
 # --- validation ------------------------------------------------------------------------------------------------
+def city_problems(catalog: pa.Table) -> list[CatalogProblem]:
+    """The ``city`` column's problems (empty, not a slug, duplicate), one per row at most, reading no file: what must
+    hold before a city name becomes a folder (the `prepare` and `map` pre-check; :func:`validate_catalog` too)."""
+    problems: list[CatalogProblem] = []
+    seen: dict[str, int] = {}
+    for i, city in enumerate(catalog.column("city").to_pylist(), start=1):
+        city = city or ""
+        if not city:
+            problems.append(CatalogProblem(i, city, "city", "empty; every row needs a city slug"))
+        elif not CITY_SLUG_RE.match(city):
+            problems.append(CatalogProblem(i, city, "city", f"{city!r} is not a valid slug: use lowercase letters, digits, '_' and '-' "
+                                                            f"({CITY_SLUG_RE.pattern})"))
+        elif city in seen:
+            problems.append(CatalogProblem(i, city, "city", f"duplicate of row {seen[city]}; city slugs must be unique"))
+        else:
+            seen[city] = i
+    return problems
+
+
 def validate_catalog(catalog: pa.Table, facts: dict | None = None) -> list[CatalogProblem]:
     """Check every row of a loaded catalog; return all problems (errors and warnings), in row order.
 
@@ -163,21 +182,15 @@ def validate_catalog(catalog: pa.Table, facts: dict | None = None) -> list[Catal
     :class:`engine.imagery.ImageryFacts` by city (CRS, size, bands, pixel type, ground GSD in metres).
     """
     problems: list[CatalogProblem] = []
-    seen: dict[str, int] = {}
+    slugs = {p.row: p for p in city_problems(catalog)}
     for i, row in enumerate(catalog.to_pylist(), start=1):
         city = row.get("city") or ""
 
         def report(field: str, message: str, severity: str = "error") -> None:
             problems.append(CatalogProblem(i, city, field, message, severity))
 
-        if not city:
-            report("city", "empty; every row needs a city slug")
-        elif not CITY_SLUG_RE.match(city):
-            report("city", f"{city!r} is not a valid slug: use lowercase letters, digits, '_' and '-' ({CITY_SLUG_RE.pattern})")
-        elif city in seen:
-            report("city", f"duplicate of row {seen[city]}; city slugs must be unique")
-        else:
-            seen[city] = i
+        if i in slugs:
+            problems.append(slugs[i])
         if not row.get("region"):
             report("region", "empty; every city needs a region stratum")
         split = row.get("split")
@@ -205,7 +218,7 @@ def _check_imagery(path: str | None, report, facts: dict | None = None, city: st
     from rasterio.warp import transform_bounds
 
     from engine.errors import describe_error
-    from engine.imagery import imagery_facts, model_input_problem, probe_blocks
+    from engine.imagery import inspect_imagery
 
     if not path:
         report("imagery", "empty; every city needs imagery (a GeoTIFF or COG)")
@@ -226,16 +239,13 @@ def _check_imagery(path: str | None, report, facts: dict | None = None, city: st
             if src.width == 0 or src.height == 0:
                 report("imagery", f"{path} is empty ({src.width}x{src.height} px)")
                 return None
-            found = imagery_facts(src, path)
+            found, problem, damage = inspect_imagery(src, path)
             if facts is not None:
                 facts[city] = found
-            problem = model_input_problem(found)
             if problem and src.count >= 3:
                 report("imagery", f"{problem}; prepare and map refuse it", severity="warning")
-            try:
-                probe_blocks(src)
-            except Exception as exc:  # noqa: BLE001 (GDAL raises its own error classes too)
-                report("imagery", f"{path} is damaged (truncated or corrupt): {describe_error(exc)}")
+            if damage:
+                report("imagery", damage)
             return tuple(transform_bounds(src.crs, CRS.from_epsg(4326), *src.bounds))
     except rasterio.errors.RasterioError as exc:
         report("imagery", f"{path} cannot be read as a raster: {describe_error(exc)}")

@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from engine import storage
-from engine.catalog import CatalogError, find_catalog, load_catalog, select_cities, validate_catalog
+from engine.catalog import CatalogError, city_problems, find_catalog, load_catalog, select_cities, validate_catalog
 
 app = typer.Typer(help="geolink-engine: city-scale urban-village mapping with GeoLink (imagery + OSM).", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
@@ -155,7 +155,7 @@ def prepare(
         cfg = PrepareConfig(grid=TileGridConfig(tile_size_px=tile_size, overlap_px=overlap))
     except (CatalogError, ValueError) as exc:
         _fail(str(exc))
-    errors = [p for p in validate_catalog(table) if p.severity == "error" and p.field == "city"]
+    errors = city_problems(table)
     if errors:  # slugs become paths: never prepare with an invalid or duplicate one
         _fail("; ".join(str(p) for p in errors) + f" (run `geolink-engine catalog validate` on {path})")
     init_ray(address)
@@ -306,7 +306,7 @@ def map_command(
                         inference=InferenceConfig(batch_size=batch_size, gpus=devices, actors=actors, actors_per_gpu=actors_per_gpu))
     except (CatalogError, ValueError) as exc:
         _fail(str(exc))
-    errors = [p for p in validate_catalog(table) if p.severity == "error" and p.field == "city"]
+    errors = city_problems(table)
     if errors:
         _fail("; ".join(str(p) for p in errors) + f" (run `geolink-engine catalog validate` on {path})")
     try:

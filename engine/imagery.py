@@ -22,6 +22,8 @@ import rasterio
 from pyproj import CRS, Geod, Transformer
 from rasterio.windows import Window
 
+from engine.errors import describe_error
+
 MODEL_DTYPE = "uint8"  # what the model's input normalisation assumes (pixels / 255)
 MODEL_MIN_BANDS = 3  # bands 1-3 are read as RGB
 GSD_WARN_RATIO = 1.5  # `map` warns beyond this ratio to the model's training GSD ...
@@ -68,7 +70,7 @@ def ground_gsd_m(transform, crs: CRS | str, width_px: int, height_px: int) -> tu
         (0.5, 0.5)
         >>> x, y = ground_gsd_m(from_origin(116.0, 40.0, 1e-5, 1e-5), "EPSG:4326", 100, 100)
         >>> round(x, 3), round(y, 3)  # a degree of longitude shrinks with cos(latitude)
-        (0.853, 1.11)
+        (0.854, 1.11)
     """
     col, row = width_px // 2, height_px // 2
     xs, ys = transform @ (np.array([col, col + 1, col], float), np.array([row, row, row + 1], float))
@@ -139,3 +141,16 @@ def probe_blocks(src: rasterio.io.DatasetReader) -> None:
     if factors:
         f = factors[-1]
         src.read(out_shape=(src.count, max(1, math.ceil(src.height / f)), max(1, math.ceil(src.width / f))))
+
+
+def inspect_imagery(src: rasterio.io.DatasetReader, path: str) -> tuple[ImageryFacts, str | None, str | None]:
+    """What `catalog validate` and `map` both need of an open raster (it must have a CRS): its facts, why the model
+    cannot take it (:func:`model_input_problem`, or None) and why it is damaged (a failed :func:`probe_blocks`,
+    with GDAL's cause, or None)."""
+    facts = imagery_facts(src, path)
+    try:
+        probe_blocks(src)
+        damage = None
+    except Exception as exc:  # noqa: BLE001 (GDAL raises its own error classes too)
+        damage = f"{path} is damaged (truncated or corrupt): {describe_error(exc)}"
+    return facts, model_input_problem(facts), damage

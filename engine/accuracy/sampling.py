@@ -136,12 +136,6 @@ class CityGrid:
         """Pixel height and width in ground metres at the map's centre (any CRS: degrees and Mercator included)."""
         return self.ground_res_m
 
-    def rows_area_m2(self, y0: int, y1: int) -> np.ndarray:
-        """Ground area (m2) of one pixel in each of the rows ``[y0, y1)``."""
-        if self.row_area_m2 is None:
-            return np.full(y1 - y0, self.pixel_area_m2)
-        return self.row_area_m2[y0:y1]
-
 
 def open_city_grid(path: str | os.PathLike[str], city: str, region: str, classes: tuple[str, ...]) -> CityGrid:
     """Open and check a city's ``class.tif`` (one uint8 band, north-up, any CRS).
@@ -301,8 +295,8 @@ def scan_city(grid: CityGrid, buffer_m: float, block_rows: int, truth: TruthStri
     census_m2 = np.zeros((2, 2)) if truth is not None and grid.row_area_m2 is not None else None
     for _, y0, codes in strata_strips(grid, buffer_m, block_rows):
         counts.append(np.bincount(codes.ravel(), minlength=256)[:3])
-        row_area = grid.rows_area_m2(y0, y0 + codes.shape[0])
         if grid.row_area_m2 is not None:  # per row: pixels of each code x that row's pixel area
+            row_area = grid.row_area_m2[y0:y0 + codes.shape[0]]
             per_row = np.stack([(codes == c).sum(axis=1) for c in range(3)], axis=1)
             areas.append(row_area @ per_row)
         if truth is not None:

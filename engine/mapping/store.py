@@ -285,10 +285,10 @@ class OrphanSweep:
     removed: int = 0
 
 
-def adopt_orphans(run_path: Path, ledger: Ledger, model_version: str | None = None) -> OrphanSweep:
+def adopt_orphans(run_path: Path, ledger: Ledger, model_version: str) -> OrphanSweep:
     """Settle every prediction part the ledger does not reference (its batch was written but never committed).
 
-    With ``model_version``, a part is adopted (its tiles committed ``ok`` in one transaction) when none of its tiles
+    A part is adopted (its tiles committed ``ok`` in one transaction) when none of its tiles
     is in the ledger and its contents verify (:func:`verify_part`): the work a driver had received from the actors
     before it died is kept. Every other orphan is deleted: a part whose tiles were committed from another part (a
     batch redone after a lost actor), one of another model version, or one that fails verification. So each tile
@@ -301,7 +301,7 @@ def adopt_orphans(run_path: Path, ledger: Ledger, model_version: str | None = No
         rel = str(path.relative_to(run_path))
         if rel in referenced:
             continue
-        table = verify_part(storage.localize(path), model_version) if model_version else None
+        table = verify_part(storage.localize(path), model_version)
         if table is not None and not known.intersection(table["tile_id"].to_pylist()):
             ledger.commit([{"tile_id": t, "city": c, "status": "ok", "attempts": 1, "error": "", "input_hash": h,
                             "model_version": model_version, "part": rel, "read_s": None, "predict_s": None}
@@ -313,11 +313,6 @@ def adopt_orphans(run_path: Path, ledger: Ledger, model_version: str | None = No
         storage.remove(path)
         removed += 1
     return OrphanSweep(adopted_parts, adopted_tiles, removed)
-
-
-def remove_orphans(run_path: Path, ledger: Ledger) -> int:
-    """Delete prediction parts the ledger does not reference, adopting none; returns the count."""
-    return adopt_orphans(run_path, ledger).removed
 
 
 def read_city_predictions(run_path: Path, committed: pa.Table, batch_rows: int = 64,

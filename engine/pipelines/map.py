@@ -22,17 +22,8 @@ import rasterio
 
 from engine import storage
 from engine.errors import describe_error
-from engine.imagery import (
-    GSD_REFUSE_RATIO,
-    GSD_WARN_RATIO,
-    ImageryFacts,
-    format_gsd,
-    gsd_ratio,
-    imagery_facts,
-    model_input_problem,
-    probe_blocks,
-)
-from engine.mapping.bundle import BundleError, check_bundle, model_classes, model_gsd_range, model_mode  # noqa: F401 (re-exported)
+from engine.imagery import GSD_REFUSE_RATIO, GSD_WARN_RATIO, ImageryFacts, format_gsd, gsd_ratio, inspect_imagery
+from engine.mapping.bundle import check_bundle, model_classes, model_gsd_range, model_mode
 from engine.mapping.infer import InferenceConfig, InferenceResult, run_inference
 from engine.mapping.predict import ModelPredictor, OraclePredictor, Predictor, model_version
 from engine.mapping.store import Ledger, RunManifest, run_dir
@@ -155,13 +146,8 @@ def check_imagery(rows: dict[str, dict]) -> tuple[dict[str, ImageryFacts], dict[
                 with rasterio.open(row["imagery"]) as src:
                     if src.crs is None:
                         continue  # prepare says how to assign one
-                    facts[city] = imagery_facts(src, row["imagery"])
-                    problem = model_input_problem(facts[city])
-                    if problem is None:
-                        try:
-                            probe_blocks(src)
-                        except Exception as exc:  # noqa: BLE001 (GDAL's own error classes too)
-                            problem = f"imagery {row['imagery']} is damaged (truncated or corrupt): {describe_error(exc)}"
+                    facts[city], problem, damage = inspect_imagery(src, row["imagery"])
+                    problem = problem or (damage and f"imagery {damage}")
             except Exception:  # noqa: BLE001 (prepare names the file and the error)
                 continue
             if problem:
@@ -244,7 +230,7 @@ def run_map(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: MapConfig
         t0 = time.perf_counter()
         ok_catalog = catalog.filter(pa.array([c in ok_cities for c in catalog["city"].to_pylist()]))
         model_dir = ensure_model(ok_catalog)
-        check_bundle(model_dir)
+        model_cfg = check_bundle(model_dir)
         seconds["train"] = time.perf_counter() - t0
     if not oracle:
         trained = model_gsd_range(model_dir)
@@ -263,7 +249,7 @@ def run_map(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: MapConfig
     if oracle:
         manifest, predictor, kwargs = _reference_predictor(cfg, tile_size, {c: rows[c]["reference"] for c in ok_cities})
     else:
-        manifest, predictor, kwargs = _model_predictor(cfg, tile_size, model_dir)
+        manifest, predictor, kwargs = _model_predictor(cfg, tile_size, model_dir, model_cfg)
     say(f"inference: model {manifest.model_version} ({manifest.mode}) on {len(ok_cities)} cities")
     t0 = time.perf_counter()
     stitcher = StreamingStitch(workspace, cfg.run, catalog, StitchConfig(min_area_m2=cfg.min_area_m2), manifest=manifest)
@@ -307,8 +293,7 @@ def _unassessed(city: CityReport, why: str | None) -> CityReport:
     return replace(city, status="partial", stage="assess", error=why)
 
 
-def _model_predictor(cfg: MapConfig, tile_size: int, model_dir: str) -> tuple[RunManifest, type[Predictor], dict]:
-    model_cfg = check_bundle(model_dir)
+def _model_predictor(cfg: MapConfig, tile_size: int, model_dir: str, model_cfg: GeoLinkConfig) -> tuple[RunManifest, type[Predictor], dict]:
     if model_cfg.img_size != tile_size:
         raise ValueError(f"model {model_dir} expects {model_cfg.img_size} px tiles, the workspace was prepared with {tile_size} px")
     manifest = RunManifest(run=cfg.run, model_dir=str(Path(model_dir).resolve()), model_version=model_version(model_dir),
