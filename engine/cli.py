@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -20,11 +21,25 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from engine import storage
-from engine.catalog import CatalogError, city_problems, find_catalog, load_catalog, select_cities, validate_catalog
+from engine.catalog import (
+    CatalogError,
+    check_city_names,
+    find_catalog,
+    load_catalog,
+    select_cities,
+    validate_catalog,
+)
+from engine.workspace import Workspace
 
 app = typer.Typer(help="geolink-engine: city-scale urban-village mapping with GeoLink (imagery + OSM).", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
@@ -40,7 +55,7 @@ log = logging.getLogger("geolink")
 class Settings:
     """Options shared by every command."""
 
-    workspace: Path
+    workspace: Workspace
     catalog: Path | None
 
     def catalog_path(self) -> Path:
@@ -65,7 +80,7 @@ def _main(
 
         warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
     storage.configure_process()
-    ctx.obj = Settings(workspace=storage.workspace_root(workspace), catalog=storage.local_path(catalog) if catalog else None)
+    ctx.obj = Settings(workspace=Workspace.at(workspace), catalog=storage.local_path(catalog) if catalog else None)
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:
@@ -102,9 +117,9 @@ def demo_data(
         with _progress() as progress:
             task = progress.add_task("drawing previews", total=len(rows))
             for row in rows:
-                render_preview(row, settings.workspace / "preview" / f"{row['city']}.png")
+                render_preview(row, settings.workspace.preview(row["city"]))
                 progress.advance(task)
-        console.print(f"previews in [bold]{settings.workspace / 'preview'}[/]")
+        console.print(f"previews in [bold]{settings.workspace.preview(rows[0]['city']).parent if rows else settings.workspace.root}[/]")
 
 
 @app.command("ingest-osm")
@@ -153,15 +168,13 @@ def prepare(
     try:
         table = select_cities(table, cities)
         cfg = PrepareConfig(grid=TileGridConfig(tile_size_px=tile_size, overlap_px=overlap))
+        check_city_names(table, path)  # before Ray starts; run_prepare refuses them too
     except (CatalogError, ValueError) as exc:
         _fail(str(exc))
-    errors = city_problems(table)
-    if errors:  # slugs become paths: never prepare with an invalid or duplicate one
-        _fail("; ".join(str(p) for p in errors) + f" (run `geolink-engine catalog validate` on {path})")
     init_ray(address)
     results = run_prepare(table, settings.workspace, cfg, force=force,
                           on_result=lambda r: log.info("%s %s (%d tiles)%s", r.city, r.status, r.tiles, f": {r.error}" if r.error else ""))
-    view = Table(title=f"prepare: {settings.workspace / 'tiles'}")
+    view = Table(title=f"prepare: {settings.workspace.tiles}")
     for name in ("city", "status", "tiles", "seconds", "error"):
         view.add_column(name, overflow="fold")
     for r in results:
@@ -174,24 +187,17 @@ def prepare(
     console.print(f"[green]ok:[/] {sum(r.tiles for r in results)} tiles in {len(results)} cities")
 
 
-def _train(ctx: typer.Context, task: str, name: str, preset: str, epochs: int, batch_size: int, lr: float, workers: str,
-           gpu: bool, mode: str, classes: str, label_fraction: float, init_from: str | None, storage: str | None, seed: int,
-           address: str | None, image_dropout: float = 0.0, max_zoom: float = 1.0, backbone_lr_scale: float = 1.0,
-           pretrain_on_test: bool = False) -> None:
+def _train(ctx: typer.Context, task: str, name: str, storage: str | None, address: str | None, workers: str, **fields) -> None:
+    """One training command: ``fields`` are :class:`TrainConfig` fields, built and checked here (one line on error)."""
     from engine.pipelines.runtime import init_ray
-    from engine.pipelines.train import TrainConfig, run_training
+    from engine.pipelines.train import TrainConfig, parse_workers, run_training
 
     settings: Settings = ctx.obj
     path, table = _load_catalog(settings)
     try:
-        lo, _, hi = workers.partition("-")
-        n_workers: int | tuple[int, int] = (int(lo), int(hi)) if hi else int(lo)
-        cfg = TrainConfig(task=task, preset=preset, epochs=epochs, batch_size=batch_size, lr=lr, num_workers=n_workers, use_gpu=gpu,
-                          mode=mode, classes=classes, label_fraction=label_fraction, init_from=init_from, seed=seed,
-                          image_dropout=image_dropout, max_zoom=max_zoom, backbone_lr_scale=backbone_lr_scale,
-                          pretrain_on_test=pretrain_on_test)
+        cfg = TrainConfig(task=task, num_workers=parse_workers(workers), **fields)
     except ValueError as exc:
-        _fail(f"{exc} (--workers takes N or MIN-MAX)")
+        _fail(str(exc))
     init_ray(address)
     try:
         out = run_training(table, settings.workspace, cfg, name=name, storage=storage)
@@ -205,7 +211,7 @@ def _train(ctx: typer.Context, task: str, name: str, preset: str, epochs: int, b
 
 _TRAIN_OPTIONS = {
     "name": typer.Option("--name", help="Run name: checkpoints in <storage>/<name>, model in <workspace>/models/<name>; rerun resumes."),
-    "preset": typer.Option("--preset", help="GeoLink preset: tiny (CPU), base, large."),
+    "preset": typer.Option("--preset", help="GeoLink preset: test (the test suite's, smallest), tiny (CPU), base, large."),
     "epochs": typer.Option("--epochs", min=1, help="Epochs over the training tiles."),
     "batch_size": typer.Option("--batch-size", min=1, help="Tiles per step per worker."),
     "lr": typer.Option("--lr", help="Peak learning rate (AdamW, warmup + cosine)."),
@@ -235,8 +241,8 @@ def pretrain(
     pretrain_on_test: Annotated[bool, typer.Option("--pretrain-on-test", help="Pretrain on the test cities' imagery and OSM too (no labels are read).")] = False,
 ) -> None:
     """Self-supervised pretraining (masked patches, image-graph contrast, masked OSM nodes) on Ray Train."""
-    _train(ctx, "pretrain", name, preset, epochs, batch_size, lr, workers, gpu, "fused", "binary", 1.0, None, storage, seed, address,
-           max_zoom=max_zoom, pretrain_on_test=pretrain_on_test)
+    _train(ctx, "pretrain", name, storage, address, workers, preset=preset, epochs=epochs, batch_size=batch_size, lr=lr, use_gpu=gpu,
+           seed=seed, max_zoom=max_zoom, pretrain_on_test=pretrain_on_test)
 
 
 @app.command("finetune")
@@ -261,8 +267,9 @@ def finetune(
     backbone_lr_scale: Annotated[float, typer.Option("--backbone-lr-scale", help="The pretrained encoders and fusion learn at this share of --lr (0 freezes them).")] = 1.0,
 ) -> None:
     """Fine-tune for urban-village segmentation on the train split; IoU/F1/mIoU on the val split each epoch."""
-    _train(ctx, "finetune", name, preset, epochs, batch_size, lr, workers, gpu, mode, classes, label_fraction, init_from, storage, seed, address,
-           image_dropout, max_zoom, backbone_lr_scale)
+    _train(ctx, "finetune", name, storage, address, workers, preset=preset, epochs=epochs, batch_size=batch_size, lr=lr, use_gpu=gpu,
+           seed=seed, mode=mode, classes=classes, label_fraction=label_fraction, init_from=init_from, image_dropout=image_dropout,
+           max_zoom=max_zoom, backbone_lr_scale=backbone_lr_scale)
 
 
 @app.command("map")
@@ -274,7 +281,7 @@ def map_command(
     run: Annotated[str, typer.Option("--run", help="Run name: runs/<run> (predictions, ledger) and products/<run>; rerun resumes.")] = "default",
     address: Annotated[str | None, typer.Option("--address", help="Ray address ('auto', 'ray://host:10001'); default: a local Ray.")] = None,
     mode: Annotated[str | None, typer.Option("--mode", help="fused, image or osm; default: the model's own.")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Tiles per model call.")] = 16,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Tiles per model call (default: 16 on CPU, 64 on GPUs).")] = None,
     devices: Annotated[int, typer.Option("--devices", min=0, help="GPUs to predict on (one actor each); 0 = CPU.")] = 0,
     actors_per_gpu: Annotated[int, typer.Option("--actors-per-gpu", min=1, help="Predictor actors sharing one GPU (keeps a fast GPU busy).")] = 1,
     actors: Annotated[int | None, typer.Option("--actors", min=1, help="Predictor actors on CPU (default: half the CPUs).")] = None,
@@ -283,43 +290,22 @@ def map_command(
                                                      "model's training GSD (refused otherwise).")] = False,
 ) -> None:
     """The main job: prepare -> fused inference -> stitch -> products, for the catalog's cities (demo cities if none)."""
-    from engine.catalog import find_catalog as _find
-    from engine.mapping.infer import InferenceConfig
-    from engine.pipelines.map import MapConfig, check_model, default_model, run_map
+    from engine.pipelines.infer import InferenceConfig
+    from engine.pipelines.map import MapConfig, default_model, map_catalog, run_map
 
     settings: Settings = ctx.obj
-    if settings.catalog is None:
-        try:
-            _find(settings.workspace)
-        except CatalogError:
-            from engine.synth.config import SynthConfig
-            from engine.synth.demo import write_demo
-
-            console.print(f"no catalog in {settings.workspace}: writing the 12 demo cities (embedded default)")
-            with _progress() as progress:
-                task = progress.add_task("generating cities", total=12)
-                write_demo(settings.workspace, 12, SynthConfig(), seed=0, on_city=lambda row: progress.advance(task))
-    path, table = _load_catalog(settings)
+    say = lambda msg: console.print(f"[bold]>[/] {escape(msg)}", soft_wrap=True)  # noqa: E731
     try:
-        table = select_cities(table, cities)
+        with _Bars() as bars:
+            _, table = map_catalog(settings.workspace, settings.catalog, cities, say=say, on_demo_city=bars.counter("generating demo cities"))
         cfg = MapConfig(run=run, model_dir=model, mode=mode, min_area_m2=min_area, allow_gsd_mismatch=allow_gsd_mismatch,
                         inference=InferenceConfig(batch_size=batch_size, gpus=devices, actors=actors, actors_per_gpu=actors_per_gpu))
     except (CatalogError, ValueError) as exc:
         _fail(str(exc))
-    errors = city_problems(table)
-    if errors:
-        _fail("; ".join(str(p) for p in errors) + f" (run `geolink-engine catalog validate` on {path})")
-    try:
-        check_model(cfg, settings.workspace)  # run_map checks it too; here, so a broken bundle is one line and nothing else
-    except ValueError as exc:
-        _fail(str(exc))
-    say = lambda msg: console.print(f"[bold]>[/] {escape(msg)}", soft_wrap=True)  # noqa: E731
-    with _progress() as progress:
-        bar = progress.add_task("tiles predicted", total=None)
+    with _Bars() as bars:
         try:
-            report = run_map(table, settings.workspace, cfg,
-                             ensure_model=lambda cat: default_model(settings.workspace, cat, use_gpu=devices > 0, say=say),
-                             on_stage=say, on_commit=lambda n, total: progress.update(bar, advance=n, total=total), address=address)
+            report = run_map(table, settings.workspace, cfg, ensure_model=lambda cat: default_model(settings.workspace, cat, use_gpu=devices > 0, say=say),
+                             on_stage=say, on_commit=bars.adder("tiles predicted"), address=address)
         except (ValueError, FileNotFoundError) as exc:  # a broken model bundle, a bad option: one line, before any stage
             _fail(str(exc))
     _print_city_report(report.cities, f"map run {report.run} (model {report.model_version})")
@@ -341,13 +327,13 @@ def stitch_command(
     min_area: Annotated[float, typer.Option("--min-area", help="Drop UV polygons smaller than this (m2).")] = 100.0,
 ) -> None:
     """Rebuild products/<run>/ from a run's committed predictions (blend, polygons across seams, STAC, page)."""
-    from engine.pipelines.map import stitch_products
+    from engine.pipelines.stitch import stitch_products
 
     settings: Settings = ctx.obj
     path, table = _load_catalog(settings)
     try:
         table = select_cities(table, cities)
-        report = stitch_products(str(settings.workspace), run, table, min_area)
+        report = stitch_products(settings.workspace, run, table, min_area)
     except (CatalogError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
     _print_city_report(report, f"stitch run {run}")
@@ -363,13 +349,13 @@ def merge_runs_command(
     into: Annotated[str, typer.Option("--into", help="Name of the merged run (products/<into>/).")],
 ) -> None:
     """Merge the products of map runs over disjoint city shards into one product set (page and STAC included)."""
-    from engine.pipelines.map import merge_runs
-    from engine.products.layout import read_city_stats
+    from engine.pipelines.merge_runs import merge_runs
+    from engine.product_layout import read_city_stats
 
     settings: Settings = ctx.obj
     _, table = _load_catalog(settings)
     try:
-        out = merge_runs(str(settings.workspace), [r.strip() for r in runs.split(",") if r.strip()], into, table)
+        out = merge_runs(settings.workspace, [r.strip() for r in runs.split(",") if r.strip()], into, table)
     except (ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
     stats = read_city_stats(out)
@@ -394,7 +380,7 @@ def assess_command(
     """Design-based accuracy and area estimates (stratified random sample, Stehman 2014) for a run's products."""
     from engine.accuracy.assess import AssessConfig
     from engine.accuracy.sampling import SampleConfig
-    from engine.pipelines.map import assess, publish_products
+    from engine.pipelines.assess import assess
 
     settings: Settings = ctx.obj
     path, table = _load_catalog(settings)
@@ -402,9 +388,7 @@ def assess_command(
     try:
         table = select_cities(table, cities)
         cfg = AssessConfig(sampling=SampleConfig(strata=strata, buffer_m=buffer_m, n_total=n_total, seed=seed))
-        storage.localize(settings.workspace / "products" / run)  # a remote workspace: the stitched products
-        result = assess(str(settings.workspace), run, table, cfg, reference_labels=reference, say=say)
-        publish_products(settings.workspace / "products" / run, table)  # the page and the STAC now link the report
+        result = assess(settings.workspace, run, table, cfg, reference_labels=reference, say=say, publish=True)
     except (CatalogError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
     _print_assessment(result)
@@ -547,6 +531,45 @@ def _short(value: str | None) -> str:
 
 def _progress() -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console)
+
+
+class _Bars:
+    """Progress bars that appear only when the first one does: a run refused before any work prints its one error
+    line and nothing else (a ``Progress`` that was started prints its empty frame on stop)."""
+
+    def __init__(self) -> None:
+        self.progress: Progress | None = None
+
+    def __enter__(self) -> _Bars:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    def counter(self, description: str) -> Callable[[int, int], None]:
+        """``on_done(done, total)`` for an engine call: its bar is added when the first item is done."""
+        task: list = []
+
+        def on_done(done: int, total: int) -> None:
+            if self.progress is None:
+                self.progress = _progress()
+                self.progress.start()
+            if not task:
+                task.append(self.progress.add_task(description, total=total))
+            self.progress.update(task[0], completed=done, total=total)
+
+        return on_done
+
+    def adder(self, description: str) -> Callable[[int, int], None]:
+        """``on_commit(n, total)``: like :meth:`counter`, for callers that report how many were added, not done."""
+        count, done = self.counter(description), [0]
+
+        def add(n: int, total: int) -> None:
+            done[0] += n
+            count(done[0], total)
+
+        return add
 
 
 def main() -> None:

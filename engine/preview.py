@@ -10,17 +10,14 @@ import os
 from pathlib import Path
 
 import geopandas as gpd
-import matplotlib
+import numpy as np
+import rasterio
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import rasterio  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
-
-from engine import storage  # noqa: E402
-from engine.atomic import atomic_path  # noqa: E402
+from engine import storage
+from engine.atomic import atomic_path
 
 CLASS_COLOURS = {
     "urban_village": "#ff2d2d",
@@ -49,7 +46,8 @@ def render_preview(row: dict, out_png: str | os.PathLike[str], max_px: int = 900
         rgb = src.read([1, 2, 3], out_shape=shape, resampling=rasterio.enums.Resampling.average)
         crs, bounds = src.crs, src.bounds
     extent = (bounds.left, bounds.right, bounds.bottom, bounds.top)
-    fig, axes = plt.subplots(1, 2, figsize=(16, 8.4), dpi=100)
+    fig = Figure(figsize=(16, 8.4), dpi=100)  # object-oriented: no pyplot, no global figure or backend state
+    axes = fig.subplots(1, 2)
     for ax in axes:
         ax.imshow(np.transpose(rgb, (1, 2, 0)), extent=extent)
         ax.set_xlim(bounds.left, bounds.right)
@@ -86,5 +84,4 @@ def render_preview(row: dict, out_png: str | os.PathLike[str], max_px: int = 900
     out_png = Path(out_png)
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, format="png")
-    plt.close(fig)
     return out_png

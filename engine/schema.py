@@ -221,3 +221,17 @@ PREDICTIONS_SCHEMA = pa.schema(
         pa.field("probs", pa.binary(), nullable=False),
     ]
 )
+
+
+# --- products (products/<run>/, files named in engine.product_layout) ------------------------------------------
+URBAN_VILLAGES_SCHEMA = pa.schema([
+    pa.field("uv_id", pa.string(), nullable=False),  # <city>-<n>, n from 1 in raster-scan order of the village's first pixel
+    pa.field("city", pa.string(), nullable=False),
+    pa.field("region", pa.string(), nullable=False),
+    pa.field("area_m2", pa.float64(), nullable=False),  # in EPSG:6933 (equal-area)
+    pa.field("mean_prob", pa.float64(), nullable=False),  # mean blended p(urban_village) over the village's pixels
+    pa.field("n_tiles", pa.int32(), nullable=False),  # tiles whose core's interior meets the village
+    pa.field("model_version", pa.string(), nullable=False),
+    pa.field("geometry", pa.binary(), nullable=False),  # WKB, EPSG:4326 (lon, lat)
+])
+CITY_STATS_COLUMNS = ("city", "region", "uv_area_m2", "built_up_area_m2", "uv_share", "polygons", "tiles_ok", "tiles_failed", "status")

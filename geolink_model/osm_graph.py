@@ -111,7 +111,7 @@ def tokenize_tags(tags: Sequence[Iterable[tuple[str, str]] | Mapping[str, str]],
 
     Example:
         >>> t = tokenize_tags([{"building": "yes", "name": "X"}], OsmGraphConfig(tokens_per_node=4))
-        >>> (t[0] > 0).sum()  # building, building=yes, name
+        >>> int((t[0] > 0).sum())  # building, building=yes, name
         3
     """
     out = np.zeros((len(tags), cfg.tokens_per_node), np.int32)

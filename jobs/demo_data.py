@@ -9,6 +9,7 @@ import argparse
 
 from engine.synth.config import SynthConfig
 from engine.synth.demo import write_demo
+from engine.workspace import Workspace
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main() -> None:
     args = build_parser().parse_args()
-    path = write_demo(args.workspace, args.cities, SynthConfig(size_km=args.size_km), seed=args.seed, workers=args.workers)
+    path = write_demo(Workspace.at(args.workspace), args.cities, SynthConfig(size_km=args.size_km), seed=args.seed, workers=args.workers)
     print(f"wrote {path}")
 
 

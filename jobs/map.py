@@ -11,9 +11,9 @@ import argparse
 import sys
 import time
 
-from engine.catalog import find_catalog, load_catalog, select_cities
-from engine.mapping.infer import InferenceConfig
-from engine.pipelines.map import MapConfig, default_model, run_map
+from engine.pipelines.infer import InferenceConfig
+from engine.pipelines.map import MapConfig, default_model, map_catalog, run_map
+from engine.workspace import Workspace
 
 
 def progress_printer(every_fraction: float = 0.05, every_s: float = 30.0):
@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--run", default="default")
     parser.add_argument("--mode", default=None, choices=["fused", "image", "osm"])
     parser.add_argument("--tile-size", type=int, default=224, help="tile size when no model fixes it")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=None, help="tiles per model call (default: 16 on CPU, 64 on GPUs)")
     parser.add_argument("--devices", type=int, default=0, help="GPUs (one predictor actor each)")
     parser.add_argument("--actors", type=int, default=None)
     parser.add_argument("--actors-per-gpu", type=int, default=1, help="predictor actors sharing one GPU (keeps a fast GPU busy)")
@@ -50,14 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main() -> int:
     args = build_parser().parse_args()
+    workspace = Workspace.at(args.workspace)
     try:
-        catalog = select_cities(load_catalog(args.catalog or find_catalog(args.workspace)), args.cities)
+        _, catalog = map_catalog(workspace, args.catalog, args.cities, say=lambda msg: print(msg, flush=True))
         cfg = MapConfig(run=args.run, model_dir=args.model, mode=args.mode, tile_size_px=args.tile_size,
                         allow_gsd_mismatch=args.allow_gsd_mismatch,
                         inference=InferenceConfig(batch_size=args.batch_size, gpus=args.devices, actors=args.actors,
                                                   actors_per_gpu=args.actors_per_gpu))
-        report = run_map(catalog, args.workspace, cfg,
-                         ensure_model=lambda cat: default_model(args.workspace, cat, use_gpu=args.devices > 0, say=print),
+        report = run_map(catalog, workspace, cfg,
+                         ensure_model=lambda cat: default_model(workspace, cat, use_gpu=args.devices > 0, say=print),
                          on_stage=lambda msg: print(msg, flush=True), on_commit=progress_printer(), address=args.address)
     except (ValueError, FileNotFoundError) as exc:  # a bad catalog or model bundle: one line, before any stage
         print(f"error: {exc}", file=sys.stderr, flush=True)

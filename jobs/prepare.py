@@ -13,6 +13,7 @@ from engine.pipelines.prepare import run_prepare
 from engine.pipelines.runtime import init_ray
 from engine.tiles.city import PrepareConfig
 from engine.tiles.grid import TileGridConfig
+from engine.workspace import Workspace
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,10 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main() -> int:
     args = build_parser().parse_args()
-    catalog = select_cities(load_catalog(args.catalog or find_catalog(args.workspace)), args.cities)
+    workspace = Workspace.at(args.workspace)
+    catalog = select_cities(load_catalog(args.catalog or find_catalog(workspace)), args.cities)
     init_ray("auto")
     cfg = PrepareConfig(grid=TileGridConfig(tile_size_px=args.tile_size, overlap_px=args.overlap))
-    results = run_prepare(catalog, args.workspace, cfg, force=args.force)
+    results = run_prepare(catalog, workspace, cfg, force=args.force)
     for r in results:
         print(f"{r.city}\t{r.status}\t{r.tiles}\t{r.error}")
     return 1 if any(r.status == "failed" for r in results) else 0

@@ -6,7 +6,8 @@ import argparse
 
 from engine.catalog import find_catalog, load_catalog
 from engine.pipelines.runtime import init_ray
-from engine.pipelines.train import TrainConfig, run_training
+from engine.pipelines.train import TrainConfig, parse_workers, run_training
+from engine.workspace import Workspace
 
 
 def build_parser(task: str, description: str | None = None) -> argparse.ArgumentParser:
@@ -37,13 +38,13 @@ def build_parser(task: str, description: str | None = None) -> argparse.Argument
 
 def run(task: str, description: str) -> None:
     args = build_parser(task, description).parse_args()
-    lo, _, hi = args.workers.partition("-")
+    workspace = Workspace.at(args.workspace)
     cfg = TrainConfig(task=task, preset=args.preset, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                      num_workers=(int(lo), int(hi)) if hi else int(lo), use_gpu=args.gpu, mode=args.mode,
+                      num_workers=parse_workers(args.workers), use_gpu=args.gpu, mode=args.mode,
                       label_fraction=args.label_fraction, init_from=args.init_from, seed=args.seed, cpus_per_worker=args.cpus_per_worker,
                       checkpoint_every=args.checkpoint_every, max_failures=args.max_failures,
                       image_dropout=args.image_dropout, max_zoom=args.max_zoom, backbone_lr_scale=args.backbone_lr_scale,
                       pretrain_on_test=args.pretrain_on_test)
     init_ray("auto")
-    catalog = load_catalog(args.catalog or find_catalog(args.workspace))
-    print(run_training(catalog, args.workspace, cfg, name=args.name, storage=args.storage))
+    catalog = load_catalog(args.catalog or find_catalog(workspace))
+    print(run_training(catalog, workspace, cfg, name=args.name, storage=args.storage))

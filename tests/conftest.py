@@ -1,7 +1,13 @@
-"""Shared fixtures: a tiny synthetic workspace (seeded, generated once per session) and the real example data."""
+"""Shared fixtures: a tiny synthetic workspace (seeded, generated once per session), that workspace prepared, a
+seeded random model bundle, the real example data, a local S3 server and Ray.
+
+Session fixtures are shared by every test that asks for them: a test that writes into one copies it first
+(``shutil.copytree``). A fixture that changes the process environment undoes the change when it ends.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -17,6 +23,22 @@ from engine.synth.demo import write_demo
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO.parent / "shared" / "data" / "geolink_examples"
 TINY = SynthConfig(size_km=0.5)
+PREPARED_TILE_PX, PREPARED_OVERLAP_PX = 128, 32  # the `test` model preset's img_size
+
+
+@contextlib.contextmanager
+def environ_restored():
+    """Undo, on exit, every change to ``os.environ`` made inside: the fixture's own and the engine's (for example
+    ``storage.configure_process`` filling the GDAL variables)."""
+    saved = os.environ.copy()
+    try:
+        yield
+    finally:
+        for key in [k for k in os.environ if k not in saved]:
+            del os.environ[key]
+        for key, value in saved.items():
+            if os.environ.get(key) != value:
+                os.environ[key] = value
 
 
 @pytest.fixture(scope="session")
@@ -35,12 +57,47 @@ def demo_workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def prepared_demo(ray_session, demo_workspace: Path, tmp_path_factory: pytest.TempPathFactory):
+    """``(workspace, catalog)``: the demo cities prepared at 128 px tiles (32 px overlap) into their own workspace.
+
+    Shared and read-only: a test that maps, trains or otherwise writes into it copies it first (``shutil.copytree``).
+    """
+    from engine.catalog import load_catalog
+    from engine.pipelines.prepare import run_prepare
+    from engine.tiles.city import PrepareConfig
+    from engine.tiles.grid import TileGridConfig
+
+    ws = tmp_path_factory.mktemp("prepared")
+    catalog = load_catalog(demo_workspace / "catalog.yaml")
+    grid = TileGridConfig(tile_size_px=PREPARED_TILE_PX, overlap_px=PREPARED_OVERLAP_PX)
+    results = run_prepare(catalog, ws, PrepareConfig(grid=grid))
+    assert {r.status for r in results} == {"done"}
+    return ws, catalog
+
+
+@pytest.fixture(scope="session")
+def random_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained model bundle of the ``test`` preset (128 px, 2 classes), seeded (``torch.manual_seed(0)``).
+
+    Shared and read-only: copy it (``shutil.copytree``) where a test needs it inside a workspace or a bucket.
+    """
+    import torch
+
+    from geolink_model.checkpoint import save_model
+    from geolink_model.config import create_config
+    from geolink_model.model import build_model
+
+    torch.manual_seed(0)
+    return save_model(build_model(create_config("test")), tmp_path_factory.mktemp("model") / "random")
+
+
+@pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A local S3-compatible server (moto, loopback only) and the environment that points the engine at it.
 
     The server runs in its own process: GDAL holds the GIL while it reads ``/vsis3/``, so a server thread in this
     process could never answer. The environment is set before Ray starts, so Ray's workers inherit it; the
-    engine's node cache goes to a session folder.
+    engine's node cache goes to a session folder. The environment is restored, and the server stopped, at the end.
     """
     from engine import storage
 
@@ -59,12 +116,15 @@ def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
             if server.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"moto server did not start: {log.read_text()[-2000:]}") from None
             time.sleep(0.1)
-    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-                      AWS_REGION="us-east-1", GEOLINK_CACHE_DIR=str(tmp_path_factory.mktemp("node-cache")))
-    storage.configure_process()
-    yield os.environ["AWS_ENDPOINT_URL"]
-    server.terminate()
-    server.wait(timeout=30)
+    try:
+        with environ_restored():
+            os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                              AWS_REGION="us-east-1", GEOLINK_CACHE_DIR=str(tmp_path_factory.mktemp("node-cache")))
+            storage.configure_process()
+            yield os.environ["AWS_ENDPOINT_URL"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 @pytest.fixture

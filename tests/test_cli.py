@@ -1,6 +1,8 @@
 import numpy as np
 import pytest
+import typer
 from PIL import Image
+from typer.main import get_command_name
 from typer.testing import CliRunner
 
 from engine.cli import app
@@ -8,7 +10,29 @@ from engine.cli import app
 runner = CliRunner()
 
 
-@pytest.mark.parametrize("command", [[], ["demo-data"], ["catalog"], ["catalog", "show"], ["catalog", "validate"], ["ingest-osm"], ["prepare"], ["pretrain"], ["finetune"]])
+def _command_lines(typer_app: typer.Typer, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """The app itself, every command registered on it and, recursively, every sub-app (``catalog``) and its commands,
+    named as Typer names them: the explicit name, else the function's name with ``_`` -> ``-``."""
+    lines = [prefix]
+    for info in typer_app.registered_commands:
+        lines.append((*prefix, info.name or get_command_name(info.callback.__name__)))
+    for group in typer_app.registered_groups:
+        sub = group.typer_instance
+        name = group.name or sub.info.name or get_command_name(sub.registered_callback.callback.__name__)
+        lines += _command_lines(sub, (*prefix, name))
+    return lines
+
+
+COMMANDS = _command_lines(app)
+
+
+def test_help_walk_finds_the_commands_and_sub_commands():
+    assert {(), ("demo-data",), ("catalog",), ("catalog", "show"), ("catalog", "validate"), ("ingest-osm",), ("prepare",),
+            ("pretrain",), ("finetune",)} <= set(COMMANDS)
+    assert len(COMMANDS) == len(set(COMMANDS))
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "geolink-engine")
 def test_every_command_has_help(command):
     result = runner.invoke(app, [*command, "--help"])
     assert result.exit_code == 0 and "Usage" in result.output

@@ -12,7 +12,6 @@ import json
 import math
 import re
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -24,22 +23,15 @@ import shapely
 from pyproj import Transformer
 from typer.testing import CliRunner
 
-from engine.catalog import load_catalog, validate_catalog, write_catalog
 from engine import cli
+from engine.catalog import load_catalog, validate_catalog, write_catalog
 from engine.cli import app
-from engine.mapping.bundle import BundleError, check_bundle
+from engine.model_bundle import BundleError, check_bundle
 from engine.scenes import scene_to_city
 from engine.tiles.city import PrepareConfig, tile_city
 from engine.tiles.grid import TileGridConfig
-from geolink_model.checkpoint import save_model
-from geolink_model.config import create_config
-from geolink_model.model import build_model
+from tests import real_inputs
 
-sys.path.insert(0, str(Path(__file__).parent))
-import real_inputs  # noqa: E402
-
-SMALL_MODEL = dict(img_size=128, depth=2, feature_layers=(0, 1), embed_dim=96, num_heads=3, fusion_heads=3, osm_dim=64, decoder_dim=64,
-                   decoder_heads=4, seg_dim=32, num_classes=2)
 TRAINED_GSD = [0.5, 1.2]  # what the demo cities span: a bundle trained on them records this range
 
 
@@ -48,10 +40,9 @@ def _digest(path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def real(examples_dir, tmp_path_factory):
-    """Every variant of the real scenes, and a small model bundle that records the GSD it was trained at."""
-    import torch
-
+def real(examples_dir, random_model, tmp_path_factory):
+    """Every variant of the real scenes, and a small model bundle (the seeded random one) that records the GSD it
+    was trained at."""
     root = tmp_path_factory.mktemp("real-inputs")
     scenes = examples_dir / "osm_scenes"
     us = scene_to_city(scenes / "a702502933_US_21", root / "src")  # Boise, 0.6 m
@@ -75,8 +66,7 @@ def real(examples_dir, tmp_path_factory):
         "glacier-10m": {"imagery": glacier["imagery"], "osm": glacier["osm"]},
     }
     rows = [{"city": c, "region": "west" if c.startswith(("us", "golf")) else "europe", "split": "map", **v} for c, v in cities.items()]
-    torch.manual_seed(0)
-    model = save_model(build_model(create_config("tiny", **SMALL_MODEL)), root / "models" / "small")
+    model = Path(shutil.copytree(random_model, root / "models" / "small"))
     (model / "train_config.json").write_text(json.dumps({"classes": "binary", "mode": "fused", "gsd_m": 0.8,
                                                          "gsd_range_m": TRAINED_GSD}))
     return root, rows, model
@@ -118,7 +108,7 @@ def test_16_bit_imagery_is_refused_by_name_never_rescaled(real, tmp_path):
 
 
 def test_read_pixels_gives_the_model_uint8_only_and_gdal_s_cause(real):
-    from engine.mapping.infer import read_pixels
+    from engine.mapping.batches import read_pixels
 
     _, rows, _ = real
     paths = {r["city"]: r["imagery"] for r in rows}
@@ -255,7 +245,13 @@ def test_sampling_in_degrees_is_uniform_on_the_ground_and_sized_in_equal_area(tm
     stratum area is the band's true area on the ground."""
     from rasterio.transform import from_bounds
 
-    from engine.accuracy.sampling import SampleConfig, draw_sample, open_city_grid, plan_design, scan_city
+    from engine.accuracy.sampling import (
+        SampleConfig,
+        draw_sample,
+        open_city_grid,
+        plan_design,
+        scan_city,
+    )
 
     path = tmp_path / "class.tif"
     with rasterio.open(path, "w", driver="GTiff", width=40, height=400, count=1, dtype="uint8", nodata=255, crs="EPSG:4326",

@@ -12,36 +12,23 @@ import pytest
 import rasterio
 from typer.testing import CliRunner
 
-from engine.catalog import load_catalog, write_catalog
+from engine.catalog import write_catalog
 from engine.cli import app
-from engine.mapping.infer import InferenceConfig, run_inference
 from engine.mapping.predict import OraclePredictor
 from engine.mapping.store import Ledger, RunManifest, run_dir
-from engine.pipelines.map import MapConfig, run_map, stitch_products
-from engine.pipelines.prepare import run_prepare
-from engine.stitch import StreamingStitch
-from engine.tiles.city import PrepareConfig
-from engine.tiles.grid import TileGridConfig
-from engine.training.samples import LABEL_SETS
-from geolink_model.checkpoint import save_model
-from geolink_model.config import create_config
-from geolink_model.model import build_model
-
-SMALL_MODEL = dict(img_size=128, depth=2, feature_layers=(0, 1), embed_dim=96, num_heads=3, fusion_heads=3, osm_dim=64, decoder_dim=64,
-                   decoder_heads=4, seg_dim=32, num_classes=2)
+from engine.pipelines.infer import InferenceConfig, run_inference
+from engine.pipelines.map import MapConfig, run_map
+from engine.pipelines.stitch import StreamingStitch, stitch_products
+from engine.schema import LABEL_SETS
 
 
 @pytest.fixture(scope="module")
-def prepared(ray_session, demo_workspace, tmp_path_factory):
-    """The demo cities prepared at 128 px, plus an (untrained, seeded) model bundle of that size."""
-    import torch
-
-    ws = tmp_path_factory.mktemp("map")
-    catalog = load_catalog(demo_workspace / "catalog.yaml")
-    results = run_prepare(catalog, ws, PrepareConfig(grid=TileGridConfig(tile_size_px=128, overlap_px=32)))
-    assert {r.status for r in results} == {"done"}
-    torch.manual_seed(0)
-    model_dir = save_model(build_model(create_config("tiny", **SMALL_MODEL)), ws / "models" / "random")
+def prepared(prepared_demo, random_model, tmp_path_factory):
+    """A copy (this module maps into it) of the demo cities prepared at 128 px, plus the (untrained, seeded) `test`
+    model bundle in it."""
+    shared, catalog = prepared_demo
+    ws = Path(shutil.copytree(shared, tmp_path_factory.mktemp("map") / "ws"))
+    model_dir = Path(shutil.copytree(random_model, ws / "models" / "random"))
     return ws, catalog, model_dir
 
 
@@ -234,9 +221,9 @@ def test_inference_pool_sizes_and_gpu_shares():
 
 
 def test_shard_runs_merge_into_the_products_of_one_run(prepared, demo_workspace):
+    from engine import product_layout as layout
     from engine.catalog import select_cities
-    from engine.pipelines.map import merge_runs
-    from engine.products import layout
+    from engine.pipelines.merge_runs import merge_runs
 
     ws, catalog, model_dir = prepared
     cities = catalog["city"].to_pylist()

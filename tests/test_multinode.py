@@ -22,11 +22,11 @@ import pyarrow.parquet as pq
 import pytest
 import rasterio
 
+from engine import product_layout as layout
 from engine.catalog import find_catalog, load_catalog
-from engine.mapping.infer import InferenceConfig
 from engine.mapping.store import Ledger, run_dir
+from engine.pipelines.infer import InferenceConfig
 from engine.pipelines.map import REFERENCE_MODEL, MapConfig, run_map
-from engine.products import layout
 from engine.synth.demo import write_demo
 from geolink_model.checkpoint import load_model
 from tests.conftest import REPO, TINY

@@ -12,20 +12,17 @@ import rasterio
 from rasterio.transform import from_origin
 from typer.testing import CliRunner
 
+from engine import product_layout as layout
 from engine import storage
 from engine.catalog import find_catalog, load_catalog
 from engine.cli import app
-from engine.mapping.infer import InferenceConfig
 from engine.mapping.store import Ledger, run_dir
+from engine.pipelines.infer import InferenceConfig
 from engine.pipelines.map import MapConfig, run_map
-from engine.products import layout
-from engine.stitch import StitchConfig, stitch_run
+from engine.pipelines.stitch import stitch_run
+from engine.stitch import StitchConfig
 from engine.synth.demo import write_demo
-from geolink_model.checkpoint import save_model
-from geolink_model.config import create_config
-from geolink_model.model import build_model
 from tests.conftest import TINY
-from tests.test_map import SMALL_MODEL
 
 
 def _keys(bucket: str, prefix: str = "") -> set[str]:
@@ -84,13 +81,10 @@ def test_rasters_are_read_in_place_by_range_requests(bucket):
     assert not local.exists()  # read through GDAL /vsis3/, never downloaded
 
 
-def test_map_on_a_remote_workspace_and_a_fresh_node_resumes_from_the_bucket(ray_session, bucket):
-    import torch
-
+def test_map_on_a_remote_workspace_and_a_fresh_node_resumes_from_the_bucket(ray_session, bucket, random_model):
     ws = f"s3://{bucket}/geolink"
     write_demo(ws, n_cities=2, cfg=TINY, seed=11, workers=1)  # written through the mirror, then uploaded
-    torch.manual_seed(0)
-    model_local = save_model(build_model(create_config("tiny", **SMALL_MODEL)), storage.mirror_path(f"s3://{bucket}/models/random"))
+    model_local = shutil.copytree(random_model, storage.mirror_path(f"s3://{bucket}/models/random"))
     storage.publish(model_local)
     _wipe_node_cache()
 

@@ -30,8 +30,9 @@ from engine.mapping.store import (
     write_manifest,
     write_part,
 )
+from engine.pipelines.stitch import stitch_run
 from engine.schema import OSM_FEATURES_SCHEMA, PREDICTIONS_SCHEMA, REFERENCE_SCHEMA
-from engine.stitch import StitchConfig, stitch_run
+from engine.stitch import StitchConfig
 from engine.stitch.blend import GridShape, Tile, blend_strips, ramp_weights
 from engine.tiles.city import PrepareConfig, tile_city
 from engine.tiles.grid import TileGridConfig
@@ -256,7 +257,7 @@ def _lost_task(*args):
 def test_a_lost_stitch_task_fails_its_city_with_its_tile_counts(stitched, ray_session, monkeypatch):
     import ray
 
-    import engine.stitch.run as stitch_module
+    import engine.pipelines.stitch as stitch_module
 
     ws, row, results = stitched
     monkeypatch.setattr(stitch_module, "_stitch_task", lambda: ray.remote(num_cpus=0.5, max_retries=0)(_lost_task))

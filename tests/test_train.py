@@ -1,35 +1,29 @@
 """Ray Train V2 on CPU: 2 workers (0.5 CPU each) fine-tune, checkpoint, survive an injected failure, resume."""
 
 import json
+import shutil
 
 import pytest
 import torch
 
-from engine.catalog import load_catalog
-from engine.pipelines.prepare import run_prepare
 from engine.pipelines.train import TrainConfig, run_training
+from engine.training import faults
 from engine.training.schedule import BACKBONE
-from engine.tiles.city import PrepareConfig
-from engine.tiles.grid import TileGridConfig
 from geolink_model.checkpoint import load_model
-
-SMALL_MODEL = dict(depth=2, feature_layers=(0, 1), embed_dim=96, num_heads=3, fusion_heads=3, osm_dim=64, decoder_dim=64,
-                   decoder_heads=4, seg_dim=32)
 
 
 @pytest.fixture(scope="module")
-def small_tiles(ray_session, demo_workspace, tmp_path_factory):
-    ws = tmp_path_factory.mktemp("train")
-    catalog = load_catalog(demo_workspace / "catalog.yaml")
-    results = run_prepare(catalog, ws, PrepareConfig(grid=TileGridConfig(tile_size_px=128, overlap_px=32)))
-    assert {r.status for r in results} == {"done"}
-    return ws, catalog
+def small_tiles(prepared_demo, tmp_path_factory):
+    """A copy (training writes its bundles under ``models/``) of the demo cities prepared at 128 px."""
+    shared, catalog = prepared_demo
+    return shutil.copytree(shared, tmp_path_factory.mktemp("train") / "ws"), catalog
 
 
-def test_two_worker_finetune_survives_a_failure_and_resumes(small_tiles, tmp_path):
+def test_two_worker_finetune_survives_a_failure_and_resumes(small_tiles, tmp_path, monkeypatch):
     ws, catalog = small_tiles
-    cfg = TrainConfig(task="finetune", model_overrides=SMALL_MODEL, epochs=2, batch_size=8, checkpoint_every=2, num_workers=2,
-                      cpus_per_worker=0.5, fail_at_step=3, max_failures=1, warmup_steps=2)
+    monkeypatch.setenv(faults.FAIL_AT_STEP, "3")  # rank 0 raises once at step 3 (the test hook; undone after the test)
+    cfg = TrainConfig(task="finetune", preset="test", epochs=2, batch_size=8, checkpoint_every=2, num_workers=2,
+                      cpus_per_worker=0.5, max_failures=1, warmup_steps=2)
     out = run_training(catalog, ws, cfg, name="ft-resume", storage=str(tmp_path / "runs"))
     assert (tmp_path / "runs" / ".ft-resume.failed-once").exists(), "the injected failure happened"
     state = json.loads((out / "trainer_state.json").read_text())
@@ -42,7 +36,7 @@ def test_two_worker_finetune_survives_a_failure_and_resumes(small_tiles, tmp_pat
     # the bundle records the ground GSD of its training imagery: `map` checks every city against it
     import rasterio
 
-    from engine.mapping.bundle import model_gsd_range
+    from engine.model_bundle import model_gsd_range
 
     sides = []
     for row in catalog.to_pylist():
@@ -57,11 +51,11 @@ def test_two_worker_finetune_survives_a_failure_and_resumes(small_tiles, tmp_pat
 
 def test_pretrain_then_finetune_from_it(small_tiles, tmp_path):
     ws, catalog = small_tiles
-    pre = run_training(catalog, ws, TrainConfig(task="pretrain", model_overrides=SMALL_MODEL, epochs=1, batch_size=8, checkpoint_every=50,
+    pre = run_training(catalog, ws, TrainConfig(task="pretrain", preset="test", epochs=1, batch_size=8, checkpoint_every=50,
                                                 num_workers=1, cpus_per_worker=0.5, max_zoom=1.5), name="pre", storage=str(tmp_path / "runs"))
     record = json.loads((pre / "metrics.jsonl").read_text().splitlines()[-1])
     assert all(record[f"train_{k}"] > 0 for k in ("mae", "contrastive", "node"))
-    ft = run_training(catalog, ws, TrainConfig(task="finetune", model_overrides=SMALL_MODEL, epochs=1, batch_size=8, num_workers=1,
+    ft = run_training(catalog, ws, TrainConfig(task="finetune", preset="test", epochs=1, batch_size=8, num_workers=1,
                                                cpus_per_worker=0.5, init_from=str(pre), label_fraction=0.5, mode="fused",
                                                image_dropout=0.5, max_zoom=1.5, backbone_lr_scale=0.0),
                       name="ft-from-pre", storage=str(tmp_path / "runs"))
@@ -132,7 +126,12 @@ def test_zoom_moves_labels_and_osm_nodes_with_the_pixels():
     from engine.training.augment import zoom
     from engine.training.metrics import IGNORE
     from geolink_model import batch_graphs
-    from geolink_model.osm_graph import GEOM_FEATURES, OsmGraphConfig, build_tile_graph, tokenize_tags
+    from geolink_model.osm_graph import (
+        GEOM_FEATURES,
+        OsmGraphConfig,
+        build_tile_graph,
+        tokenize_tags,
+    )
 
     size, boxes = 64, [(10, 20, 30, 44), (36, 4, 60, 18), (2, 2, 12, 60), (24, 24, 40, 40)]  # (x0, y0, x1, y1), y up
     cfg = OsmGraphConfig()
@@ -170,10 +169,10 @@ def test_zoom_moves_labels_and_osm_nodes_with_the_pixels():
 
 
 def test_backbone_parameter_groups_cover_every_parameter_once():
-    from geolink_model import build_model, create_config
     from engine.training.schedule import param_groups
+    from geolink_model import build_model, create_config
 
-    model = build_model(create_config("tiny", img_size=64, **SMALL_MODEL))
+    model = build_model(create_config("test", img_size=64))
     for wrapped in (model, torch.nn.ModuleDict({"module": model})):  # as is, and as DDP names it
         backbone, heads = param_groups(wrapped, 0.1)
         assert (backbone["lr_scale"], heads["lr_scale"]) == (0.1, 1.0)

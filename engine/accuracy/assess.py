@@ -26,7 +26,13 @@ import pandas as pd
 import pyarrow as pa
 
 from engine.accuracy.estimators import stratified_estimates
-from engine.accuracy.reference import export_label_sheet, label_points, load_reference, read_labels, truth_strips
+from engine.accuracy.reference import (
+    export_label_sheet,
+    label_points,
+    load_reference,
+    read_labels,
+    truth_strips,
+)
 from engine.accuracy.report import (
     AssessReport,
     Census,
@@ -48,11 +54,11 @@ from engine.accuracy.sampling import (
     plan_design,
     scan_city,
 )
-from engine.catalog import city_path
 from engine.db import connect
+from engine.product_layout import ACCURACY_DIR, CITY_STATS, COGS, RUN_JSON, city_folder
+from engine.workspace import Workspace
 
-ACCURACY_DIR = "accuracy"
-CLASS_TIF = "class.tif"
+CLASS_TIF = COGS["class"]
 
 
 @dataclass(frozen=True)
@@ -97,7 +103,7 @@ class AssessConfig:
         return doc
 
 
-def run_assess(workspace: str | os.PathLike[str], run: str, catalog: pa.Table, cfg: AssessConfig = AssessConfig(),
+def run_assess(workspace: Workspace | str | os.PathLike[str], run: str, catalog: pa.Table, cfg: AssessConfig = AssessConfig(),
                reference_labels: str | os.PathLike[str] | None = None,
                say: Callable[[str], None] | None = None) -> AssessReport:
     """Assess run ``run``'s products for the cities of ``catalog``; write ``products/<run>/accuracy/``.
@@ -120,12 +126,13 @@ def run_assess(workspace: str | os.PathLike[str], run: str, catalog: pa.Table, c
         ValueError: the run's classes lack ``urban_village``, or no city has a readable class map.
         engine.accuracy.AccuracyInputError: a bad labels file (naming the file and line).
 
-    Example:
-        >>> # report = run_assess("geolink-data", "default", load_catalog("geolink-data/catalog.yaml"))
-        >>> # report.national.result.overall_accuracy.estimate
+    Example::
+
+        report = run_assess("geolink-data", "default", load_catalog("geolink-data/catalog.yaml"))
+        report.national.result.overall_accuracy.estimate
     """
     say = say or (lambda _msg: None)
-    products = Path(workspace) / "products" / run
+    products = Workspace.at(workspace).products(run)
     manifest = _read_run(products)
     classes = tuple(manifest["classes"])
     if UV_CLASS not in classes:
@@ -198,9 +205,9 @@ def run_assess(workspace: str | os.PathLike[str], run: str, catalog: pa.Table, c
 
 
 def _read_run(products: Path) -> dict:
-    path = products / "run.json"
+    path = products / RUN_JSON
     if not path.is_file():
-        raise FileNotFoundError(f"products {products}: no run.json; run `geolink-engine stitch` for this run first")
+        raise FileNotFoundError(f"products {products}: no {RUN_JSON}; run `geolink-engine stitch` for this run first")
     run = json.loads(path.read_text())
     if not run.get("classes"):
         raise ValueError(f"{path}: no classes; it must be the RunManifest copied by stitch")
@@ -209,7 +216,7 @@ def _read_run(products: Path) -> dict:
 
 def _stitch_status(products: Path) -> dict[str, str]:
     """city -> ``status: error``-ish text from ``city_stats.csv`` (to say why a class map is missing); {} if absent."""
-    path = products / "city_stats.csv"
+    path = products / CITY_STATS
     if not path.is_file():
         return {}
     with path.open(newline="") as fh:
@@ -242,7 +249,7 @@ def _scan(products: Path, row: dict, classes: tuple[str, ...], cfg: AssessConfig
     """The city's first pass, or why it is skipped (never raises)."""
     city = row["city"]
     try:
-        path = city_path(products / "cities", city) / CLASS_TIF
+        path = city_folder(products, city) / CLASS_TIF
         if not path.is_file():
             why = f"no {CLASS_TIF} at {path}"
             if stats.get(city):

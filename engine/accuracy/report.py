@@ -13,18 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import geopandas as gpd
-import matplotlib
 import numpy as np
 import pandas as pd
 import shapely
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from engine.accuracy.estimators import AccuracyResult  # noqa: E402
-from engine.accuracy.sampling import ASSESS_CLASSES, UV_CLASS, SampleDesign  # noqa: E402
-from engine.atomic import atomic_path  # noqa: E402
-from engine.gpkg import write_gpkg  # noqa: E402
+from engine.accuracy.estimators import AccuracyResult
+from engine.accuracy.sampling import ASSESS_CLASSES, UV_CLASS, SampleDesign
+from engine.atomic import atomic_path
+from engine.gpkg import write_gpkg
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -348,7 +345,8 @@ def write_charts(doc: dict, out_dir: Path) -> dict[str, Path]:
     paths = {}
     labels = [overall_label(doc) if n == "national" else n for n in names]
 
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(names) + 2), 4.2))
+    fig = Figure(figsize=(max(6.0, 1.1 * len(names) + 2), 4.2))  # object-oriented: no pyplot, no global state
+    ax = fig.subplots()
     _bars(ax, x, [d["users_accuracy"][UV_CLASS] for d in domains], -0.12, "user's accuracy (UV)", "tab:blue")
     _bars(ax, x, [d["producers_accuracy"][UV_CLASS] for d in domains], 0.12, "producer's accuracy (UV)", "tab:orange")
     if any(t is not None for t in truth):
@@ -365,7 +363,8 @@ def write_charts(doc: dict, out_dir: Path) -> dict[str, Path]:
     fig.tight_layout()
     paths["accuracy_chart"] = _save(fig, out_dir / ACCURACY_PNG)
 
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(names) + 2), 4.2))
+    fig = Figure(figsize=(max(6.0, 1.1 * len(names) + 2), 4.2))
+    ax = fig.subplots()
     est = [{k: (v / 1e4 if v is not None else None) if k == "estimate" else
             ([c / 1e4 if c is not None else None for c in v] if k == "ci95" else v)
             for k, v in d["area"][UV_CLASS].items()} for d in domains]
@@ -388,7 +387,6 @@ def write_charts(doc: dict, out_dir: Path) -> dict[str, Path]:
 def _save(fig, path: Path) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
     return path
 
 

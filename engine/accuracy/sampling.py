@@ -287,8 +287,9 @@ class CityStrata:
 def scan_city(grid: CityGrid, buffer_m: float, block_rows: int, truth: TruthStrip | None = None) -> CityStrata:
     """Count each stratum's pixels per strip (and the census confusion against ``truth``) in one pass.
 
-    Example:
-        >>> # scan_city(open_city_grid("products/run/cities/wuhan/class.tif", "wuhan", "central", classes), 30.0, 256)
+    Example::
+
+        scan_city(open_city_grid("products/run/cities/wuhan/class.tif", "wuhan", "central", classes), 30.0, 256)
     """
     counts, areas = [], []
     census = np.zeros((2, 2), np.int64) if truth is not None else None

@@ -1,7 +1,7 @@
 """Predictors for the `map` actor pool: a batch of tiles in, per-tile class probabilities out.
 
 A predictor is a callable class (Ray Data builds it once per actor, so the model is loaded once per actor) taking
-a pyarrow batch with the tile-index, graph and ``image`` columns (see :func:`engine.mapping.infer.read_pixels`)
+a pyarrow batch with the tile-index, graph and ``image`` columns (see :func:`engine.mapping.batches.read_pixels`)
 and returning one row per tile: ``tile_id, city, input_hash, n_classes, height, width, probs`` (uint8, see
 :func:`engine.mapping.store.encode_probs`), ``status`` (``ok``/``failed``), ``error``, ``attempts``, timings.
 
@@ -15,9 +15,7 @@ bad tile is recorded as failed with its error and never takes its batch down.
 
 from __future__ import annotations
 
-import hashlib
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -27,16 +25,6 @@ from engine.mapping.store import encode_probs
 
 OUTPUT_COLUMNS = ("tile_id", "city", "input_hash", "n_classes", "height", "width", "probs", "status", "error", "attempts",
                   "read_s", "predict_s")
-
-
-def model_version(model_dir: str | Path) -> str:
-    """``<folder name>-<12 hex of the weights' digest>``: changes whenever the weights do."""
-    weights = Path(model_dir) / "model.safetensors"
-    h = hashlib.blake2b(digest_size=6)
-    with open(weights, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return f"{Path(model_dir).name}-{h.hexdigest()}"
 
 
 class Predictor:
@@ -94,30 +82,33 @@ class Predictor:
 
 
 class ModelPredictor(Predictor):
-    """A GeoLink bundle on CPU or GPU (bf16 autocast on GPU); ``torch_threads`` follows the actor's CPUs."""
+    """A GeoLink bundle (:class:`~engine.model_bundle.ModelBundle`: checked, then its weights loaded; pixels normalised
+    as the bundle says) on CPU or GPU (bf16 autocast on GPU); ``torch_threads`` follows the actor's CPUs."""
 
     def __init__(self, model_dir: str, mode: str = "fused", device: str | None = None, torch_threads: int | None = None,
                  max_attempts: int = 2, fail_tiles: tuple[str, ...] = ()) -> None:
         super().__init__(max_attempts, fail_tiles)
         import torch
 
-        from geolink_model.checkpoint import load_model
+        from engine.model_bundle import ModelBundle
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model, _ = load_model(storage.local_path(model_dir), device=self.device)  # fetched on a fresh node
+        bundle = ModelBundle.load(storage.local_path(model_dir))  # fetched on a fresh node
+        self.model = bundle.load_model(device=self.device)
         self.model.eval()
         self.mode = mode
+        self.normalisation = bundle.normalisation
         self.n_classes = self.model.cfg.num_classes
         self.img_size = self.model.cfg.img_size
 
     def predict(self, batch: pa.Table) -> np.ndarray:
         import torch
 
-        from engine.training.samples import collate
+        from engine.pixels import collate
 
-        images, graphs, _ = collate(batch, self.device)
+        images, graphs, _ = collate(batch, self.device, self.normalisation)
         if images.shape[-1] != self.img_size or images.shape[-2] != self.img_size:
             raise ValueError(f"tiles are {tuple(images.shape[-2:])} px but the model expects {self.img_size} px; "
                              "prepare with --tile-size matching the model")
@@ -137,7 +128,7 @@ class OraclePredictor(Predictor):
         self.n_classes = len(classes)
 
     def predict(self, batch: pa.Table) -> np.ndarray:
-        from engine.training.samples import tile_labels
+        from engine.pixels import tile_labels
 
         keys = ("tile_id", "city", "imagery", "crs", "window_col_off", "window_row_off", "window_width", "window_height")
         out = []

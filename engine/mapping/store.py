@@ -33,20 +33,17 @@ import pyarrow.parquet as pq
 
 from engine import storage
 from engine.atomic import atomic_path
-from engine.schema import CITY_SLUG_RE, PREDICTIONS_SCHEMA
+from engine.schema import PREDICTIONS_SCHEMA
+from engine.workspace import RunFolder, Workspace
 
 
-def run_dir(workspace: str | os.PathLike[str], run: str) -> Path:
-    """``<workspace>/runs/<run>``; the run name becomes a folder, so it follows the city slug rule."""
-    if not CITY_SLUG_RE.match(run or ""):
-        raise ValueError(f"run name {run!r} must match {CITY_SLUG_RE.pattern}")
-    return Path(workspace) / "runs" / run
+def run_dir(workspace: Workspace | str | os.PathLike[str], run: str) -> Path:
+    """``runs/<run>`` of ``workspace`` (the name checked by :class:`Workspace`)."""
+    return Workspace.at(workspace).run(run).root
 
 
 def predictions_dir(run_path: Path, city: str) -> Path:
-    if not CITY_SLUG_RE.match(city or ""):
-        raise ValueError(f"city {city!r} is not a valid slug ({CITY_SLUG_RE.pattern})")
-    return run_path / "predictions" / f"city={city}"
+    return RunFolder(Path(run_path)).predictions_city(city)
 
 
 @dataclass(frozen=True)
@@ -75,18 +72,18 @@ class RunManifest:
 def write_manifest(run_path: Path, manifest: RunManifest) -> RunManifest:
     """Write ``run.json``, keeping the start time of an earlier pass of the same run; returns what was written."""
     if not manifest.datetime:
-        path = storage.localize(run_path / "run.json")
+        path = Workspace.fetch(RunFolder(run_path).manifest)
         previous = RunManifest.from_json(path.read_text()).datetime if path.is_file() else ""
         stamp = previous or _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         manifest = replace(manifest, datetime=stamp)
-    with atomic_path(run_path / "run.json") as tmp:
+    with atomic_path(RunFolder(run_path).manifest) as tmp:
         tmp.write_text(manifest.to_json())
-    storage.publish(run_path / "run.json")
+    Workspace.publish(RunFolder(run_path).manifest)
     return manifest
 
 
 def read_manifest(run_path: Path) -> RunManifest:
-    path = storage.localize(run_path / "run.json")
+    path = Workspace.fetch(RunFolder(run_path).manifest)
     if not path.is_file():
         raise FileNotFoundError(f"run {run_path.name}: no {path}; run `geolink-engine map --run {run_path.name}` first")
     return RunManifest.from_json(path.read_text())
@@ -139,7 +136,7 @@ def write_part(run_path: Path, city: str, table: pa.Table) -> str:
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), PART_META_KEY: json.dumps(record).encode()})
     with atomic_path(target) as tmp:
         pq.write_table(table, tmp, compression="zstd")
-    storage.publish(target, keep_local=False)  # remote workspace: the store holds it; this node need not
+    Workspace.publish(target, keep_local=False)  # remote workspace: the store holds it; this node need not
     return str(target.relative_to(run_path))
 
 
@@ -193,7 +190,7 @@ class Ledger:
     """The run's per-tile record; only the driver writes it (one transaction per committed batch)."""
 
     def __init__(self, run_path: Path, read_only: bool = False) -> None:
-        self.path = storage.localize(run_path / "ledger.duckdb", only_if_missing=True)  # a driver restarted elsewhere
+        self.path = Workspace.fetch(RunFolder(run_path).ledger, only_if_missing=True)  # a driver restarted elsewhere
         self.read_only = read_only
         if read_only and not self.path.is_file():
             raise FileNotFoundError(f"run {run_path.name}: no ledger at {self.path}")
@@ -205,13 +202,13 @@ class Ledger:
     def close(self) -> None:
         self.con.close()
         if not self.read_only:
-            storage.publish(self.path)
+            Workspace.publish(self.path)
 
     def sync(self) -> None:
         """Checkpoint and, for a remote workspace, upload the ledger (so a driver restarted elsewhere resumes)."""
         if storage.uri_of(self.path) is not None:
             self.con.execute("CHECKPOINT")
-            storage.publish(self.path)
+            Workspace.publish(self.path)
 
     def __enter__(self) -> Ledger:
         return self
@@ -297,11 +294,11 @@ def adopt_orphans(run_path: Path, ledger: Ledger, model_version: str) -> OrphanS
     referenced = {row[0] for row in ledger.con.execute("SELECT DISTINCT part FROM ledger WHERE part IS NOT NULL").fetchall()}
     known = {row[0] for row in ledger.con.execute("SELECT tile_id FROM ledger").fetchall()}
     adopted_parts = adopted_tiles = removed = 0
-    for path in sorted(storage.list_files(run_path / "predictions", ".parquet", recursive=True)):
+    for path in sorted(storage.list_files(RunFolder(run_path).predictions, ".parquet", recursive=True)):
         rel = str(path.relative_to(run_path))
         if rel in referenced:
             continue
-        table = verify_part(storage.localize(path), model_version)
+        table = verify_part(Workspace.fetch(path), model_version)
         if table is not None and not known.intersection(table["tile_id"].to_pylist()):
             ledger.commit([{"tile_id": t, "city": c, "status": "ok", "attempts": 1, "error": "", "input_hash": h,
                             "model_version": model_version, "part": rel, "read_s": None, "predict_s": None}
@@ -335,7 +332,7 @@ def read_city_predictions(run_path: Path, committed: pa.Table, batch_rows: int =
         "ordinal": pa.array(np.arange(committed.num_rows), pa.int64()),
     })
     for path in sorted(set(wanted["path"].to_pylist())):  # parts written on other nodes of a remote workspace
-        storage.localize(path)
+        Workspace.fetch(path)
     con = con.cursor() if con is not None else duckdb.connect()
     try:
         con.register("wanted", wanted)

@@ -21,24 +21,37 @@ import pyarrow as pa
 import rasterio
 
 from engine import storage
+from engine.catalog import check_city_names
 from engine.errors import describe_error
-from engine.imagery import GSD_REFUSE_RATIO, GSD_WARN_RATIO, ImageryFacts, format_gsd, gsd_ratio, inspect_imagery
-from engine.mapping.bundle import check_bundle, model_classes, model_gsd_range, model_mode
-from engine.mapping.infer import InferenceConfig, InferenceResult, run_inference
-from engine.mapping.predict import ModelPredictor, OraclePredictor, Predictor, model_version
-from engine.mapping.store import Ledger, RunManifest, run_dir
+from engine.imagery import (
+    GSD_REFUSE_RATIO,
+    GSD_WARN_RATIO,
+    ImageryFacts,
+    format_gsd,
+    gsd_ratio,
+    inspect_imagery,
+)
+from engine.mapping.predict import ModelPredictor, OraclePredictor, Predictor
+from engine.mapping.store import RunManifest
+from engine.model_bundle import ModelBundle
+from engine.pipelines.assess import assess
+from engine.pipelines.infer import InferenceConfig, InferenceResult, run_inference
 from engine.pipelines.prepare import CityResult, run_prepare
-from engine.stitch import StitchConfig, StreamingStitch
+from engine.pipelines.publish import publish_products
+from engine.pipelines.report import CityReport
+from engine.pipelines.stitch import StreamingStitch, stitch_products
+from engine.schema import LABEL_SETS
+from engine.stitch import StitchConfig
 from engine.tiles.city import PrepareConfig
 from engine.tiles.grid import TileGridConfig
-from engine.schema import LABEL_SETS
-from geolink_model.config import MODES, GeoLinkConfig
+from engine.workspace import Workspace, check_name
+from geolink_model.config import MODES
 
 if TYPE_CHECKING:
-    from engine.accuracy.assess import AssessConfig
     from engine.accuracy.report import AssessReport
 
 DEFAULT_MODEL = "default"
+DEMO_CITIES = 12  # the embedded default: a workspace without a catalog is mapped on this many demo cities
 REFERENCE_MODEL = "reference"  # `--model reference`: the catalog's reference polygons as a perfect model (pipeline checks)
 
 
@@ -74,25 +87,9 @@ class MapConfig:
     allow_gsd_mismatch: bool = False
 
     def __post_init__(self) -> None:
-        run_dir(".", self.run)  # the run name becomes a folder: refuse a bad one before any work
+        check_name("run", self.run)  # the run name becomes a folder: refuse a bad one before any work
         if self.mode is not None and self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r}: use one of {MODES}")
-
-
-@dataclass(frozen=True)
-class CityReport:
-    """Where one city ended: ``ok``, or ``failed`` with the stage and the error."""
-
-    city: str
-    region: str
-    status: str
-    tiles_ok: int = 0
-    tiles_failed: int = 0
-    polygons: int = 0
-    uv_area_m2: float = 0.0
-    uv_share: float | None = None
-    stage: str = ""
-    error: str = ""
 
 
 @dataclass(frozen=True)
@@ -116,8 +113,8 @@ class MapReport:
         return isinstance(self.assessment, str)
 
 
-def check_model(cfg: MapConfig, workspace: str | os.PathLike[str]) -> GeoLinkConfig | None:
-    """The run's model bundle, checked before any stage runs (config, safetensors header, tensor shapes); its config.
+def check_model(cfg: MapConfig, workspace: str | os.PathLike[str]) -> ModelBundle | None:
+    """The run's model bundle, checked before any stage runs (config, safetensors header, tensor shapes).
 
     None for ``--model reference``, and for the default model when it has not been trained yet.
 
@@ -127,9 +124,47 @@ def check_model(cfg: MapConfig, workspace: str | os.PathLike[str]) -> GeoLinkCon
     if cfg.model_dir == REFERENCE_MODEL:
         return None
     if cfg.model_dir:
-        return check_bundle(storage.local_path(cfg.model_dir))
-    default = storage.localize(storage.workspace_root(workspace) / "models" / DEFAULT_MODEL)
-    return check_bundle(default) if (default / "model.safetensors").is_file() or (default / "config.json").is_file() else None
+        return ModelBundle.load(storage.local_path(cfg.model_dir))
+    ws = Workspace.at(workspace)
+    default = ws.fetch(ws.model(DEFAULT_MODEL))
+    return ModelBundle.load(default) if (default / "model.safetensors").is_file() or (default / "config.json").is_file() else None
+
+
+def map_catalog(workspace: Workspace | str | os.PathLike[str], catalog: str | os.PathLike[str] | None = None, cities: str = "all",
+                say: Callable[[str], None] | None = None,
+                on_demo_city: Callable[[int, int], None] | None = None) -> tuple[Path, pa.Table]:
+    """The catalog a map run works on (the CLI and ``jobs/map.py`` alike): ``catalog``, else the workspace's own,
+    else (a workspace with none: the embedded default) the 12 demo cities, written first; then ``cities`` of it.
+
+    Raises:
+        CatalogError: the file cannot be used, a city is unknown, or a city name is not a valid slug or is repeated
+            (names become folders: checked here, before anything is written).
+    """
+    from engine.catalog import CatalogError, find_catalog, load_catalog, select_cities
+
+    ws = Workspace.at(workspace)
+    if catalog is None:
+        try:
+            catalog = find_catalog(ws)
+        except CatalogError:
+            from engine.synth.config import SynthConfig
+            from engine.synth.demo import write_demo
+
+            if say:
+                say(f"no catalog in {ws.location}: writing the {DEMO_CITIES} demo cities (embedded default)")
+            catalog = write_demo(ws, DEMO_CITIES, SynthConfig(), seed=0,
+                                 on_city=_count(on_demo_city, DEMO_CITIES) if on_demo_city else None)
+    return Path(catalog), check_city_names(select_cities(load_catalog(catalog), cities), catalog)
+
+
+def _count(on_done: Callable[[int, int], None], total: int) -> Callable[[dict], None]:
+    done = [0]
+
+    def on_item(_row: dict) -> None:
+        done[0] += 1
+        on_done(done[0], total)
+
+    return on_item
 
 
 def check_imagery(rows: dict[str, dict]) -> tuple[dict[str, ImageryFacts], dict[str, str]]:
@@ -193,7 +228,8 @@ def run_map(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: MapConfig
     """
     from engine.pipelines.runtime import init_ray
 
-    workspace = str(storage.workspace_root(workspace))  # a remote workspace is worked on through its mirror
+    workspace = Workspace.at(workspace)  # a remote workspace is worked on through its mirror
+    check_city_names(catalog)  # names become folders: refused before any stage
     say = on_stage or (lambda _msg: None)
     seconds: dict[str, float] = {}
     rows = {r["city"]: r for r in catalog.to_pylist()}
@@ -201,13 +237,13 @@ def run_map(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: MapConfig
     warnings: list[str] = []
 
     oracle = cfg.model_dir == REFERENCE_MODEL
-    model_cfg = check_model(cfg, workspace)
+    bundle = check_model(cfg, workspace)
     model_dir = str(storage.local_path(cfg.model_dir)) if cfg.model_dir and not oracle else None
     facts, refused = check_imagery(rows)
     for city, why in refused.items():
         failures[city] = ("imagery", why)
     init_ray(address)
-    tile_size = model_cfg.img_size if model_dir else cfg.tile_size_px
+    tile_size = bundle.tile_size_px if model_dir else cfg.tile_size_px
     prepare_cfg = PrepareConfig(grid=TileGridConfig(tile_size_px=tile_size, overlap_px=cfg.overlap_px))
     to_prepare = catalog.filter(pa.array([c not in failures for c in catalog["city"].to_pylist()]))
     say(f"prepare: {to_prepare.num_rows} cities ({tile_size} px tiles, {cfg.overlap_px} px overlap)")
@@ -230,10 +266,10 @@ def run_map(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: MapConfig
         t0 = time.perf_counter()
         ok_catalog = catalog.filter(pa.array([c in ok_cities for c in catalog["city"].to_pylist()]))
         model_dir = ensure_model(ok_catalog)
-        model_cfg = check_bundle(model_dir)
+        bundle = ModelBundle.load(model_dir)
         seconds["train"] = time.perf_counter() - t0
     if not oracle:
-        trained = model_gsd_range(model_dir)
+        trained = bundle.gsd_range_m
         if trained is None:
             warnings.append(f"model {model_dir} does not record the ground GSD it was trained at (a bundle from before "
                             f"GSDs were recorded): the cities' GSD was not checked")
@@ -249,7 +285,7 @@ def run_map(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: MapConfig
     if oracle:
         manifest, predictor, kwargs = _reference_predictor(cfg, tile_size, {c: rows[c]["reference"] for c in ok_cities})
     else:
-        manifest, predictor, kwargs = _model_predictor(cfg, tile_size, model_dir, model_cfg)
+        manifest, predictor, kwargs = _model_predictor(cfg, tile_size, model_dir, bundle)
     say(f"inference: model {manifest.model_version} ({manifest.mode}) on {len(ok_cities)} cities")
     t0 = time.perf_counter()
     stitcher = StreamingStitch(workspace, cfg.run, catalog, StitchConfig(min_area_m2=cfg.min_area_m2), manifest=manifest)
@@ -279,9 +315,9 @@ def run_map(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: MapConfig
         if not isinstance(assessment, str):
             report = [_unassessed(c, assessment.skipped.get(c.city)) for c in report]
     t0 = time.perf_counter()
-    publish_products(Path(workspace) / "products" / cfg.run, catalog)
+    publish_products(workspace.products(cfg.run), catalog)
     seconds["publish"] = time.perf_counter() - t0
-    return MapReport(run=cfg.run, model_version=manifest.model_version, products=Path(workspace) / "products" / cfg.run,
+    return MapReport(run=cfg.run, model_version=manifest.model_version, products=workspace.products(cfg.run),
                      cities=report, inference=inference, seconds=seconds, assessment=assessment, warnings=tuple(warnings))
 
 
@@ -293,11 +329,11 @@ def _unassessed(city: CityReport, why: str | None) -> CityReport:
     return replace(city, status="partial", stage="assess", error=why)
 
 
-def _model_predictor(cfg: MapConfig, tile_size: int, model_dir: str, model_cfg: GeoLinkConfig) -> tuple[RunManifest, type[Predictor], dict]:
-    if model_cfg.img_size != tile_size:
-        raise ValueError(f"model {model_dir} expects {model_cfg.img_size} px tiles, the workspace was prepared with {tile_size} px")
-    manifest = RunManifest(run=cfg.run, model_dir=str(Path(model_dir).resolve()), model_version=model_version(model_dir),
-                           classes=model_classes(model_dir, model_cfg.num_classes), mode=cfg.mode or model_mode(model_dir),
+def _model_predictor(cfg: MapConfig, tile_size: int, model_dir: str, bundle: ModelBundle) -> tuple[RunManifest, type[Predictor], dict]:
+    if bundle.tile_size_px != tile_size:
+        raise ValueError(f"model {model_dir} expects {bundle.tile_size_px} px tiles, the workspace was prepared with {tile_size} px")
+    manifest = RunManifest(run=cfg.run, model_dir=str(Path(model_dir).resolve()), model_version=bundle.version,
+                           classes=bundle.classes, mode=cfg.mode or bundle.mode,
                            tile_size_px=tile_size, overlap_px=cfg.overlap_px)
     kwargs = {"model_dir": manifest.model_dir, "mode": manifest.mode, "device": "cuda" if cfg.inference.gpus else "cpu",
               "torch_threads": max(1, int(cfg.inference.cpus_per_actor)), "fail_tiles": tuple(cfg.fail_tiles)}
@@ -316,93 +352,13 @@ def _reference_predictor(cfg: MapConfig, tile_size: int, references: dict[str, s
     return manifest, OraclePredictor, {"references": references, "classes": classes, "fail_tiles": tuple(cfg.fail_tiles)}
 
 
-def assess(workspace: str | os.PathLike[str], run: str, catalog: pa.Table, cfg: AssessConfig | None = None,
-           reference_labels: str | os.PathLike[str] | None = None, say: Callable[[str], None] | None = None) -> AssessReport:
-    """The `assess` stage on a run's products (see :func:`engine.accuracy.assess.run_assess`)."""
-    from engine.accuracy.assess import AssessConfig, run_assess
-
-    return run_assess(workspace, run, catalog, cfg or AssessConfig(), reference_labels=reference_labels, say=say)
-
-
-def publish_products(products: Path, catalog: pa.Table) -> None:
-    """The preview page, then the STAC collection (which lists the page and its pictures), validated offline."""
-    from engine.products.page import write_page
-    from engine.products.stac import validate_stac, write_stac
-
-    write_page(products, catalog.to_pylist(), link_stac=True)
-    write_stac(products)
-    validate_stac(products)
-    storage.publish(products)  # a remote workspace: everything under products/<run>/, last
-
-
-def merge_runs(workspace: str | os.PathLike[str], runs: list[str], into: str, catalog: pa.Table) -> Path:
-    """``products/<into>/`` from map runs over disjoint city shards (:mod:`engine.products.shards`), then its preview
-    page and STAC collection (published, for a remote workspace); returns the folder."""
-    from engine.products.shards import merge_products
-
-    out = merge_products(workspace, runs, into, catalog)
-    publish_products(out, catalog)
-    return out
-
-
-def stitch_products(workspace: str, run: str, catalog: pa.Table, min_area_m2: float = 100.0,
-                    failures: dict[str, tuple[str, str]] | None = None, say: Callable[[str], None] | None = None,
-                    seconds: dict[str, float] | None = None, publish: bool = True,
-                    stitcher: StreamingStitch | None = None) -> list[CityReport]:
-    """Stitch a run's predictions into products (then, with ``publish``, the preview page and the STAC collection);
-    one report row per catalog city. ``stitcher``: one that already stitched some cities during inference."""
-
-    failures = dict(failures or {})
-    seconds = seconds if seconds is not None else {}
-    say = say or (lambda _msg: None)
-    run_dir(workspace, run)  # validates the name
-    if stitcher is None:
-        say("stitch: blending tiles, polygons across seams, products")
-        stitcher = StreamingStitch(workspace, run, catalog, StitchConfig(min_area_m2=min_area_m2))
-    t0 = time.perf_counter()
-    stitched = {s.city: s for s in stitcher.finish()}
-    seconds["stitch"] = time.perf_counter() - t0
-    first_failures = {}
-    if any(s.tiles_failed for s in stitched.values()):
-        with Ledger(run_dir(workspace, run), read_only=True) as ledger:
-            first_failures = {c: f for c in stitched if stitched[c].tiles_failed and (f := ledger.first_failure(c))}
-    if publish:
-        t0 = time.perf_counter()
-        publish_products(Path(workspace) / "products" / run, catalog)
-        seconds["publish"] = time.perf_counter() - t0
-    out = []
-    for row in catalog.to_pylist():
-        city = row["city"]
-        s = stitched.get(city)
-        if city in failures:
-            stage, error = failures[city]
-        elif s is None or s.status == "failed":
-            stage, error = "stitch", (s.error if s else "no stitch result")
-        elif s.status == "empty":  # prepared cities have tiles: none committed means the city was never mapped
-            stage, error = "inference", s.error
-        else:
-            stage, error = "", ""
-        share = None
-        if s is not None and s.built_up_area_m2 and s.built_up_area_m2 == s.built_up_area_m2:  # not NaN, not 0
-            share = s.uv_area_m2 / s.built_up_area_m2
-        status = "failed" if error else "ok"
-        if s is not None and not error and s.tiles_failed:  # some (or all) tiles are missing: say so, with a cause
-            status = "partial" if s.tiles_ok else "failed"
-            example = first_failures.get(city)
-            cause = f", e.g. {example[0]}: {example[1]}" if example else ""
-            stage, error = "inference", f"{s.tiles_failed} tile(s) failed (all in `runs/{run}/ledger.duckdb`){cause}"
-        out.append(CityReport(city=city, region=row["region"], status=status,
-                              tiles_ok=s.tiles_ok if s else 0, tiles_failed=s.tiles_failed if s else 0, polygons=s.polygons if s else 0,
-                              uv_area_m2=s.uv_area_m2 if s else 0.0, uv_share=share, stage=stage, error=error))
-    return out
-
-
 def default_model(workspace: str | os.PathLike[str], catalog: pa.Table, epochs: int = 3, use_gpu: bool = False,
                   say: Callable[[str], None] | None = None) -> str:
     """``models/default``: reused when present, else fine-tuned now (``tiny``, fused, binary UV) on the train split."""
     from engine.pipelines.train import TrainConfig, run_training
 
-    out = storage.localize(storage.workspace_root(workspace) / "models" / DEFAULT_MODEL)
+    ws = Workspace.at(workspace)
+    out = ws.fetch(ws.model(DEFAULT_MODEL))
     if (out / "model.safetensors").is_file():
         return str(out)
     if say:

@@ -29,8 +29,14 @@ import pyarrow.parquet as pq
 
 from engine import storage
 from engine.atomic import atomic_path
-from engine.catalog import city_path
-from engine.tiles.city import PrepareConfig, build_chunk, city_input_hash, file_digest, plan_city
+from engine.tiles.city import (
+    PrepareConfig,
+    build_chunk,
+    city_input_hash,
+    file_digest,
+    plan_city,
+)
+from engine.workspace import Workspace
 
 STATUS_KEYS = ("city", "status", "error", "chunk", "n_chunks", "staging", "imagery_digest", "input_hash", "tiles", "seconds")
 
@@ -46,17 +52,14 @@ class CityResult:
     error: str = ""
 
 
-def tiles_root(workspace: str | os.PathLike[str]) -> Path:
-    return Path(workspace) / "tiles"
-
-
-def city_output_dir(workspace: str | os.PathLike[str], city: str) -> Path:
+def city_output_dir(workspace: Workspace | str | os.PathLike[str], city: str) -> Path:
     """``tiles/city=<city>`` (the slug is validated first)."""
-    return tiles_root(workspace) / f"city={city_path('.', city).name}"
+    return Workspace.at(workspace).city_tiles(city)
 
 
-def read_marker(workspace: str | os.PathLike[str], city: str) -> dict | None:
-    path = storage.localize(tiles_root(workspace) / "_state" / f"{city_path('.', city).name}.json")
+def read_marker(workspace: Workspace | str | os.PathLike[str], city: str) -> dict | None:
+    ws = Workspace.at(workspace)
+    path = ws.fetch(ws.tiles_marker(city))
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -72,23 +75,23 @@ def _status(**kw) -> dict:
     return row
 
 
-def _plan(row: dict, cfg: PrepareConfig, workspace: str, force: bool) -> list[dict]:
+def _plan(row: dict, cfg: PrepareConfig, workspace: Workspace, force: bool) -> list[dict]:
     t0 = time.perf_counter()
     city = row.get("city") or "?"
     try:
-        out_dir = city_output_dir(workspace, city)
+        workspace.city_tiles(city)  # the slug is checked before anything is read or written
         imagery_digest, osm_digest = file_digest(row["imagery"]), file_digest(row["osm"])
         input_hash = city_input_hash(row, cfg, imagery_digest, osm_digest)
         marker = read_marker(workspace, city)
-        if not force and marker and marker.get("input_hash") == input_hash and storage.list_files(out_dir / "index", ".parquet"):
+        if not force and marker and marker.get("input_hash") == input_hash and storage.list_files(workspace.tile_index(city), ".parquet"):
             return [_status(city=city, status="skipped", tiles=marker.get("tiles", 0), input_hash=input_hash)]
-        staging = tiles_root(workspace) / "_staging" / f"{city}-{input_hash[:12]}"
+        staging = workspace.tiles_staging(city, input_hash)
         shutil.rmtree(staging, ignore_errors=True)
-        storage.publish(staging)  # a remote workspace: clear what a killed run left there too
+        Workspace.publish(staging)  # a remote workspace: clear what a killed run left there too
         with storage.raster_env():
             plan = plan_city(row, cfg, staging, imagery_digest, input_hash)
         pq.write_table(plan.grid, staging / "grid.parquet")
-        storage.publish(staging)  # the chunks may be built on other nodes
+        Workspace.publish(staging)  # the chunks may be built on other nodes
         seconds = time.perf_counter() - t0
         return [_status(city=city, status="chunk", chunk=ch, n_chunks=len(plan.chunks), staging=str(staging), imagery_digest=imagery_digest,
                         input_hash=input_hash, seconds=seconds / len(plan.chunks)) for ch in plan.chunks]
@@ -106,14 +109,15 @@ def _build(row: dict, cfg: PrepareConfig) -> dict:
     t0 = time.perf_counter()
     try:
         staging = Path(row["staging"])
-        grid = pq.read_table(storage.localize(staging / "grid.parquet"))
-        features = storage.localize(staging / "features.parquet")
+        grid = pq.read_table(Workspace.fetch(staging / "grid.parquet"))
+        features = Workspace.fetch(staging / "features.parquet")
         index, graphs = build_chunk(grid, features, tuple(row["chunk"]), row["imagery_digest"], cfg)
         name = "part-r{:04d}-c{:04d}.parquet".format(row["chunk"][0], row["chunk"][2])
-        for sub, table in (("index", index), ("graphs", graphs)):
-            with atomic_path(staging / "out" / sub / name) as tmp:
+        for kind, table in (("index", index), ("graphs", graphs)):
+            target = Workspace.staged_part(staging, kind, name)
+            with atomic_path(target) as tmp:
                 pq.write_table(table, tmp, compression="zstd")
-            storage.publish(staging / "out" / sub / name)
+            Workspace.publish(target)
         return {**row, "status": "built", "tiles": index.num_rows, "seconds": row["seconds"] + time.perf_counter() - t0}
     except Exception as exc:
         return {**row, "status": "failed", "error": _describe(exc), "seconds": row["seconds"] + time.perf_counter() - t0}
@@ -125,17 +129,17 @@ def _describe(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}{where}"
 
 
-def _finalize(workspace: str, city: str, staging: Path, input_hash: str, tiles: int, seconds: float, cfg: PrepareConfig) -> None:
+def _finalize(workspace: Workspace, city: str, staging: Path, input_hash: str, tiles: int, seconds: float, cfg: PrepareConfig) -> None:
     """Move a city's staged output into place (atomic directory swap; server-side copies in an object store), then
     write its marker, last: the marker is the completion point readers and reruns trust."""
-    storage.move_tree(staging / "out", city_output_dir(workspace, city))
-    marker = tiles_root(workspace) / "_state" / f"{city}.json"
+    storage.move_tree(Workspace.staged_tiles(staging), workspace.city_tiles(city))
+    marker = workspace.tiles_marker(city)
     with atomic_path(marker) as tmp:
         tmp.write_text(json.dumps({"city": city, "input_hash": input_hash, "tiles": tiles, "seconds": round(seconds, 3),
                                    "config": cfg.to_json()}, indent=2, sort_keys=True))
-    storage.publish(marker)
+    Workspace.publish(marker)
     shutil.rmtree(staging, ignore_errors=True)
-    storage.publish(staging)
+    Workspace.publish(staging)
 
 
 def run_prepare(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: PrepareConfig | None = None, force: bool = False,
@@ -145,13 +149,17 @@ def run_prepare(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: Prepa
     Ray must be initialised (``engine.pipelines.runtime.init_ray``). Cities whose inputs did not change are
     skipped; a failing city is reported with its error and the others complete.
 
-    Example:
-        >>> # ray.init(); results = run_prepare(load_catalog("geolink-data/catalog.yaml"), "geolink-data")
+    Example::
+
+        ray.init(); results = run_prepare(load_catalog("geolink-data/catalog.yaml"), "geolink-data")
     """
     import ray
 
+    from engine.catalog import check_city_names
+
     cfg = cfg or PrepareConfig()
-    workspace = str(storage.workspace_root(workspace))  # a remote workspace: its mirror path, the same on every node
+    workspace = Workspace.at(workspace)  # a remote workspace: its mirror path, the same on every node
+    check_city_names(catalog)  # names become folders: never prepare with an invalid or repeated one
     rows = catalog.to_pylist()
     if not rows:
         return []
@@ -193,6 +201,6 @@ def run_prepare(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: Prepa
     for row in rows:  # a city with no status row at all would be a bug; say so rather than lose it
         if row["city"] not in results:
             settle(CityResult(row["city"], "failed", 0, 0.0, "no result came back from the pipeline"))
-    shutil.rmtree(tiles_root(workspace) / "_staging", ignore_errors=True)
-    storage.publish(tiles_root(workspace) / "_staging")
+    shutil.rmtree(workspace.tiles_staging_root, ignore_errors=True)
+    Workspace.publish(workspace.tiles_staging_root)
     return [results[r["city"]] for r in rows]

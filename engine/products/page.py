@@ -12,19 +12,16 @@ import os
 from pathlib import Path
 
 import geopandas as gpd
-import matplotlib
+import numpy as np
+import rasterio
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from rasterio.enums import Resampling
+from rasterio.transform import Affine
+from rasterio.warp import reproject, transform_bounds
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import rasterio  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
-from rasterio.enums import Resampling  # noqa: E402
-from rasterio.transform import Affine  # noqa: E402
-from rasterio.warp import reproject, transform_bounds  # noqa: E402
-
-from engine.atomic import atomic_path  # noqa: E402
-from engine.products.layout import (  # noqa: E402
+from engine.atomic import atomic_path
+from engine.product_layout import (
     ACCURACY_DIR,
     CITY_STATS,
     COGS,
@@ -64,9 +61,9 @@ def write_page(products_dir: str | os.PathLike[str], catalog_rows: list[dict], m
     Returns:
         The path of ``index.html``.
 
-    Example:
-        >>> from engine.catalog import load_catalog
-        >>> write_page(Path("products/demo"), load_catalog("geolink-data/catalog.yaml").to_pylist())  # doctest: +SKIP
+    Example (on a stitched run's products; ``tests/test_products.py`` runs it on real ones)::
+
+        write_page(Path("geolink-data/products/default"), load_catalog("geolink-data/catalog.yaml").to_pylist())
         PosixPath('products/demo/index.html')
     """
     products_dir = Path(products_dir).resolve()
@@ -123,7 +120,8 @@ def render_city_preview(city: str, imagery: str | None, uv_prob: Path, polygons:
     right, bottom = transform @ (width, height)
     extent = (left, right, bottom, top)
 
-    fig, ax = plt.subplots(figsize=(8, 8 * height / width + 0.6), dpi=100)
+    fig = Figure(figsize=(8, 8 * height / width + 0.6), dpi=100)  # object-oriented: no pyplot, no global state
+    ax = fig.subplots()
     if rgb is not None:
         ax.imshow(rgb, extent=extent, interpolation="nearest")
     else:
@@ -144,7 +142,6 @@ def render_city_preview(city: str, imagery: str | None, uv_prob: Path, polygons:
     fig.tight_layout()
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, format="png")
-    plt.close(fig)
     return out_png
 
 
@@ -169,7 +166,8 @@ def render_overview(products_dir: Path, stats: list[dict], rows: dict[str, dict]
         points.append((city, (w + e) / 2, (s + n) / 2, row.get("uv_share"), not cogs or not row.get("tiles_ok")))
     if not points:
         return None
-    fig, ax = plt.subplots(figsize=(8, 6), dpi=100)
+    fig = Figure(figsize=(8, 6), dpi=100)
+    ax = fig.subplots()
     ok = [p for p in points if not p[4] and p[3] is not None]
     if ok:
         sc = ax.scatter([p[1] for p in ok], [p[2] for p in ok], c=[p[3] for p in ok], cmap="viridis", s=60, edgecolors="k",
@@ -189,7 +187,6 @@ def render_overview(products_dir: Path, stats: list[dict], rows: dict[str, dict]
     fig.tight_layout()
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, format="png")
-    plt.close(fig)
     return out_png
 
 

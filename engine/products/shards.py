@@ -20,31 +20,37 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from engine import storage
 from engine.atomic import atomic_path
-from engine.mapping.store import run_dir
-from engine.products.layout import CITIES_DIR, RUN_JSON, UV_PARQUET, city_folder, read_city_stats, read_run
+from engine.product_layout import (
+    CITIES_DIR,
+    RUN_JSON,
+    UV_PARQUET,
+    city_folder,
+    read_city_stats,
+    read_run,
+)
 from engine.stitch.products import write_city_stats, write_urban_villages
+from engine.workspace import Workspace, check_name
 
 # what must agree between shards for their products to be one product
 SAME_IN_EVERY_SHARD = ("model_dir", "model_version", "classes", "mode", "tile_size_px", "overlap_px")
 
 
-def merge_products(workspace: str | os.PathLike[str], runs: list[str], into: str, catalog: pa.Table) -> Path:
+def merge_products(workspace: Workspace | str | os.PathLike[str], runs: list[str], into: str, catalog: pa.Table) -> Path:
     """Write ``products/<into>/`` (polygons, statistics, COGs, run.json) from the products of ``runs``, each
     stitched; return the folder (the page and STAC come after: :func:`engine.pipelines.map.merge_runs`).
 
     ``catalog``: the cities' rows (the statistics follow its order). The folder is built beside its target and
     swapped in whole, so a reader never sees a half-merged product.
     """
-    root = storage.workspace_root(workspace)
+    ws = Workspace.at(workspace)
     if len(runs) < 2 or len(set(runs)) != len(runs):
         raise ValueError(f"merge-runs needs two or more distinct runs, got {runs}")
     for name in [*runs, into]:
-        run_dir(root, name)  # validates the name (it becomes a folder)
+        check_name("run", name)  # it becomes a folder
     if into in runs:
         raise ValueError(f"the merged run {into!r} must not be one of the runs merged into it")
-    sources = {run: storage.localize(root / "products" / run) for run in runs}
+    sources = {run: ws.fetch(ws.products(run)) for run in runs}
     manifests = {run: read_run(path) for run, path in sources.items()}
     first = runs[0]
     for run in runs[1:]:
@@ -62,7 +68,7 @@ def merge_products(workspace: str | os.PathLike[str], runs: list[str], into: str
     order = {city: i for i, city in enumerate(catalog["city"].to_pylist())}
     rows = sorted((r for rs in stats.values() for r in rs), key=lambda r: (order.get(r["city"], len(order)), r["city"]))
 
-    out = root / "products" / into
+    out = ws.products(into)
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
         for city, run in owner.items():

@@ -34,7 +34,7 @@ from referencing.exceptions import NoSuchResource, Unresolvable
 from referencing.jsonschema import DRAFT7
 
 from engine.atomic import atomic_path
-from engine.products.layout import (
+from engine.product_layout import (
     ACCURACY_DIR,
     CITY_STATS,
     INDEX_HTML,
@@ -93,8 +93,9 @@ def write_stac(products_dir: str | os.PathLike[str], run_title: str | None = Non
     Returns:
         The path of ``collection.json``.
 
-    Example:
-        >>> write_stac(Path("products/demo"))  # doctest: +SKIP
+    Example (on a stitched run's products; ``tests/test_products.py`` runs it on real ones)::
+
+        write_stac(Path("geolink-data/products/default"))
         PosixPath('products/demo/stac/collection.json')
     """
     products_dir = Path(products_dir).resolve()
@@ -328,8 +329,9 @@ def validate_stac(products_dir: str | os.PathLike[str]) -> int:
     Raises:
         STACProductsError: listing every problem, one per line, naming the file.
 
-    Example:
-        >>> validate_stac(Path("products/demo"))  # doctest: +SKIP
+    Example (after :func:`write_stac`)::
+
+        validate_stac(Path("geolink-data/products/default"))
         3
     """
     products_dir = Path(products_dir).resolve()

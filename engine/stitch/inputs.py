@@ -17,11 +17,11 @@ import pyarrow.parquet as pq
 import rasterio
 from pyproj import CRS
 
-from engine import storage
 from engine.mapping.store import RunManifest
-from engine.schema import CITY_SLUG_RE, TILE_INDEX_SCHEMA, check_schema
+from engine.schema import TILE_INDEX_SCHEMA, check_schema
 from engine.stitch.blend import GridShape
 from engine.stitch.rasters import RasterGrid
+from engine.workspace import Workspace
 
 TILE_COLUMNS = ("tile_id", "part", "grid_row", "grid_col", "window_row_off", "window_col_off")
 CORE_COLUMNS = ("core_col_off", "core_row_off", "core_width", "core_height")
@@ -40,16 +40,14 @@ class CityInputs:
     dropped: int  # committed tiles the index no longer holds (the city was prepared again with fewer tiles)
 
 
-def tile_index_dir(workspace: str | os.PathLike[str], city: str) -> Path:
-    if not CITY_SLUG_RE.match(city or ""):
-        raise ValueError(f"city {city!r} is not a valid slug ({CITY_SLUG_RE.pattern})")
-    return Path(workspace) / "tiles" / f"city={city}" / "index"
+def tile_index_dir(workspace: Workspace | str | os.PathLike[str], city: str) -> Path:
+    return Workspace.at(workspace).tile_index(city)
 
 
 def read_tile_index(workspace: str | os.PathLike[str], city: str) -> pa.Table:
     """The city's tile index (:data:`TILE_INDEX_SCHEMA`), checked; errors name the folder and the fix."""
     folder = tile_index_dir(workspace, city)
-    files = sorted(storage.localize(folder).glob("*.parquet"))
+    files = sorted(Workspace.fetch(folder).glob("*.parquet"))
     if not files:
         raise FileNotFoundError(f"city {city}: no tile index in {folder}; run `geolink-engine prepare --cities {city}`")
     try:

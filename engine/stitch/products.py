@@ -27,22 +27,10 @@ import pyarrow as pa
 from engine.atomic import atomic_path
 from engine.geoparquet import table_to_gdf, write_geoparquet
 from engine.gpkg import write_gpkg
-from engine.products.layout import CITY_STATS, RUN_JSON, UV_GPKG, UV_PARQUET
+from engine.product_layout import CITY_STATS, RUN_JSON, UV_GPKG, UV_PARQUET
+from engine.schema import CITY_STATS_COLUMNS, URBAN_VILLAGES_SCHEMA  # noqa: F401  (re-exported: the writers' contract)
 
 UV_LAYER = "urban_villages"
-
-URBAN_VILLAGES_SCHEMA = pa.schema([
-    pa.field("uv_id", pa.string(), nullable=False),  # <city>-<n>, n from 1 in raster-scan order of the village's first pixel
-    pa.field("city", pa.string(), nullable=False),
-    pa.field("region", pa.string(), nullable=False),
-    pa.field("area_m2", pa.float64(), nullable=False),  # in EPSG:6933 (equal-area)
-    pa.field("mean_prob", pa.float64(), nullable=False),  # mean blended p(urban_village) over the village's pixels
-    pa.field("n_tiles", pa.int32(), nullable=False),  # tiles whose core's interior meets the village
-    pa.field("model_version", pa.string(), nullable=False),
-    pa.field("geometry", pa.binary(), nullable=False),  # WKB, EPSG:4326 (lon, lat)
-])
-CITY_STATS_COLUMNS = ("city", "region", "uv_area_m2", "built_up_area_m2", "uv_share", "polygons", "tiles_ok", "tiles_failed", "status")
-
 
 def write_urban_villages(tables: Iterable[pa.Table], out_dir: Path, timestamp: str = "") -> tuple[Path, Path]:
     """Concatenate the cities' polygons, sort by ``uv_id``, write GeoParquet and GeoPackage; return both paths.

@@ -21,9 +21,9 @@ from pyproj import CRS
 from rasterio.windows import Window
 
 from engine.atomic import atomic_path
-from engine.products.layout import COGS, PROB_NODATA, PROB_SCALE
+from engine.product_layout import COGS, PROB_NODATA, PROB_SCALE
 
-NODATA = PROB_NODATA  # the file names and the encoding live in engine.products.layout, shared with the readers
+NODATA = PROB_NODATA  # the file names and the encoding live in engine.product_layout, shared with the readers
 UV_PROB_TIF = COGS["uv_prob"]
 CLASS_TIF = COGS["class"]
 TMP_PREFIX = ".stitch-"

@@ -13,10 +13,10 @@ from concurrent.futures import ProcessPoolExecutor
 from importlib import resources
 from pathlib import Path
 
-from engine import storage
 from engine.catalog import write_catalog
 from engine.synth.city import CitySpec, generate_city
 from engine.synth.config import SynthConfig
+from engine.workspace import Workspace
 
 # split of the i-th city, cycling: half train, the rest val / test / map, so 12 cities give 6/2/2/2
 SPLIT_CYCLE = ("train", "train", "val", "train", "test", "map", "train", "val", "train", "test", "map", "train")
@@ -44,7 +44,7 @@ def demo_city_specs(n: int) -> list[CitySpec]:
     return specs
 
 
-def write_demo(workspace: str | Path, n_cities: int = 12, cfg: SynthConfig | None = None, seed: int = 0, workers: int | None = None,
+def write_demo(workspace: Workspace | str | Path, n_cities: int = 12, cfg: SynthConfig | None = None, seed: int = 0, workers: int | None = None,
                on_city: Callable[[dict], None] | None = None) -> Path:
     """Generate ``n_cities`` under ``workspace/cities/`` and write ``workspace/catalog.yaml``; return the catalog path.
 
@@ -58,8 +58,8 @@ def write_demo(workspace: str | Path, n_cities: int = 12, cfg: SynthConfig | Non
         'catalog.yaml'
     """
     cfg = cfg or SynthConfig()
-    workspace = storage.workspace_root(workspace)  # a remote workspace: written here, then uploaded
-    out_dir = workspace / "cities"
+    ws = Workspace.at(workspace)  # a remote workspace: written here, then uploaded
+    workspace, out_dir = ws.root, ws.cities
     specs = demo_city_specs(n_cities)
     workers = max(1, min(workers or os.cpu_count() or 1, len(specs)))
     rows: list[dict] = []
@@ -78,7 +78,7 @@ def write_demo(workspace: str | Path, n_cities: int = 12, cfg: SynthConfig | Non
         row["split"] = SPLIT_CYCLE[i % len(SPLIT_CYCLE)]
         for key in ("imagery", "osm", "reference"):  # relative to the catalog, so the workspace can move
             row[key] = os.path.relpath(row[key], workspace)
-    catalog = write_catalog(rows, workspace / "catalog.yaml")
-    storage.publish(out_dir)
-    storage.publish(catalog)  # last: a catalog in the store means its cities are there
+    catalog = write_catalog(rows, ws.demo_catalog)
+    ws.publish(out_dir)
+    ws.publish(catalog)  # last: a catalog in the store means its cities are there
     return catalog

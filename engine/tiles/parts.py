@@ -7,30 +7,31 @@ fraction of the time.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engine import storage
+from engine.workspace import Workspace
 
 
-def part_pairs(workspace: str | os.PathLike[str], cities: list[str]) -> list[dict]:
+def part_pairs(workspace: Workspace | str | os.PathLike[str], cities: list[str]) -> list[dict]:
     """The prepared Parquet parts of ``cities``: one ``{"index": path, "graphs": path}`` per chunk (same rows, same order)."""
+    ws = Workspace.at(workspace)
     out = []
     for city in cities:
-        root = Path(workspace) / "tiles" / f"city={city}"
-        found = storage.list_files(root / "index", ".parquet")  # listed in the object store for a remote workspace
+        found = storage.list_files(ws.tile_index(city), ".parquet")  # listed in the object store for a remote workspace
         if not found:
-            raise FileNotFoundError(f"city {city}: no prepared tiles in {root}; run `geolink-engine prepare --cities {city}`")
+            raise FileNotFoundError(f"city {city}: no prepared tiles in {ws.city_tiles(city)}; "
+                                    f"run `geolink-engine prepare --cities {city}`")
         for index in found:
-            out.append({"index": str(index), "graphs": str(root / "graphs" / index.name)})
+            out.append({"index": str(index), "graphs": str(Workspace.graphs_beside(index))})
     return out
 
 
 def load_part(pair: dict) -> pa.Table:
     """One prepared part as a table: tile-index columns and graph columns side by side (checked: same tiles)."""
-    index, graphs = storage.localize(pair["index"]), storage.localize(pair["graphs"])
+    index, graphs = Workspace.fetch(pair["index"]), Workspace.fetch(pair["graphs"])
     return join_graphs(pq.read_table(index), pq.read_table(graphs), f"{pair['index']} and {pair['graphs']}")
 
 

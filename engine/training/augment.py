@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from engine.training.metrics import IGNORE, MEAN, STD
+from engine.pixels import IGNORE, MEAN, STD
 
 
 def photometric(images: torch.Tensor, generator: torch.Generator | None = None, strength: float = 1.0) -> torch.Tensor:
@@ -88,7 +88,7 @@ def zoom(images: torch.Tensor, labels: torch.Tensor | None = None, graphs=None, 
     Why: cities are imaged at 0.5-1.2 m pixels, so the same village texture is 2.4x larger in one city than in
     another; an image branch trained at its training cities' scales does not recognise the others'. Zooming in
     crops a part of the tile and enlarges it; zooming out shrinks the tile into the frame and leaves the rest as
-    no data (image 0 = the mean colour, labels :data:`~engine.training.metrics.IGNORE`), as at an AOI's edge.
+    no data (image 0 = the mean colour, labels :data:`~engine.pixels.IGNORE`), as at an AOI's edge.
     The OSM node positions and their tile-relative lengths and areas follow the same transform, so the fused
     model still sees each node where its pixels are (nodes zoomed out of the frame stay, outside [0, 1]).
 

@@ -6,8 +6,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-IGNORE = 255  # label value for pixels outside the raster or the AOI: no loss, no metric
-MEAN, STD = 0.45, 0.25  # pixel normalisation after scaling to [0, 1], for training and inference alike
+from engine.pixels import (
+    IGNORE,  # label value for pixels outside the raster or the AOI: no loss, no metric
+)
 
 
 def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor | None) -> torch.Tensor:

@@ -1,21 +1,18 @@
-"""The `stitch` stage: a run's committed tile predictions -> per-city COGs, UV polygons, statistics, products.
+"""One city's stitching, the pure core of the `stitch` stage: committed tile predictions -> COGs, UV polygons.
 
 Per city (:func:`stitch_city`): tiles stream in grid order from the prediction parts (DuckDB), are blended strip
 by strip (:mod:`engine.stitch.blend`), each strip is written to the rasters and polygonised, and the pieces are
 merged across seams and measured (:mod:`engine.stitch.merge`). Memory holds one strip and the city's polygons.
-:func:`stitch_run` does every catalog city (one failing city is recorded, never fatal) and writes the run-wide
-products (:mod:`engine.stitch.products`).
+Which cities run where (driver threads or Ray tasks) and the run-wide products are decided in
+:mod:`engine.pipelines.stitch`; this module never imports Ray.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-import os
 import time
 import traceback
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,25 +25,16 @@ from pyproj import CRS, Transformer
 from rasterio.windows import Window
 
 from engine import storage
-from engine.db import connect
 from engine.mapping.store import (
-    Ledger,
     RunManifest,
     read_city_predictions,
-    read_manifest,
-    run_dir,
 )
-from engine.schema import BUILT_UP_CLASSES, CITY_SLUG_RE
+from engine.product_layout import city_folder
+from engine.schema import BUILT_UP_CLASSES, URBAN_VILLAGES_SCHEMA
 from engine.stitch.blend import RAMPS, Tile, blend_strips
 from engine.stitch.inputs import CityInputs, load_city_inputs
 from engine.stitch.merge import EQUAL_AREA_CRS, merge_pieces
 from engine.stitch.polygons import Pieces
-from engine.stitch.products import (
-    URBAN_VILLAGES_SCHEMA,
-    copy_manifest,
-    write_city_stats,
-    write_urban_villages,
-)
 from engine.stitch.rasters import (
     CLASS_TIF,
     NODATA,
@@ -55,6 +43,7 @@ from engine.stitch.rasters import (
     RasterGrid,
     quantise_prob,
 )
+from engine.workspace import is_valid_name
 
 UV_CLASS = "urban_village"
 
@@ -150,152 +139,6 @@ class CityStitch:
                 "status": self.status}
 
 
-def stitch_run(workspace: str | os.PathLike[str], run: str, catalog: pa.Table, cfg: StitchConfig = StitchConfig(),
-               on_city: Callable[[CityStitch], None] | None = None) -> list[CityStitch]:
-    """Stitch every city of ``catalog`` from run ``run`` into ``<workspace>/products/<run>/``; one result per city.
-
-    A city without committed tiles is ``empty``, a city whose inputs are broken is ``failed`` with its error; the
-    others complete, and the run-wide products list every catalog city.
-
-    Raises:
-        FileNotFoundError: the run has no manifest or no ledger (nothing to stitch at all).
-        ValueError: the run's classes have no ``urban_village``.
-
-    Example:
-        >>> # results = stitch_run("geolink-data", "default", load_catalog("geolink-data/catalog.yaml"))
-    """
-    return StreamingStitch(workspace, run, catalog, cfg).finish(on_city)
-
-
-class StreamingStitch:
-    """Stitching that can start before inference ends: :meth:`submit` a city as soon as its last tile is committed
-    (``map`` does, from the ledger), :meth:`finish` stitches the rest and writes the run-wide products.
-
-    Why: stitching a city needs only that city's predictions, so it overlaps with inference of the others and the
-    run ends shortly after its last tile. Cities are stitched in background threads (numpy, GDAL and DuckDB release
-    the GIL); results come back in catalog order, so the products are the same whichever order cities finish in.
-    """
-
-    def __init__(self, workspace: str | os.PathLike[str], run: str, catalog: pa.Table, cfg: StitchConfig = StitchConfig(),
-                 manifest: RunManifest | None = None) -> None:
-        self.workspace = Path(workspace)
-        self.run_path = run_dir(self.workspace, run)
-        self.manifest = manifest or read_manifest(self.run_path)
-        if UV_CLASS not in self.manifest.classes:
-            raise ValueError(f"run {run}: classes {list(self.manifest.classes)} have no {UV_CLASS!r}; nothing to map")
-        self.cfg = cfg
-        self.rows = catalog.to_pylist()
-        self.by_city = {r.get("city") or "": r for r in self.rows}
-        self.out_dir = self.workspace / "products" / run
-        self.con = connect()
-        workers = cfg.workers or min(4, os.cpu_count() or 1)
-        self.pool = ThreadPoolExecutor(max_workers=max(1, min(workers, len(self.rows))))
-        self.use_ray = _use_ray_tasks(cfg.ray_tasks)
-        self.futures: dict[str, Future | object] = {}  # a thread's Future, or a Ray task's ObjectRef
-        self.counts: dict[str, tuple[int, int]] = {}  # city -> (committed, failed) tiles, for a task lost past its retries
-
-    def submit(self, city: str, committed: pa.Table, tiles_failed: int) -> None:
-        """Stitch ``city`` in the background from its committed tiles (ignored for cities not in the catalog)."""
-        if city in self.by_city and city not in self.futures:
-            self.futures[city] = self._start(city, committed, tiles_failed)
-
-    def _start(self, city: str, committed: pa.Table, tiles_failed: int) -> Future | object:
-        args = (self.workspace, self.run_path, self.manifest, self.by_city[city], committed, tiles_failed, self.cfg, self.out_dir)
-        self.counts[city] = (committed.num_rows, tiles_failed)
-        if self.use_ray:
-            return _stitch_task().remote(*args)
-        return self.pool.submit(stitch_city, *args, self.con)
-
-    def _result(self, city: str) -> tuple[CityStitch, pa.Table | None]:
-        future = self.futures[city]
-        if isinstance(future, Future):
-            return future.result()
-        import ray
-
-        try:
-            result = ray.get(future)
-        except Exception as exc:  # noqa: BLE001 (the task died past its retries: this city fails, the run goes on)
-            row = self.by_city[city]
-            tiles_ok, tiles_failed = self.counts[city]
-            return CityStitch(city=city, region=row.get("region") or "", status="failed", error=f"stitch task: {_describe(exc)}",
-                              tiles_ok=tiles_ok, tiles_failed=tiles_failed), None
-        storage.localize(self.out_dir / "cities" / city)  # a remote workspace: the COGs that node published
-        return result
-
-    def finish(self, on_city: Callable[[CityStitch], None] | None = None) -> list[CityStitch]:
-        """Stitch the cities not submitted yet (from the ledger), wait for all, write the run-wide products."""
-        try:
-            pending = [r.get("city") or "" for r in self.rows if (r.get("city") or "") not in self.futures]
-            if pending or not self.rows:
-                with Ledger(self.run_path, read_only=True) as ledger:
-                    committed, summary = ledger.committed(), ledger.summary()
-                for city in pending:
-                    self.futures[city] = self._start(city, committed.filter(pc.equal(committed["city"], city)),
-                                                     summary.get(city, {}).get("failed", 0))
-            results: list[CityStitch] = []
-            tables: list[pa.Table] = []
-            for row in self.rows:  # catalog order, whatever order they finished in
-                result, table = self._result(row.get("city") or "")
-                results.append(result)
-                if table is not None:
-                    tables.append(table)
-                if on_city:
-                    on_city(result)
-        finally:
-            self.close(cancel=False)
-        write_urban_villages(tables, self.out_dir, read_manifest(self.run_path).datetime or self.manifest.datetime)
-        write_city_stats([r.stats_row() for r in results], self.out_dir)
-        copy_manifest(self.run_path, self.out_dir)
-        return results
-
-    def close(self, cancel: bool = True) -> None:
-        """Stop: queued threads are dropped and, with ``cancel``, the Ray tasks still running are cancelled (a run
-        that failed). :meth:`finish` closes without cancelling: its tasks are done (cancelling a task whose reply
-        is in flight trips a check in Ray's task manager)."""
-        self.pool.shutdown(wait=True, cancel_futures=True)
-        if self.use_ray and cancel:
-            import ray
-
-            for future in self.futures.values():
-                if not isinstance(future, Future):
-                    ray.cancel(future)
-        self.con.close()
-
-
-def _use_ray_tasks(wanted: bool | None) -> bool:
-    import ray
-
-    if wanted is not None:
-        if wanted and not ray.is_initialized():
-            raise RuntimeError("StitchConfig(ray_tasks=True) needs Ray initialised")
-        return wanted
-    return ray.is_initialized() and sum(1 for n in ray.nodes() if n.get("Alive")) > 1
-
-
-@functools.cache
-def _stitch_task():
-    """The Ray task form of :func:`stitch_city` (made on first use, so importing this module needs no Ray)."""
-    import ray
-
-    return ray.remote(num_cpus=1, max_retries=2)(_stitch_city_on_node)
-
-
-def _stitch_city_on_node(workspace: Path, run_path: Path, manifest: RunManifest, row: dict, committed: pa.Table, tiles_failed: int,
-                         cfg: StitchConfig, out_dir: Path) -> tuple[CityStitch, pa.Table | None]:
-    """:func:`stitch_city` in a Ray task on any node: its own DuckDB, and the city's COGs published to the object
-    store of a remote workspace before the task returns (the driver's node mirrors them from there)."""
-    storage.configure_process()
-    con = connect()
-    try:
-        result = stitch_city(workspace, run_path, manifest, row, committed, tiles_failed, cfg, out_dir, con)
-    finally:
-        con.close()
-    city = row.get("city") or ""
-    if CITY_SLUG_RE.match(city):
-        storage.publish(out_dir / "cities" / city)  # done: new COGs; failed or empty: the old ones are removed there too
-    return result
-
-
 def stitch_city(workspace: Path, run_path: Path, manifest: RunManifest, row: dict, committed: pa.Table, tiles_failed: int,
                 cfg: StitchConfig, out_dir: Path, con: duckdb.DuckDBPyConnection) -> tuple[CityStitch, pa.Table | None]:
     """One city: its COGs under ``out_dir/cities/<city>/`` and its villages (:data:`URBAN_VILLAGES_SCHEMA` rows).
@@ -309,9 +152,7 @@ def stitch_city(workspace: Path, run_path: Path, manifest: RunManifest, row: dic
     city, region = row.get("city") or "", row.get("region") or ""
     base = {"city": city, "region": region, "tiles_failed": tiles_failed}
     try:
-        if not CITY_SLUG_RE.match(city):
-            raise ValueError(f"city {city!r} is not a valid slug ({CITY_SLUG_RE.pattern})")
-        city_dir = out_dir / "cities" / city
+        city_dir = city_folder(out_dir, city)  # the slug is checked before it becomes a path
         if committed.num_rows == 0:
             _remove_rasters(city_dir)
             return CityStitch(**base, status="empty", error=f"no committed tiles in run {manifest.run} ({tiles_failed} failed)",
@@ -324,8 +165,8 @@ def stitch_city(workspace: Path, run_path: Path, manifest: RunManifest, row: dic
         return CityStitch(**base, status="done", polygons=table.num_rows, uv_area_m2=uv_area, built_up_area_m2=built_up_m2,
                           tiles_ok=inputs.tiles.num_rows, seconds=time.perf_counter() - t0), table
     except Exception as exc:  # noqa: BLE001 (one city never stops the others: record the error and go on)
-        if CITY_SLUG_RE.match(city):
-            _remove_rasters(out_dir / "cities" / city)
+        if is_valid_name(city):
+            _remove_rasters(city_folder(out_dir, city))
         return CityStitch(**base, status="failed", error=_describe(exc), tiles_ok=committed.num_rows,
                           seconds=time.perf_counter() - t0), None
 

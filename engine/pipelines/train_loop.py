@@ -1,4 +1,7 @@
-"""The Ray Train loop shared by pretraining and fine-tuning: one ``train_loop_per_worker(config)``.
+"""The Ray Train worker loop shared by pretraining and fine-tuning: one ``train_loop_per_worker(config)``.
+
+It lives in ``pipelines/`` because it is Ray Train's side of the run (context, dataset shards, DDP wrapping,
+checkpoints, reports); what it computes comes from the pure cores in :mod:`engine.training`.
 
 Resumes from ``ray.train.get_checkpoint()`` (after a worker failure, or a rerun with the same run name), reads its
 shard of the ``train`` dataset, steps AdamW with linear warmup + cosine decay, and reports metrics with a
@@ -15,42 +18,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from engine import storage
+from engine.model_bundle import write_bundle
+from engine.pixels import collate
 from engine.training.augment import drop_images, photometric, zoom
+from engine.training.faults import maybe_fail
 from engine.training.metrics import confusion, scores, segmentation_loss
-from engine.training.samples import collate
+from engine.training.optimizer_state import read_optimizer_state, save_optimizer
 from engine.training.schedule import lr_at, param_groups
-from geolink_model.checkpoint import load_model, save_model
+from geolink_model.checkpoint import load_model
 from geolink_model.config import GeoLinkConfig
 from geolink_model.model import GeoLink, build_model
 
-OPTIM_TENSORS, OPTIM_JSON, STATE_JSON, HISTORY = "optim.safetensors", "optim.json", "trainer_state.json", "metrics.jsonl"
-
-
-def save_optimizer(opt: torch.optim.Optimizer, directory: Path) -> None:
-    state = opt.state_dict()
-    tensors, scalars = {}, {}
-    for pid, values in state["state"].items():
-        for name, value in values.items():
-            if torch.is_tensor(value):
-                tensors[f"{pid}.{name}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{pid}.{name}"] = value
-    save_file(tensors, str(directory / OPTIM_TENSORS))
-    (directory / OPTIM_JSON).write_text(json.dumps({"param_groups": state["param_groups"], "scalars": scalars}))
-
-
-def read_optimizer_state(directory: Path) -> dict:
-    """The optimizer state saved by :func:`save_optimizer`, in memory (ready for ``load_state_dict``)."""
-    meta = json.loads((directory / OPTIM_JSON).read_text())
-    tensors = load_file(str(directory / OPTIM_TENSORS))
-    state: dict[int, dict] = {}
-    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = value
-    return {"state": state, "param_groups": meta["param_groups"]}
+STATE_JSON, HISTORY = "trainer_state.json", "metrics.jsonl"
 
 
 def _unwrap(model: torch.nn.Module) -> GeoLink:
@@ -104,7 +85,7 @@ def train_loop_per_worker(config: dict) -> None:
             return
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
-                save_model(_unwrap(model), tmp, extra={"task": task, "step": step})
+                write_bundle(tmp, _unwrap(model), extra={"task": task, "step": step})
                 save_optimizer(opt, Path(tmp))
                 (Path(tmp) / STATE_JSON).write_text(json.dumps({"step": step, "epoch": epoch, "history": history, "resumed": resumed}))
                 (Path(tmp) / HISTORY).write_text("".join(json.dumps(h) + "\n" for h in history))
@@ -114,12 +95,7 @@ def train_loop_per_worker(config: dict) -> None:
         model.train()
         t0, seen, running = time.perf_counter(), 0, {}
         for batch in train.iter_batches(batch_size=int(config["batch_size"]), batch_format="pyarrow", drop_last=False):
-            if config.get("fail_at_step") is not None and step == int(config["fail_at_step"]) and rank == 0:
-                marker = Path(config["fail_marker"])
-                if not marker.exists():  # fail once, the way a lost worker would, to prove resume
-                    marker.parent.mkdir(parents=True, exist_ok=True)
-                    marker.write_text("failed once")
-                    raise RuntimeError(f"injected failure at step {step}")
+            maybe_fail(step, rank)  # tests only (engine.training.faults): a no-op unless a test set the hook
             images, graphs, labels = collate(batch, device)
             images, labels, graphs = zoom(images, labels, graphs, float(config.get("max_zoom", 1.0)))  # cities differ in pixel size
             if config.get("augment", True):  # cities differ in colour, haze, blur and noise: train across them

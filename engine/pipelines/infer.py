@@ -1,16 +1,14 @@
-"""Fused inference over prepared tiles on Ray Data, committed tile by tile to the run's ledger.
+"""Inference on Ray Data over prepared tiles, committed tile by tile to the run's ledger.
 
-Pipeline (streaming, one direction; the driver only ever sees small status rows):
+Pipeline (streaming, one direction; the driver only ever sees small status rows), its steps in
+:mod:`engine.mapping.batches`:
 
 1. ``from_items(parts)``: one row per prepared Parquet part (a chunk of up to 16 x 16 tiles of one city);
-2. ``map_batches(load_todo)``: the part's tile-index + graph rows, minus tiles the ledger already holds for this
-   model version with the same input hash (a rerun skips them);
-3. ``map_batches(read_pixels)``: each tile's window (halo included, boundless) by rasterio; a tile whose read
-   fails twice gets ``read_error`` and no pixels, and its batch goes on;
-   (steps 2 and 3 run as one task per part);
-4. ``map_batches(PredictAndWrite, compute=ActorPoolStrategy)``: the model, loaded once per actor (GPU when asked),
-   then one Parquet part per city per batch, written atomically by the actor (so probabilities never travel back);
-5. the driver commits each batch's status rows to the ledger in one transaction: that is the commit point.
+2. ``map_batches(load_and_read)``, one task per part: the part's tile-index + graph rows, minus tiles the ledger
+   already holds for this model version with the same input hash, then each window's pixels;
+3. ``map_batches(PredictAndWrite, compute=ActorPoolStrategy)``: the model, loaded once per actor (GPU when asked),
+   then one Parquet part per city per batch, written atomically by the actor;
+4. the driver commits each batch's status rows to the ledger in one transaction: that is the commit point.
 """
 
 from __future__ import annotations
@@ -21,21 +19,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import rasterio
 
 from engine import storage
 from engine.atomic import atomic_path
+from engine.mapping.batches import PredictAndWrite, load_and_read, tile_keys
 from engine.mapping.predict import Predictor
-from engine.mapping.store import Ledger, RunManifest, adopt_orphans, predictions_dir, run_dir, write_manifest, write_part
-from engine.tiles.grid import read_window
-from engine.tiles.parts import load_part
+from engine.mapping.store import Ledger, RunManifest, adopt_orphans, write_manifest
+from engine.workspace import RunFolder, Workspace
 
 LEDGER_SYNC_S = 30.0  # a remote workspace's ledger is uploaded this often (and at the end): what a new driver resumes from
-STATUS_COLUMNS = ("tile_id", "city", "status", "attempts", "error", "input_hash", "part", "read_s", "predict_s")
 
 
 @dataclass(frozen=True)
@@ -43,7 +37,7 @@ class InferenceConfig:
     """How inference is spread over the cluster.
 
     Args:
-        batch_size: tiles per model call.
+        batch_size: tiles per model call; default 16 on CPU, 64 on GPUs (one rule for the CLI and the Ray job).
         actors: predictor actors (default: ``gpus x actors_per_gpu`` when using GPUs, else half the CPUs, at least 1).
         gpus: GPUs to use (0 = CPU).
         actors_per_gpu: predictor actors sharing one GPU (each asks for ``1/actors_per_gpu`` of it). Why: an actor's
@@ -54,7 +48,7 @@ class InferenceConfig:
         read_attempts: tries per window read before the tile is recorded as failed.
     """
 
-    batch_size: int = 16
+    batch_size: int | None = None
     actors: int | None = None
     gpus: int = 0
     actors_per_gpu: int = 1
@@ -63,6 +57,8 @@ class InferenceConfig:
     read_attempts: int = 2
 
     def __post_init__(self) -> None:
+        if self.batch_size is None:
+            object.__setattr__(self, "batch_size", 64 if self.gpus else 16)
         if (self.batch_size < 1 or self.read_attempts < 1 or self.gpus < 0 or self.actors_per_gpu < 1
                 or (self.actors is not None and self.actors < 1)):
             raise ValueError("batch_size, read_attempts, actors and actors_per_gpu must be >= 1 and gpus >= 0")
@@ -90,110 +86,6 @@ class InferenceResult:
     adopted: int = 0  # tiles of parts a killed driver never committed, verified and committed now (counted in skipped)
 
 
-def load_todo(pairs: pa.Table, done_dir: str) -> pa.Table:
-    """Ray Data step: prepared parts -> tile rows not yet done (same ``tile_id`` and ``input_hash`` in the ledger)."""
-    tables = []
-    for pair in pairs.to_pylist():
-        table = load_part(pair)
-        if pair.get("imagery"):  # where the imagery is now (the catalog), not where it was when prepared
-            table = table.set_column(table.schema.get_field_index("imagery"), "imagery", pa.array([pair["imagery"]] * table.num_rows, pa.string()))
-        done_path = storage.localize(Path(done_dir) / f"{pair['city']}.parquet")
-        if done_path.is_file() and table.num_rows:
-            done = pq.read_table(done_path)
-            table = table.filter(pc.invert(pc.is_in(_tile_keys(table), value_set=_tile_keys(done))))
-        tables.append(table)
-    return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
-
-
-def read_pixels(batch: pa.Table, attempts: int = 2) -> pa.Table:
-    """Ray Data step: each tile's window as ``image`` (uint8 3 x H x W); failures go to ``read_error`` (zeros).
-
-    Every image leaves here as uint8, the model's input type, whatever the raster holds: a raster of another pixel
-    type (or with fewer than 3 bands) fails its tiles with one clear error instead of being rescaled, and no batch
-    ever mixes tensor types across cities. A read error carries GDAL's root cause (the chained exception).
-    """
-    from ray.data.extensions import ArrowTensorArray
-
-    from engine.errors import describe_error
-    from engine.imagery import imagery_facts, model_input_problem
-
-    keys = ("imagery", "window_col_off", "window_row_off", "window_width", "window_height", "tile_id")
-    images, errors, seconds = [], [], []
-    sources: dict[str, rasterio.io.DatasetReader] = {}  # one open per raster per batch, not per tile
-    refused: dict[str, str] = {}  # rasters the model cannot take, with why (checked once per raster)
-    with storage.raster_env():
-        try:
-            for row in batch.select(list(keys)).to_pylist():
-                t0, pixels, error = time.perf_counter(), None, ""
-                for attempt in range(attempts):
-                    try:
-                        if row["imagery"] not in sources and row["imagery"] not in refused:
-                            src = sources[row["imagery"]] = rasterio.open(row["imagery"])
-                            problem = model_input_problem(imagery_facts(src, row["imagery"])) if src.crs is not None else None
-                            if problem:
-                                refused[row["imagery"]] = problem
-                        if row["imagery"] in refused:
-                            error = refused[row["imagery"]]
-                            break
-                        pixels = read_window(sources[row["imagery"]], row)
-                        error = ""
-                        break
-                    except Exception as exc:  # a corrupt block or a vanished file: reopen and retry, then record
-                        error = f"read {row['imagery']}: {describe_error(exc)}"
-                        stale = sources.pop(row["imagery"], None)
-                        if stale is not None:
-                            stale.close()
-                        time.sleep(0.05 * (attempt + 1))
-                if pixels is None:
-                    pixels = np.zeros((3, row["window_height"], row["window_width"]), np.uint8)
-                images.append(pixels)
-                errors.append(error)
-                seconds.append(time.perf_counter() - t0)
-        finally:
-            for src in sources.values():
-                src.close()
-    batch = batch.append_column("image", ArrowTensorArray.from_numpy(np.stack(images)))
-    batch = batch.append_column("read_error", pa.array(errors, pa.string()))
-    return batch.append_column("read_s", pa.array(seconds, pa.float64()))
-
-
-def write_predictions(batch: pa.Table, run_path: str, model_version: str) -> pa.Table:
-    """Ray Data step: the batch's successful tiles as one Parquet part per city; returns status rows (no pixels)."""
-    run = Path(run_path)
-    parts: dict[str, str] = {}
-    ok = batch.filter(pc.equal(batch["status"], "ok"))
-    for city in sorted(set(ok["city"].to_pylist())):
-        rows = ok.filter(pc.equal(ok["city"], city))
-        table = rows.select(["tile_id", "city", "input_hash"]).append_column("model_version", pa.array([model_version] * rows.num_rows))
-        for name in ("n_classes", "height", "width", "probs"):
-            table = table.append_column(name, rows[name])
-        parts[city] = write_part(run, city, table)
-    status = batch.select([c for c in STATUS_COLUMNS if c != "part"])
-    part = [parts.get(c) if s == "ok" else None for c, s in zip(status["city"].to_pylist(), status["status"].to_pylist())]
-    return status.append_column("part", pa.array(part, pa.string()))
-
-
-def load_and_read(pairs: pa.Table, done_dir: str, attempts: int = 2) -> pa.Table:
-    """Ray Data step: :func:`load_todo` then :func:`read_pixels`, in one task per prepared part."""
-    return read_pixels(load_todo(pairs, done_dir), attempts)
-
-
-class PredictAndWrite:
-    """The actor: a predictor (built once per actor) followed by :func:`write_predictions`; returns status rows."""
-
-    def __init__(self, predictor: type[Predictor], predictor_kwargs: dict, run_path: str, model_version: str) -> None:
-        self.predictor = predictor(**predictor_kwargs)
-        self.run_path, self.model_version = run_path, model_version
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return write_predictions(self.predictor(batch), self.run_path, self.model_version)
-
-
-def _tile_keys(table: pa.Table) -> pa.Array:
-    """``tile_id|input_hash`` per row: a tile is done only for the inputs it was predicted from."""
-    return pc.binary_join_element_wise(table["tile_id"], table["input_hash"], "|")
-
-
 def _write_done(ledger: Ledger, cities: list[str], model_version: str, done_dir: Path) -> dict[str, pa.Table]:
     """Per city, the tiles already done for this model version (``tile_id, input_hash``), written as small Parquet
     files the read tasks filter on; returns them."""
@@ -203,7 +95,7 @@ def _write_done(ledger: Ledger, cities: list[str], model_version: str, done_dir:
         out[city] = done = ledger.done(model_version, city)
         with atomic_path(done_dir / f"{city}.parquet") as tmp:
             pq.write_table(done, tmp)
-        storage.publish(done_dir / f"{city}.parquet")  # read by tasks on every node
+        Workspace.publish(done_dir / f"{city}.parquet")  # read by tasks on every node
     return out
 
 
@@ -211,13 +103,13 @@ def _parts_with_work(pairs: list[dict], done: dict[str, pa.Table]) -> list[dict]
     """The parts that still hold a tile to predict (a resumed run: parts whose tiles are all done are not sent).
 
     Only cities with done tiles are checked, by the parts' ``tile_id``/``input_hash`` columns (small reads)."""
-    done_keys = {city: set(_tile_keys(table).to_pylist()) for city, table in done.items() if table.num_rows}
+    done_keys = {city: set(tile_keys(table).to_pylist()) for city, table in done.items() if table.num_rows}
     out = []
     for pair in pairs:
         keys = done_keys.get(pair["city"])
         if keys is not None:
-            index = pq.read_table(storage.localize(pair["index"]), columns=["tile_id", "input_hash"])
-            if all(k in keys for k in _tile_keys(index).to_pylist()):
+            index = pq.read_table(Workspace.fetch(pair["index"]), columns=["tile_id", "input_hash"])
+            if all(k in keys for k in tile_keys(index).to_pylist()):
                 continue  # every tile of the part is done
         out.append(pair)
     return out
@@ -241,27 +133,27 @@ def run_inference(workspace: str | os.PathLike[str], manifest: RunManifest, citi
 
     cfg = cfg or InferenceConfig()
     t0 = time.perf_counter()
-    run_path = run_dir(workspace, manifest.run)
+    ws = Workspace.at(workspace)
+    run_path = ws.run(manifest.run).root
     run_path.mkdir(parents=True, exist_ok=True)
     write_manifest(run_path, manifest)
     pairs, missing, total, per_city = [], {}, 0, {}
     for city in cities:
-        predictions_dir(run_path, city)  # validates the slug before it becomes a path
-        root = Path(workspace) / "tiles" / f"city={city}" / "index"
+        root = ws.tile_index(city)  # the slug is checked before it becomes a path
         found = storage.list_files(root, ".parquet")
         if not found:
-            missing[city] = f"no prepared tiles in {root.parent}"
+            missing[city] = f"no prepared tiles in {ws.city_tiles(city)}"
             continue
         for index in found:
-            pairs.append({"index": str(index), "graphs": str(index.parent.parent / "graphs" / index.name), "city": city,
+            pairs.append({"index": str(index), "graphs": str(Workspace.graphs_beside(index)), "city": city,
                           "imagery": (imagery or {}).get(city) or ""})
-            n = pq.read_metadata(storage.localize(index)).num_rows
+            n = pq.read_metadata(Workspace.fetch(index)).num_rows
             total += n
             per_city[city] = per_city.get(city, 0) + n
     with Ledger(run_path) as ledger:
         # parts a killed driver never committed: adopted when they verify (finished work is kept), else removed
         sweep = adopt_orphans(run_path, ledger, manifest.model_version)
-        done_dir = run_path / "_done"
+        done_dir = RunFolder(run_path).done
         done = _write_done(ledger, [c for c in cities if c not in missing], manifest.model_version, done_dir)
         done_counts = {city: table.num_rows for city, table in done.items()}
         skipped = sum(done_counts.values())

@@ -1,4 +1,4 @@
-"""The products folder of a run (``products/<run>/``), as the publishing steps read it back from disk.
+"""The files of a run's products folder (``products/<run>/``): their names, and how the publishing steps read them back.
 
 Why a module of its own: the STAC writer and the preview page read the same files (run manifest, city stats,
 per-city COGs) and must agree on names and on how a failed city looks (a stats row, maybe no COGs).
@@ -12,7 +12,7 @@ import math
 import os
 from pathlib import Path
 
-from engine.catalog import city_path
+from engine.workspace import check_name
 
 RUN_JSON = "run.json"
 UV_PARQUET = "urban_villages.parquet"
@@ -74,7 +74,7 @@ def read_city_stats(products_dir: str | os.PathLike[str]) -> list[dict]:
 
 def city_folder(products_dir: str | os.PathLike[str], city: str) -> Path:
     """``products/<run>/cities/<city>`` after the slug check (no value can point outside the folder)."""
-    return city_path(Path(products_dir) / CITIES_DIR, city)
+    return Path(products_dir) / CITIES_DIR / check_name("city", city)
 
 
 def city_cogs(products_dir: str | os.PathLike[str], city: str) -> dict[str, Path]:

@@ -1,0 +1,23 @@
+"""Publishing a run's products: the preview page and the STAC collection, then (remote workspace) the upload.
+
+Shared by `map`, `stitch`, `assess` and `merge-runs`, each of which ends with the same publish step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+
+from engine.workspace import Workspace
+
+
+def publish_products(products: Path, catalog: pa.Table) -> None:
+    """The preview page, then the STAC collection (which lists the page and its pictures), validated offline."""
+    from engine.products.page import write_page
+    from engine.products.stac import validate_stac, write_stac
+
+    write_page(products, catalog.to_pylist(), link_stac=True)
+    write_stac(products)
+    validate_stac(products)
+    Workspace.publish(products)  # a remote workspace: everything under products/<run>/, last
