@@ -252,7 +252,7 @@ def actor_host(batches: list[pa.Table], probs: np.ndarray, run_path: Path) -> di
     probabilities, then ``write_predictions`` (one Parquet part per batch); rate in tiles/s."""
     from engine.mapping.batches import write_predictions
     from engine.mapping.predict import Predictor
-    from engine.training.samples import collate
+    from engine.pixels import collate
 
     class Replay(Predictor):
         n_classes = 2
