@@ -256,7 +256,8 @@ def finetune(
     workers: Annotated[str, _TRAIN_OPTIONS["workers"]] = "1",
     gpu: Annotated[bool, _TRAIN_OPTIONS["gpu"]] = False,
     mode: Annotated[str, typer.Option("--mode", help="Input: fused, image or osm.")] = "fused",
-    classes: Annotated[str, typer.Option("--classes", help="binary (UV vs not) or landuse (all classes).")] = "binary",
+    classes: Annotated[str, typer.Option("--classes", help="builtup (UV, other built-up land, the rest: UV share is measured), "
+                                         "binary (UV vs not) or landuse (all classes).")] = "builtup",
     label_fraction: Annotated[float, typer.Option("--label-fraction", help="Share of training tiles with labels.")] = 1.0,
     init_from: Annotated[str | None, typer.Option("--init-from", help="Start from this model bundle (folder or s3:// URI, e.g. a pretrained model).")] = None,
     storage: Annotated[str | None, _TRAIN_OPTIONS["storage"]] = None,

@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from engine import storage
+from engine.schema import label_lookup
 
 if TYPE_CHECKING:
     import torch
@@ -86,7 +87,8 @@ def _reference(path: str, crs_text: str):
 def tile_labels(row: dict, reference: str, classes: tuple[str, ...], nodata_mask: np.ndarray | None = None) -> np.ndarray:
     """Reference polygons rasterised to the tile window: class index per pixel, ``IGNORE`` outside the raster/AOI.
 
-    Pixels no reference polygon covers (roads, unlabelled land) are class 0 (``other``).
+    Pixels no reference polygon covers (roads, unlabelled land) are class 0 (``other``). Reference classes map to
+    the set's through :func:`engine.schema.label_lookup` (formal residential is ``built_up`` in the ``builtup`` set).
     """
     import rasterio
     from rasterio.features import rasterize
@@ -97,7 +99,7 @@ def tile_labels(row: dict, reference: str, classes: tuple[str, ...], nodata_mask
         window = Window(row["window_col_off"], row["window_row_off"], row["window_width"], row["window_height"])
         transform = window_transform(window, src.transform)
     ref = _reference(reference, row["crs"])
-    lookup = {name: i for i, name in enumerate(classes)}
+    lookup = label_lookup(classes)  # land-use names -> the set's classes (built-up lumped for ``builtup``)
     shapes = [(geom, lookup[c]) for geom, c in zip(ref.geometry, ref["class"]) if c in lookup and lookup[c] > 0]
     shape = (row["window_height"], row["window_width"])
     labels = rasterize(shapes, out_shape=shape, transform=transform, fill=0, dtype="uint8") if shapes else np.zeros(shape, np.uint8)

@@ -41,12 +41,60 @@ BUILT_UP_CLASSES: tuple[str, ...] = (
     "institutional",
 )
 
+BUILT_UP_LABEL = "built_up"  # the map class of built-up land that is not a UV, in label sets that lump it (``builtup``)
+
 LABEL_SETS: dict[str, tuple[str, ...]] = {
     "binary": ("other", "urban_village"),
+    "builtup": ("other", "urban_village", BUILT_UP_LABEL),
     "landuse": ("other", "urban_village", "formal_residential", "commercial", "industrial", "institutional", "green", "water",
                 "farmland", "vacant"),
 }
 """The class sets a model predicts (``--classes``); index 0 is always ``other``."""
+
+
+def is_built_up(name: str) -> bool:
+    """Whether a map or land-use class counts as built-up land: the one definition (UV share = UV / built-up).
+
+    Built-up land is every class in :data:`BUILT_UP_CLASSES` (urban villages, formal residential, commercial,
+    industrial, institutional) and the lumped map class :data:`BUILT_UP_LABEL`; roads, green, water, farmland and
+    vacant land are not.
+
+    >>> [c for c in LABEL_SETS["builtup"] if is_built_up(c)]
+    ['urban_village', 'built_up']
+    """
+    return name in BUILT_UP_CLASSES or name == BUILT_UP_LABEL
+
+
+def built_up_definition(classes: tuple[str, ...] | list[str]) -> dict:
+    """What a run's classes say about built-up land, as written into ``run.json`` and the STAC collection.
+
+    ``known`` is False when the classes cannot tell built-up land from the rest (a binary UV model): then no UV
+    share can be measured from the map, and ``note`` says so and what to do.
+
+    >>> built_up_definition(("other", "urban_village"))["known"]
+    False
+    """
+    members = [c for c in classes if is_built_up(c)]
+    known = any(c != "urban_village" for c in members)
+    note = ("" if known else f"the model's classes {list(classes)} do not separate built-up land from the rest, so built-up area "
+            "and UV share are not measured from the map; map with a model trained with --classes builtup or landuse")
+    return {"classes": members, "definition": list(BUILT_UP_CLASSES) + [BUILT_UP_LABEL], "known": known, "note": note}
+
+
+def label_lookup(classes: tuple[str, ...]) -> dict[str, int]:
+    """Reference land-use class name -> index in ``classes`` (a model's label set), for rasterising labels.
+
+    A class of the set maps to itself; with the lumped :data:`BUILT_UP_LABEL`, every built-up land-use class other
+    than ``urban_village`` maps to it. Classes not in the result are ``other`` (index 0).
+
+    >>> label_lookup(LABEL_SETS["builtup"])["industrial"], label_lookup(LABEL_SETS["binary"]).get("industrial")
+    (2, None)
+    """
+    lookup = {name: i for i, name in enumerate(classes)}
+    if BUILT_UP_LABEL in lookup:
+        for name in BUILT_UP_CLASSES:
+            lookup.setdefault(name, lookup[BUILT_UP_LABEL])
+    return lookup
 
 # --- schemas -------------------------------------------------------------------------------------------------
 CATALOG_SCHEMA = pa.schema(
@@ -58,9 +106,20 @@ CATALOG_SCHEMA = pa.schema(
         pa.field("aoi", pa.string()),  # WKT polygon in EPSG:4326, or a path to a vector file
         pa.field("reference", pa.string()),
         pa.field("split", pa.string()),
+        pa.field("buildings", pa.string()),  # optional footprints (GeoParquet/GeoPackage/GeoJSON, any CRS); else OSM's
     ]
 )
 CATALOG_REQUIRED: tuple[str, ...] = ("city", "region", "imagery", "osm")
+
+BUILDINGS_SCHEMA = pa.schema(
+    [
+        pa.field("building_id", pa.int64(), nullable=False),  # 1..n in source order (parts of a multipolygon in turn)
+        pa.field("height_m", pa.float64()),  # metres above ground; null when the source does not say
+        pa.field("levels", pa.float64()),  # floors above ground; null when the source does not say
+        pa.field("geometry", pa.binary(), nullable=False),  # WKB Polygon, EPSG:4326
+    ]
+)
+"""A city's building footprints as ``engine.buildings`` reads them from a catalog file or from OSM."""
 
 OSM_FEATURES_SCHEMA = pa.schema(
     [

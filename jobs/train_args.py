@@ -25,6 +25,7 @@ def build_parser(task: str, description: str | None = None) -> argparse.Argument
     parser.add_argument("--max-failures", type=int, default=2, help="lost workers/nodes survived by resuming from the last checkpoint")
     parser.add_argument("--gpu", action="store_true")
     parser.add_argument("--mode", default="fused")
+    parser.add_argument("--classes", default="builtup", help="builtup (UV, other built-up, the rest), binary or landuse")
     parser.add_argument("--label-fraction", type=float, default=1.0)
     parser.add_argument("--image-dropout", type=float, default=0.0, help="fused fine-tuning: share of samples with the image blanked")
     parser.add_argument("--max-zoom", type=float, default=1.0, help="random zoom in/out by up to this factor (1 = off)")
@@ -40,7 +41,7 @@ def run(task: str, description: str) -> None:
     args = build_parser(task, description).parse_args()
     workspace = Workspace.at(args.workspace)
     cfg = TrainConfig(task=task, preset=args.preset, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                      num_workers=parse_workers(args.workers), use_gpu=args.gpu, mode=args.mode,
+                      num_workers=parse_workers(args.workers), use_gpu=args.gpu, mode=args.mode, classes=args.classes,
                       label_fraction=args.label_fraction, init_from=args.init_from, seed=args.seed, cpus_per_worker=args.cpus_per_worker,
                       checkpoint_every=args.checkpoint_every, max_failures=args.max_failures,
                       image_dropout=args.image_dropout, max_zoom=args.max_zoom, backbone_lr_scale=args.backbone_lr_scale,

@@ -22,7 +22,7 @@ def small_tiles(prepared_demo, tmp_path_factory):
 def test_two_worker_finetune_survives_a_failure_and_resumes(small_tiles, tmp_path, monkeypatch):
     ws, catalog = small_tiles
     monkeypatch.setenv(faults.FAIL_AT_STEP, "3")  # rank 0 raises once at step 3 (the test hook; undone after the test)
-    cfg = TrainConfig(task="finetune", preset="test", epochs=2, batch_size=8, checkpoint_every=2, num_workers=2,
+    cfg = TrainConfig(task="finetune", preset="test", classes="binary", epochs=2, batch_size=8, checkpoint_every=2, num_workers=2,
                       cpus_per_worker=0.5, max_failures=1, warmup_steps=2)
     out = run_training(catalog, ws, cfg, name="ft-resume", storage=str(tmp_path / "runs"))
     assert (tmp_path / "runs" / ".ft-resume.failed-once").exists(), "the injected failure happened"

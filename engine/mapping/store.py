@@ -23,7 +23,7 @@ import os
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import duckdb
@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 from engine import storage
 from engine.atomic import atomic_path
-from engine.schema import PREDICTIONS_SCHEMA
+from engine.schema import PREDICTIONS_SCHEMA, built_up_definition
 from engine.workspace import RunFolder, Workspace
 
 
@@ -58,15 +58,22 @@ class RunManifest:
     tile_size_px: int
     overlap_px: int
     datetime: str = ""  # when the run started (ISO 8601, UTC); kept on resume, so reruns give the same products
+    built_up: dict = field(default_factory=dict, compare=False)  # engine.schema.built_up_definition of the classes
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "classes", tuple(self.classes))
+        if not self.built_up:  # derived, never chosen: which of the run's classes are built-up land, and if that is known
+            object.__setattr__(self, "built_up", built_up_definition(self.classes))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> RunManifest:
+        """A run's manifest; one written before a field existed reads with that field's default (or derived value)."""
         d = json.loads(text)
-        d["classes"] = tuple(d["classes"])
-        return cls(**d)
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 def write_manifest(run_path: Path, manifest: RunManifest) -> RunManifest:

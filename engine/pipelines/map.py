@@ -286,6 +286,9 @@ def run_map(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: MapConfig
         manifest, predictor, kwargs = _reference_predictor(cfg, tile_size, {c: rows[c]["reference"] for c in ok_cities})
     else:
         manifest, predictor, kwargs = _model_predictor(cfg, tile_size, model_dir, bundle)
+    if not manifest.built_up["known"]:  # an old binary bundle still maps; the products say why built-up is missing
+        warnings.append(manifest.built_up["note"])
+        say(f"warning: {manifest.built_up['note']}")
     say(f"inference: model {manifest.model_version} ({manifest.mode}) on {len(ok_cities)} cities")
     t0 = time.perf_counter()
     stitcher = StreamingStitch(workspace, cfg.run, catalog, StitchConfig(min_area_m2=cfg.min_area_m2), manifest=manifest)
@@ -346,7 +349,7 @@ def _reference_predictor(cfg: MapConfig, tile_size: int, references: dict[str, s
 
     digests = {city: file_digest(path) for city, path in sorted(references.items())}
     version = f"{REFERENCE_MODEL}-{hashlib.blake2b(json.dumps(digests).encode(), digest_size=6).hexdigest()}"
-    classes = LABEL_SETS["binary"]
+    classes = LABEL_SETS["builtup"]  # the reference's land use, built-up lumped: a perfect map of UV share too
     manifest = RunManifest(run=cfg.run, model_dir=REFERENCE_MODEL, model_version=version, classes=classes, mode=REFERENCE_MODEL,
                            tile_size_px=tile_size, overlap_px=cfg.overlap_px)
     return manifest, OraclePredictor, {"references": references, "classes": classes, "fail_tiles": tuple(cfg.fail_tiles)}
@@ -354,7 +357,8 @@ def _reference_predictor(cfg: MapConfig, tile_size: int, references: dict[str, s
 
 def default_model(workspace: str | os.PathLike[str], catalog: pa.Table, epochs: int = 3, use_gpu: bool = False,
                   say: Callable[[str], None] | None = None) -> str:
-    """``models/default``: reused when present, else fine-tuned now (``tiny``, fused, binary UV) on the train split."""
+    """``models/default``: reused when present, else fine-tuned now (``tiny``, fused, classes ``builtup``: UV, other
+    built-up, the rest, so UV share of built-up land is measured) on the train split."""
     from engine.pipelines.train import TrainConfig, run_training
 
     ws = Workspace.at(workspace)
@@ -364,5 +368,6 @@ def default_model(workspace: str | os.PathLike[str], catalog: pa.Table, epochs: 
     if say:
         say(f"no model given: training the default quick model (tiny, fused, {epochs} epochs) into {out}; "
             "pass --model DIR to map with your own (e.g. one from `geolink-engine finetune`)")
-    cfg = TrainConfig(task="finetune", preset="tiny", epochs=epochs, batch_size=8, num_workers=1, cpus_per_worker=1.0, use_gpu=use_gpu)
+    cfg = TrainConfig(task="finetune", preset="tiny", classes="builtup", epochs=epochs, batch_size=8, num_workers=1, cpus_per_worker=1.0,
+                      use_gpu=use_gpu)
     return str(run_training(catalog, workspace, cfg, name=DEFAULT_MODEL))

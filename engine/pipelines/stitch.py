@@ -221,9 +221,7 @@ def stitch_products(workspace: Workspace | str | os.PathLike[str], run: str, cat
             stage, error = "inference", s.error
         else:
             stage, error = "", ""
-        share = None
-        if s is not None and s.built_up_area_m2 and s.built_up_area_m2 == s.built_up_area_m2:  # not NaN, not 0
-            share = s.uv_area_m2 / s.built_up_area_m2
+        share = s.uv_share if s is not None and s.uv_share == s.uv_share else None  # NaN: not measured
         status = "failed" if error else "ok"
         if s is not None and not error and s.tiles_failed:  # some (or all) tiles are missing: say so, with a cause
             status = "partial" if s.tiles_ok else "failed"

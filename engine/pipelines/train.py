@@ -72,7 +72,7 @@ class TrainConfig:
     cpus_per_worker: float = 1.0
     use_gpu: bool = False
     mode: str = "fused"
-    classes: str = "binary"
+    classes: str = "builtup"
     label_fraction: float = 1.0
     uv_weight: float = 3.0
     augment: bool = True

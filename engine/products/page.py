@@ -173,9 +173,14 @@ def render_overview(products_dir: Path, stats: list[dict], rows: dict[str, dict]
         sc = ax.scatter([p[1] for p in ok], [p[2] for p in ok], c=[p[3] for p in ok], cmap="viridis", s=60, edgecolors="k",
                         vmin=0.0, vmax=max(0.01, max(p[3] for p in ok)))
         fig.colorbar(sc, ax=ax, label="UV share of built-up area")
-    other = [p for p in points if p not in ok]
-    if other:
-        ax.scatter([p[1] for p in other], [p[2] for p in other], marker="x", color="red", s=60, label="failed / no share")
+    failed = [p for p in points if p[4]]
+    no_share = [p for p in points if p not in ok and not p[4]]  # mapped, but the model cannot tell built-up land
+    if failed:
+        ax.scatter([p[1] for p in failed], [p[2] for p in failed], marker="x", color="red", s=60, label="failed")
+    if no_share:
+        ax.scatter([p[1] for p in no_share], [p[2] for p in no_share], marker="o", facecolors="none", edgecolors="grey", s=60,
+                   label="mapped; UV share not measured (run.json built_up)")
+    if failed or no_share:
         ax.legend(loc="lower right", fontsize=8)
     if len(points) <= 60:
         for city, x, y, *_ in points:

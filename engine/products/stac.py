@@ -121,8 +121,8 @@ def write_stac(products_dir: str | os.PathLike[str], run_title: str | None = Non
         extent=pystac.Extent(pystac.SpatialExtent([[min(west), min(south), max(east), max(north)]]),
                              pystac.TemporalExtent([[start, end]])),
         license="other",
-        extra_fields={f"geolink:{k}": run[k] for k in ("run", "model_version", "mode", "classes", "tile_size_px", "overlap_px")
-                      if k in run},
+        extra_fields={f"geolink:{k}": run[k] for k in ("run", "model_version", "mode", "classes", "tile_size_px", "overlap_px",
+                                                      "built_up") if k in run},
     )
     for key, name, roles, title in (
         ("urban_villages_parquet", UV_PARQUET, ["data"], "UV polygons (GeoParquet 1.1, EPSG:4326)"),

@@ -30,7 +30,7 @@ from engine.mapping.store import (
     read_city_predictions,
 )
 from engine.product_layout import city_folder
-from engine.schema import BUILT_UP_CLASSES, URBAN_VILLAGES_SCHEMA
+from engine.schema import URBAN_VILLAGES_SCHEMA, built_up_definition, is_built_up
 from engine.stitch.blend import RAMPS, Tile, blend_strips
 from engine.stitch.inputs import CityInputs, load_city_inputs
 from engine.stitch.merge import EQUAL_AREA_CRS, merge_pieces
@@ -122,16 +122,19 @@ class CityStitch:
     polygons: int = 0
     uv_area_m2: float = math.nan
     built_up_area_m2: float = math.nan
+    uv_mapped_m2: float = math.nan  # UV-class pixels of class.tif (the numerator of uv_share: the same map as built-up)
     tiles_ok: int = 0
     tiles_failed: int = 0
     seconds: float = 0.0
 
     @property
     def uv_share(self) -> float:
-        """UV area over built-up area (NaN when the built-up area is unknown or zero)."""
+        """UV land over built-up land, both counted on ``class.tif`` (pixel areas, equal-area): one map, one rule,
+        so slivers dropped from the polygons and outline simplification do not bias the ratio. NaN when the built-up
+        area is unknown (a binary model) or zero."""
         if not self.built_up_area_m2 > 0:
             return math.nan
-        return self.uv_area_m2 / self.built_up_area_m2
+        return self.uv_mapped_m2 / self.built_up_area_m2
 
     def stats_row(self) -> dict:
         return {"city": self.city, "region": self.region, "uv_area_m2": self.uv_area_m2, "built_up_area_m2": self.built_up_area_m2,
@@ -159,10 +162,10 @@ def stitch_city(workspace: Path, run_path: Path, manifest: RunManifest, row: dic
                               seconds=time.perf_counter() - t0), None
         with storage.raster_env():  # one per stitch thread: GDAL reads the credentials, no boto3 session per open
             inputs = load_city_inputs(workspace, city, committed, manifest)
-            table, built_up_m2 = _stitch(inputs, run_path, manifest, city_dir, cfg, con)
+            table, built_up_m2, uv_mapped_m2 = _stitch(inputs, run_path, manifest, city_dir, cfg, con)
         table = _finish_table(table, city, region, manifest.model_version)
         uv_area = float(pc.sum(table["area_m2"]).as_py() or 0.0)
-        return CityStitch(**base, status="done", polygons=table.num_rows, uv_area_m2=uv_area, built_up_area_m2=built_up_m2,
+        return CityStitch(**base, status="done", polygons=table.num_rows, uv_area_m2=uv_area, built_up_area_m2=built_up_m2, uv_mapped_m2=uv_mapped_m2,
                           tiles_ok=inputs.tiles.num_rows, seconds=time.perf_counter() - t0), table
     except Exception as exc:  # noqa: BLE001 (one city never stops the others: record the error and go on)
         if is_valid_name(city):
@@ -172,16 +175,16 @@ def stitch_city(workspace: Path, run_path: Path, manifest: RunManifest, row: dic
 
 
 def _stitch(inputs: CityInputs, run_path: Path, manifest: RunManifest, city_dir: Path, cfg: StitchConfig,
-            con: duckdb.DuckDBPyConnection) -> tuple[pa.Table, float]:
+            con: duckdb.DuckDBPyConnection) -> tuple[pa.Table, float, float]:
     classes = manifest.classes
     uv = classes.index(UV_CLASS)
-    built_up_ids = [i for i, name in enumerate(classes) if name in BUILT_UP_CLASSES]
-    knows_built_up = any(name in BUILT_UP_CLASSES and name != UV_CLASS for name in classes)
+    built_up_ids = [i for i, name in enumerate(classes) if is_built_up(name)]
+    knows_built_up = built_up_definition(classes)["known"]
     raster, shape = inputs.raster, inputs.shape
     block_rows = cfg.rows_per_strip(raster.width_px, shape.stride_px, len(classes))
     row_area = _row_area_m2(raster)
     pieces = Pieces()
-    built_up_m2 = 0.0
+    built_up_m2 = uv_mapped_m2 = 0.0
     with CityRasters(city_dir, raster, classes, UV_CLASS) as out, rasterio.open(inputs.imagery) as src:
         for strip in blend_strips(_tiles(inputs, run_path, cfg.batch_tiles, con), shape, len(classes), block_rows, cfg.ramp):
             valid = strip.covered
@@ -192,13 +195,14 @@ def _stitch(inputs: CityInputs, run_path: Path, manifest: RunManifest, city_dir:
             out.write(strip.row_off, quantise_prob(p_uv, valid), np.where(valid, cls, np.uint8(NODATA)))
             pieces.add_strip(strip.row_off, valid & (cls == uv), p_uv)
             if knows_built_up:
-                per_row = (valid & np.isin(cls, built_up_ids)).sum(axis=1)
-                built_up_m2 += float(per_row @ row_area[strip.row_off:strip.row_off + strip.height])
+                areas = row_area[strip.row_off:strip.row_off + strip.height]
+                built_up_m2 += float((valid & np.isin(cls, built_up_ids)).sum(axis=1) @ areas)
+                uv_mapped_m2 += float((valid & (cls == uv)).sum(axis=1) @ areas)
         out.finish()
     merged = merge_pieces(con, pieces.table(), pieces.pair_array(), inputs.cores, raster.transform, raster.crs,
                           cfg.simplify_px if cfg.simplify else 0.0)
     merged = merged.filter(pc.greater_equal(merged["area_m2"], cfg.min_area_m2))
-    return merged, (built_up_m2 if knows_built_up else math.nan)
+    return merged, (built_up_m2 if knows_built_up else math.nan), (uv_mapped_m2 if knows_built_up else math.nan)
 
 
 def _tiles(inputs: CityInputs, run_path: Path, batch_tiles: int, con: duckdb.DuckDBPyConnection) -> Iterator[Tile]:
