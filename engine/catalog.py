@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
@@ -102,7 +103,7 @@ def load_catalog(path: str | os.PathLike[str]) -> pa.Table:
         for name in CATALOG_SCHEMA.names:
             value = r.get(name)
             value = None if value is None or (isinstance(value, str) and not value.strip()) else str(value).strip()
-            is_path = name in ("imagery", "osm", "reference") or (name == "aoi" and value is not None and not _looks_like_wkt(value))
+            is_path = name in ("imagery", "osm", "reference", "buildings") or (name == "aoi" and value is not None and not _looks_like_wkt(value))
             if value is not None and is_path:
                 value = resolve_path(value, base)
             out[name].append(value)
@@ -192,8 +193,8 @@ def validate_catalog(catalog: pa.Table, facts: dict | None = None) -> list[Catal
 
     Checks: slug and uniqueness, region, split; imagery readable with a CRS, 3+ bands, north-up, its first and last
     blocks and smallest overview readable (a truncated file), 8-bit (a warning: prepare and map refuse other pixel
-    types); OSM readable, non-empty, with a CRS; imagery and OSM overlap; optional AOI (WKT or file) and reference
-    (with ``class``). ``facts``: when given, filled with each readable raster's
+    types); OSM readable, non-empty, with a CRS; imagery and OSM overlap; optional AOI (WKT or file), reference
+    (with ``class``) and buildings (readable, polygons, a CRS (any), overlapping the imagery). ``facts``: when given, filled with each readable raster's
     :class:`engine.imagery.ImageryFacts` by city (CRS, size, bands, pixel type, ground GSD in metres).
     """
     problems: list[CatalogProblem] = []
@@ -223,6 +224,12 @@ def validate_catalog(catalog: pa.Table, facts: dict | None = None) -> list[Catal
                 report("aoi", "does not overlap the imagery")
         if row.get("reference"):
             _check_vector(row["reference"], "reference", report, need_rows=True, need_column="class")
+        if row.get("buildings"):
+            buildings_bounds = _check_buildings(row["buildings"], report)
+            if image_bounds is not None and buildings_bounds is not None \
+                    and not shapely.box(*image_bounds).intersects(shapely.box(*buildings_bounds)):
+                report("buildings", f"{row['buildings']} does not overlap the imagery (imagery {_fmt(image_bounds)}, "
+                                    f"buildings {_fmt(buildings_bounds)} in EPSG:4326)")
     return problems
 
 
@@ -322,6 +329,69 @@ def _check_vector(path: str | None, field: str, report, need_rows: bool, need_co
             from pyproj import Transformer
 
             bounds = Transformer.from_crs(crs, CRS.from_epsg(4326), always_xy=True).transform_bounds(*bounds)
+    return tuple(bounds) if bounds else None
+
+
+def _check_buildings(path: str, report) -> tuple[float, float, float, float] | None:
+    """Metadata-only check of a buildings file (engine.buildings reads it): readable, features, polygons, a CRS
+    (any: it is reprojected), numeric height/levels columns; returns its bounds in EPSG:4326 when known."""
+    from engine.buildings import HEIGHT_COLUMNS, LEVELS_COLUMNS, OGR_SUFFIXES, PARQUET_SUFFIXES
+
+    p = Path(path)
+    if "://" not in path and not p.is_file():
+        report("buildings", f"file not found: {path}")
+        return None
+    name = p.name.lower()
+    try:
+        if storage.is_remote(path):
+            path = str(storage.local_path(path))
+        if name.endswith(PARQUET_SUFFIXES):
+            schema = pq.read_schema(path)
+            if b"geo" not in (schema.metadata or {}):
+                report("buildings", f"{path} is Parquet without GeoParquet 'geo' metadata (so no CRS); write it with geopandas.to_parquet")
+                return None
+            geo = json.loads(schema.metadata[b"geo"])
+            column = geo["columns"][geo["primary_column"]]
+            crs = read_geoparquet_crs(path)
+            bounds = column.get("bbox")
+            types = [str(t) for t in column.get("geometry_types") or []]
+            rows = pq.read_metadata(path).num_rows
+            kinds = {n: ("numeric" if pa.types.is_integer(schema.field(n).type) or pa.types.is_floating(schema.field(n).type) else str(schema.field(n).type))
+                     for n in schema.names}
+        elif name.endswith(OGR_SUFFIXES):
+            import pyogrio
+
+            info = pyogrio.read_info(path, force_total_bounds=True)
+            crs = CRS.from_user_input(info["crs"]) if info.get("crs") else (CRS.from_epsg(4326) if name.endswith((".geojson", ".json")) else None)
+            bounds = [float(b) for b in info["total_bounds"]] if info.get("total_bounds") is not None else None
+            types = [str(info.get("geometry_type") or "")]
+            rows = int(info["features"])
+            kinds = {n: ("numeric" if str(t).startswith(("int", "float")) else str(t)) for n, t in zip(info["fields"], info["dtypes"])}
+        else:
+            report("buildings", f"{path}: unknown format; use GeoParquet, GeoPackage or GeoJSON")
+            return None
+    except Exception as exc:  # any reader failure is a problem of this row, never a crash of the whole check
+        report("buildings", f"{path} cannot be read: {type(exc).__name__}: {exc}")
+        return None
+    if rows == 0:
+        report("buildings", f"{path} has no features: the city has no buildings", severity="warning")
+        return None
+    if types and not any("polygon" in t.lower() or t.lower() in ("unknown", "geometry", "") for t in types):
+        report("buildings", f"{path} holds {', '.join(types)} geometries; buildings must be footprint polygons")
+        return None
+    for col in (next((c for c in names if c in kinds), None) for names in (HEIGHT_COLUMNS, LEVELS_COLUMNS)):
+        if col is not None and kinds[col] != "numeric":
+            report("buildings", f"{path}: column '{col}' is {kinds[col]}, not numbers; values that are not numbers are refused when read",
+                   severity="warning")
+    if crs is None:
+        report("buildings", f"{path} has no CRS; write it with its CRS (any CRS is fine: buildings are reprojected)")
+        return None
+    if bounds and not np.all(np.isfinite(bounds)):
+        bounds = None
+    if bounds and not crs.equals(CRS.from_epsg(4326), ignore_axis_order=True):
+        from pyproj import Transformer
+
+        bounds = Transformer.from_crs(crs, CRS.from_epsg(4326), always_xy=True).transform_bounds(*bounds, densify_pts=21)
     return tuple(bounds) if bounds else None
 
 

@@ -18,6 +18,10 @@ RUN_JSON = "run.json"
 UV_PARQUET = "urban_villages.parquet"
 UV_GPKG = "urban_villages.gpkg"
 CITY_STATS = "city_stats.csv"
+MORPHOLOGY_CSV = "morphology.csv"  # building morphology per city, region and nation, for UVs, formal residential, built-up
+MORPHOLOGY_PNG = "morphology.png"
+REGIONS_CSV = "regions.csv"  # UV area and share per region and nationally: map values beside design-based estimates
+REGIONS_PNG = "regions.png"
 INDEX_HTML = "index.html"
 OVERVIEW_PNG = "overview.png"
 STAC_DIR = "stac"
@@ -28,7 +32,7 @@ COGS = {"uv_prob": "uv_prob.tif", "class": "class.tif"}
 PROB_SCALE = 250  # uv_prob.tif stores round(p * 250); 255 is nodata
 PROB_NODATA = 255
 
-STATS_INT = ("polygons", "tiles_ok", "tiles_failed")
+STATS_INT = ("polygons", "tiles_ok", "tiles_failed", "buildings")
 STATS_FLOAT = ("uv_area_m2", "built_up_area_m2", "uv_share")
 
 

@@ -283,6 +283,26 @@ PREDICTIONS_SCHEMA = pa.schema(
 
 
 # --- products (products/<run>/, files named in engine.product_layout) ------------------------------------------
+# name -> (unit, definition): the per-zone columns (and the metric columns of morphology.csv), in order
+MORPHOLOGY_COLUMNS: dict[str, tuple[str, str]] = {
+    "n_buildings": ("count", ("buildings whose representative point (point_on_surface) lies in the zone; each "
+                              "building counted in one zone only")),
+    "density_per_ha": ("buildings/ha", "n_buildings / zone area in hectares"),
+    "coverage_ratio": ("m2/m2", "footprint area inside the zone (footprints clipped to the zone) / zone area"),
+    "footprint_mean_m2": ("m2", "mean whole-footprint area of the counted buildings; NaN without buildings"),
+    "footprint_median_m2": ("m2", ("median whole-footprint area of the counted buildings (per region: from a log "
+                                   "histogram, within 0.25 %); NaN without buildings")),
+    "height_mean_m": ("m", "mean height of the counted buildings with a known height; NaN where none"),
+    "levels_mean": ("storeys", "mean levels of the counted buildings with known levels; NaN where none"),
+    "far": ("m2/m2", ("floor-area ratio: sum(clipped footprint x levels) / zone area; levels, else height / 3.0 m; "
+                      "buildings with neither take the area-weighted mean of those with; NaN where none has either")),
+    "nn_spacing_m": ("m", ("mean over the counted buildings of the edge-to-edge distance to the nearest other "
+                           "building counted in the same zone; NaN with fewer than 2 buildings")),
+}
+_TYPES = {"n_buildings": pa.int32()}
+MORPHOLOGY_SCHEMA = pa.schema([pa.field(name, _TYPES.get(name, pa.float64()), nullable=False)
+                               for name in MORPHOLOGY_COLUMNS])
+
 URBAN_VILLAGES_SCHEMA = pa.schema([
     pa.field("uv_id", pa.string(), nullable=False),  # <city>-<n>, n from 1 in raster-scan order of the village's first pixel
     pa.field("city", pa.string(), nullable=False),
@@ -291,6 +311,8 @@ URBAN_VILLAGES_SCHEMA = pa.schema([
     pa.field("mean_prob", pa.float64(), nullable=False),  # mean blended p(urban_village) over the village's pixels
     pa.field("n_tiles", pa.int32(), nullable=False),  # tiles whose core's interior meets the village
     pa.field("model_version", pa.string(), nullable=False),
+    *MORPHOLOGY_SCHEMA,  # building morphology of the village (engine.morphology; NaN / 0 where no buildings are known)
     pa.field("geometry", pa.binary(), nullable=False),  # WKB, EPSG:4326 (lon, lat)
 ])
-CITY_STATS_COLUMNS = ("city", "region", "uv_area_m2", "built_up_area_m2", "uv_share", "polygons", "tiles_ok", "tiles_failed", "status")
+CITY_STATS_COLUMNS = ("city", "region", "uv_area_m2", "built_up_area_m2", "uv_share", "buildings_source", "buildings", "buildings_note",
+                      "polygons", "tiles_ok", "tiles_failed", "status")

@@ -157,3 +157,51 @@ def test_real_pbf_rows_with_imagery_in_a_national_crs(tmp_path):
     assert [(p.row, p.field) for p in problems] == [(2, "osm"), (3, "osm")], problems
     assert "does not overlap" in problems[0].message
     assert "cannot be read" in problems[1].message and "broken.osm.pbf" in problems[1].message
+
+
+def test_buildings_column_is_optional_resolved_and_validated(demo_workspace, tmp_path):
+    """Issue 18: `buildings` (any CRS) is checked like the other inputs: found, readable, polygons, a CRS, overlapping
+    the imagery; a text height column is a warning (non-numeric values are refused when read)."""
+    import warnings
+
+    import geopandas as gpd
+    import shapely
+    from rasterio.warp import transform_bounds
+
+    rows = _good_rows(demo_workspace)
+    assert all(r["buildings"] and r["buildings"].endswith("buildings.parquet") for r in rows)  # resolved to absolute
+    a = rows[0]
+    with rasterio.open(a["imagery"]) as src:
+        west, south, east, north = transform_bounds(src.crs, "EPSG:4326", *src.bounds)
+    cx, cy = (west + east) / 2, (south + north) / 2
+    boxes = [shapely.box(cx + i * 1e-4, cy, cx + i * 1e-4 + 5e-5, cy + 5e-5) for i in range(3)]
+    files = {}
+    files["utm"] = tmp_path / "utm.gpkg"
+    gpd.GeoDataFrame({"height_m": [3.0, 6.0, 9.0]}, geometry=boxes, crs=4326).to_crs(32650).to_file(files["utm"])
+    files["no-crs"] = tmp_path / "no_crs.gpkg"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        gpd.GeoDataFrame({"height_m": [3.0, 6.0, 9.0]}, geometry=boxes).to_file(files["no-crs"])
+    files["far"] = tmp_path / "far.parquet"
+    gpd.GeoDataFrame(geometry=[shapely.affinity.translate(b, -180, -60) for b in boxes], crs=4326).to_parquet(files["far"])
+    files["points"] = tmp_path / "points.geojson"
+    gpd.GeoDataFrame(geometry=[b.centroid for b in boxes], crs=4326).to_file(files["points"])
+    files["text"] = tmp_path / "text.geojson"
+    gpd.GeoDataFrame({"height_m": ["3", "tall", "9"]}, geometry=boxes, crs=4326).to_file(files["text"])
+    files["missing"] = tmp_path / "nope.gpkg"
+    catalog = tmp_path / "catalog.yaml"
+    listed = [dict(city=c.replace("-", ""), region="east", imagery=a["imagery"], osm=a["osm"], buildings=str(p)) for c, p in files.items()]
+    listed.append(dict(city="relative", region="east", imagery=a["imagery"], osm=a["osm"], buildings="utm.gpkg"))
+    catalog.write_text(yaml.safe_dump({"cities": listed}))
+    table = load_catalog(catalog)
+    assert table.column("buildings")[6].as_py() == str(tmp_path / "utm.gpkg")
+    problems = validate_catalog(table)
+    found = {(p.row, p.severity) for p in problems if p.field == "buildings"}
+    assert found == {(2, "error"), (3, "error"), (4, "error"), (5, "warning"), (6, "error")}, problems
+    assert not [p for p in problems if p.field != "buildings"]
+    by_row = {p.row: p.message for p in problems}
+    assert "no CRS" in by_row[2] and "no_crs.gpkg" in by_row[2]
+    assert "does not overlap the imagery" in by_row[3] and "far.parquet" in by_row[3]
+    assert "Point" in by_row[4] and "polygons" in by_row[4]
+    assert "'height_m'" in by_row[5]
+    assert "file not found" in by_row[6]

@@ -69,3 +69,56 @@ def test_a_binary_model_says_why_it_has_no_share():
     old = RunManifest.from_json(json.dumps({"run": "r", "model_dir": "m", "model_version": "m-1", "classes": ["other", "urban_village"],
                                             "mode": "fused", "tile_size_px": 224, "overlap_px": 32, "datetime": ""}))
     assert old.built_up == binary
+
+
+def test_villages_carry_building_morphology_and_cities_their_building_source(reference_run):
+    import pyarrow.parquet as pq
+
+    from engine.schema import MORPHOLOGY_COLUMNS
+
+    ws, catalog, _ = reference_run
+    products = ws / "products" / "ref"
+    villages = pq.read_table(products / "urban_villages.parquet")
+    assert set(MORPHOLOGY_COLUMNS) <= set(villages.column_names) and villages.num_rows > 0
+    density = villages["density_per_ha"].to_numpy()
+    assert (villages["n_buildings"].to_numpy() > 0).any() and np.nanmax(density) > 10
+    stats = {r["city"]: r for r in csv.DictReader((products / "city_stats.csv").open())}
+    for row in catalog.to_pylist():
+        assert stats[row["city"]]["buildings_source"] == ("catalog" if row.get("buildings") else "osm"), stats[row["city"]]
+        assert int(stats[row["city"]]["buildings"]) > 0 and not stats[row["city"]]["buildings_note"]
+
+
+def test_morphology_contrasts_villages_with_formal_housing(reference_run):
+    ws, _, _ = reference_run
+    rows = list(csv.DictReader((ws / "products" / "ref" / "morphology.csv").open()))
+    national = {r["group"]: r for r in rows if r["level"] == "national"}
+    assert {"uv", "built_up", "formal_residential"} <= set(national)
+    uv, formal = national["uv"], national["formal_residential"]
+    assert float(uv["density_per_ha"]) > 3 * float(formal["density_per_ha"])  # dense ...
+    assert float(uv["height_mean_m"]) < float(formal["height_mean_m"])  # ... and low-rise, as the generator built them
+    assert (ws / "products" / "ref" / "morphology.png").is_file()
+
+
+def test_regions_table_recovers_the_generators_regional_ordering(reference_run):
+    ws, catalog, _ = reference_run
+    products = ws / "products" / "ref"
+    rows = list(csv.DictReader((products / "regions.csv").open()))
+    assert [r["level"] for r in rows][-1] == "national" and (products / "regions.png").is_file()
+    mapped = {r["region"]: float(r["uv_share"]) for r in rows if r["level"] == "region"}
+    truth: dict[str, list[int]] = {}
+    for row in catalog.to_pylist():
+        with rasterio.open(Path(row["imagery"]).with_name("truth.tif")) as src:
+            t = src.read(1)
+        counts = truth.setdefault(row["region"], [0, 0])
+        counts[0] += np.count_nonzero(t == CLASS_ID["urban_village"])
+        counts[1] += np.count_nonzero(np.isin(t, [CLASS_ID[c] for c in BUILT_UP_CLASSES]))
+    truth_share = {region: uv / built for region, (uv, built) in truth.items()}
+    assert sorted(mapped, key=mapped.get) == sorted(truth_share, key=truth_share.get)
+    for region, share in mapped.items():
+        assert share == pytest.approx(truth_share[region], rel=0.01)
+    national = rows[-1]
+    assert national["uv_area_m2_estimate"] and float(national["uv_area_m2_ci95_low"]) < float(national["uv_area_m2_ci95_high"])
+    collection = json.loads((products / "stac" / "collection.json").read_text())
+    assert {"regions", "morphology", "regions_chart", "morphology_chart"} <= set(collection["assets"])
+    page = (products / "index.html").read_text()
+    assert "regions.png" in page and "morphology.png" in page

@@ -201,11 +201,14 @@ def test_products_are_valid_and_readable(stitched):
     out = ws / "products" / "oracle"
     gdf = gpd.read_parquet(out / "urban_villages.parquet")
     assert gdf.crs.to_epsg() == 4326
-    assert list(gdf.columns) == ["uv_id", "city", "region", "area_m2", "mean_prob", "n_tiles", "model_version", "geometry"]
+    assert list(gdf.columns) == ["uv_id", "city", "region", "area_m2", "mean_prob", "n_tiles", "model_version", "n_buildings",
+                                 "density_per_ha", "coverage_ratio", "footprint_mean_m2", "footprint_median_m2", "height_mean_m",
+                                 "levels_mean", "far", "nn_spacing_m", "geometry"]
     info = pyogrio.read_info(out / "urban_villages.gpkg", layer="urban_villages")
     assert info["features"] == len(gdf) and CRS.from_user_input(info["crs"]).to_epsg() == 4326
     stats = (out / "city_stats.csv").read_text().splitlines()
-    assert stats[0] == "city,region,uv_area_m2,built_up_area_m2,uv_share,polygons,tiles_ok,tiles_failed,status"
+    assert stats[0] == ("city,region,uv_area_m2,built_up_area_m2,uv_share,buildings_source,buildings,buildings_note,polygons,tiles_ok,"
+                        "tiles_failed,status")
     assert stats[1].startswith("seams,east,") and stats[1].endswith(",2,64,0,done")
     assert (out / "run.json").read_text() == (run_dir(ws, "oracle") / "run.json").read_text()
     with rasterio.open(row["imagery"]) as img:

@@ -13,10 +13,13 @@ from engine.workspace import Workspace
 
 
 def publish_products(products: Path, catalog: pa.Table) -> None:
-    """The preview page, then the STAC collection (which lists the page and its pictures), validated offline."""
+    """The regional table, the preview page, then the STAC collection (which lists the page, its pictures and the
+    tables), validated offline."""
     from engine.products.page import write_page
+    from engine.products.regions import write_regions
     from engine.products.stac import validate_stac, write_stac
 
+    write_regions(products)  # first: the page and the STAC list it
     write_page(products, catalog.to_pylist(), link_stac=True)
     write_stac(products)
     validate_stac(products)

@@ -31,7 +31,8 @@ from engine.stitch.city import (
     _describe,
     stitch_city,
 )
-from engine.stitch.products import copy_manifest, write_city_stats, write_urban_villages
+from engine.morphology import MorphologyRollup
+from engine.stitch.products import copy_manifest, write_city_stats, write_morphology, write_urban_villages
 from engine.workspace import Workspace, is_valid_name
 
 
@@ -131,6 +132,11 @@ class StreamingStitch:
             self.close(cancel=False)
         write_urban_villages(tables, self.out_dir, read_manifest(self.run_path).datetime or self.manifest.datetime)
         write_city_stats([r.stats_row() for r in results], self.out_dir)
+        rollup = MorphologyRollup()
+        for r in results:  # catalog order; the rows come back sorted, so the file does not depend on it
+            if r.morphology:
+                rollup.add_city(r.city, r.region, r.morphology)
+        write_morphology(rollup.rows(), self.out_dir)
         copy_manifest(self.run_path, self.out_dir)
         return results
 

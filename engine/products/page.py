@@ -26,10 +26,14 @@ from engine.product_layout import (
     CITY_STATS,
     COGS,
     INDEX_HTML,
+    MORPHOLOGY_CSV,
+    MORPHOLOGY_PNG,
     OVERVIEW_PNG,
     PREVIEW_PNG,
     PROB_NODATA,
     PROB_SCALE,
+    REGIONS_CSV,
+    REGIONS_PNG,
     STAC_DIR,
     UV_GPKG,
     UV_PARQUET,
@@ -263,7 +267,7 @@ def _page_html(products_dir: Path, run: dict, stats: list[dict], cities: list[st
          f"{e(str(run.get('overlap_px', '?')))} px overlap, classes {e(', '.join(run.get('classes', [])))}. "
          f"{len(cities)} cities, {len(failed)} failed{': ' + e(', '.join(failed)) if failed else ''}.</p>"),
     ]
-    links = [(name, name) for name in (UV_PARQUET, UV_GPKG, CITY_STATS) if (products_dir / name).is_file()]
+    links = [(name, name) for name in (UV_PARQUET, UV_GPKG, CITY_STATS, REGIONS_CSV, MORPHOLOGY_CSV) if (products_dir / name).is_file()]
     if link_stac:
         links.append((f"{STAC_DIR}/collection.json", "STAC collection"))
     accuracy = products_dir / ACCURACY_DIR
@@ -273,6 +277,14 @@ def _page_html(products_dir: Path, run: dict, stats: list[dict], cities: list[st
     out.append("<p>Files: " + " | ".join(f'<a href="{e(href)}">{e(label)}</a>' for href, label in links) + "</p>")
     if overview is not None:
         out.append(f'<img src="{e(overview.name)}" alt="UV share by city">')
+    if (products_dir / REGIONS_PNG).is_file():  # GeoLink-UV's headline: prevalence by region, with its intervals
+        out.append(f'<h2>Regions</h2><p>UV share of built-up land per region: the map\'s value and the design-based '
+                   f'estimate with its 95% confidence interval (<a href="{REGIONS_CSV}">{REGIONS_CSV}</a>).</p>'
+                   f'<img src="{REGIONS_PNG}" alt="UV share of built-up land by region">')
+    if (products_dir / MORPHOLOGY_PNG).is_file():
+        out.append(f'<h2>Building morphology</h2><p>Urban villages against formal residential land, per region '
+                   f'(<a href="{MORPHOLOGY_CSV}">{MORPHOLOGY_CSV}</a>; per village in {UV_PARQUET}).</p>'
+                   f'<img src="{MORPHOLOGY_PNG}" alt="building morphology by region">')
     charts = sorted(accuracy.glob("*.png")) if accuracy.is_dir() else []
     if charts:  # the accuracy assessment's pictures, when `assess` has run
         out.append('<h2>Accuracy</h2><p>Design-based estimates with 95% confidence intervals: see '

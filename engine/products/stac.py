@@ -38,9 +38,13 @@ from engine.product_layout import (
     ACCURACY_DIR,
     CITY_STATS,
     INDEX_HTML,
+    MORPHOLOGY_CSV,
+    MORPHOLOGY_PNG,
     OVERVIEW_PNG,
     PREVIEW_PNG,
     PROB_SCALE,
+    REGIONS_CSV,
+    REGIONS_PNG,
     STAC_DIR,
     UV_GPKG,
     UV_PARQUET,
@@ -130,6 +134,10 @@ def write_stac(products_dir: str | os.PathLike[str], run_title: str | None = Non
         ("city_stats", CITY_STATS, ["metadata"], "Per-city UV area, share, polygons and tile counts"),
         ("index", INDEX_HTML, ["overview"], "Offline preview page"),
         ("overview", OVERVIEW_PNG, ["overview"], "National overview: cities coloured by UV share"),
+        ("regions", REGIONS_CSV, ["metadata"], "UV area and share of built-up land per region and nationally, map and estimates"),
+        ("regions_chart", REGIONS_PNG, ["overview"], "UV share of built-up land by region with 95% confidence intervals"),
+        ("morphology", MORPHOLOGY_CSV, ["metadata"], "Building morphology per city, region and nation (UV, formal residential, built-up)"),
+        ("morphology_chart", MORPHOLOGY_PNG, ["overview"], "Building morphology by region: UV against formal residential"),
     ):
         if (products_dir / name).is_file():
             collection.add_asset(key, _asset(products_dir / name, stac_dir, roles, title))

@@ -13,7 +13,7 @@ import math
 import time
 import traceback
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import duckdb
@@ -29,9 +29,10 @@ from engine.mapping.store import (
     RunManifest,
     read_city_predictions,
 )
-from engine.product_layout import city_folder
+from engine.product_layout import COGS, city_folder
 from engine.schema import URBAN_VILLAGES_SCHEMA, built_up_definition, is_built_up
 from engine.stitch.blend import RAMPS, Tile, blend_strips
+from engine.stitch.city_morphology import CityMorphology, city_morphology, empty_metrics
 from engine.stitch.inputs import CityInputs, load_city_inputs
 from engine.stitch.merge import EQUAL_AREA_CRS, merge_pieces
 from engine.stitch.polygons import Pieces
@@ -123,6 +124,10 @@ class CityStitch:
     uv_area_m2: float = math.nan
     built_up_area_m2: float = math.nan
     uv_mapped_m2: float = math.nan  # UV-class pixels of class.tif (the numerator of uv_share: the same map as built-up)
+    buildings_source: str = ""  # where the footprints came from: catalog | osm ("" when unusable: buildings_note)
+    buildings: int = 0
+    buildings_note: str = ""
+    morphology: dict = field(default_factory=dict, compare=False, repr=False)  # group -> MorphologySummary (engine.morphology)
     tiles_ok: int = 0
     tiles_failed: int = 0
     seconds: float = 0.0
@@ -139,7 +144,8 @@ class CityStitch:
     def stats_row(self) -> dict:
         return {"city": self.city, "region": self.region, "uv_area_m2": self.uv_area_m2, "built_up_area_m2": self.built_up_area_m2,
                 "uv_share": self.uv_share, "polygons": self.polygons, "tiles_ok": self.tiles_ok, "tiles_failed": self.tiles_failed,
-                "status": self.status}
+                "status": self.status, "buildings_source": self.buildings_source, "buildings": self.buildings,
+                "buildings_note": self.buildings_note}
 
 
 def stitch_city(workspace: Path, run_path: Path, manifest: RunManifest, row: dict, committed: pa.Table, tiles_failed: int,
@@ -163,10 +169,13 @@ def stitch_city(workspace: Path, run_path: Path, manifest: RunManifest, row: dic
         with storage.raster_env():  # one per stitch thread: GDAL reads the credentials, no boto3 session per open
             inputs = load_city_inputs(workspace, city, committed, manifest)
             table, built_up_m2, uv_mapped_m2 = _stitch(inputs, run_path, manifest, city_dir, cfg, con)
-        table = _finish_table(table, city, region, manifest.model_version)
+            morph = _morphology(row, table["geometry"].to_pylist(), city_dir / COGS["class"], manifest)
+        table = _finish_table(table, city, region, manifest.model_version, morph.uv_metrics)
         uv_area = float(pc.sum(table["area_m2"]).as_py() or 0.0)
-        return CityStitch(**base, status="done", polygons=table.num_rows, uv_area_m2=uv_area, built_up_area_m2=built_up_m2, uv_mapped_m2=uv_mapped_m2,
-                          tiles_ok=inputs.tiles.num_rows, seconds=time.perf_counter() - t0), table
+        return CityStitch(**base, status="done", polygons=table.num_rows, uv_area_m2=uv_area, built_up_area_m2=built_up_m2,
+                          uv_mapped_m2=uv_mapped_m2, buildings_source=morph.source, buildings=morph.buildings,
+                          buildings_note=morph.note, morphology=morph.summaries, tiles_ok=inputs.tiles.num_rows,
+                          seconds=time.perf_counter() - t0), table
     except Exception as exc:  # noqa: BLE001 (one city never stops the others: record the error and go on)
         if is_valid_name(city):
             _remove_rasters(city_folder(out_dir, city))
@@ -212,8 +221,16 @@ def _tiles(inputs: CityInputs, run_path: Path, batch_tiles: int, con: duckdb.Duc
         yield Tile(tile_id, row["grid_row"], row["window_row_off"], row["window_col_off"], probs)
 
 
-def _finish_table(merged: pa.Table, city: str, region: str, model_version: str) -> pa.Table:
-    """Villages in position order with their ids and attributes (:data:`URBAN_VILLAGES_SCHEMA`)."""
+def _morphology(row: dict, uv_wkb: list[bytes], class_tif: Path, manifest: RunManifest) -> CityMorphology:
+    """The city's building morphology; a failure of it is the city's note, never the loss of its map."""
+    try:
+        return city_morphology(row, uv_wkb, class_tif, manifest.classes, bool(manifest.built_up.get("known")))
+    except Exception as exc:  # noqa: BLE001 (the map and polygons stand without morphology)
+        return CityMorphology(empty_metrics(len(uv_wkb)), note=f"morphology not measured: {_describe(exc)}")
+
+
+def _finish_table(merged: pa.Table, city: str, region: str, model_version: str, morphology: pa.Table) -> pa.Table:
+    """Villages in position order with their ids, attributes and morphology (:data:`URBAN_VILLAGES_SCHEMA`)."""
     n = merged.num_rows
     width = max(5, len(str(n)))
     pixels = merged["pixels"].to_numpy()
@@ -225,6 +242,7 @@ def _finish_table(merged: pa.Table, city: str, region: str, model_version: str) 
         "mean_prob": pa.array(merged["prob_sum"].to_numpy() / np.maximum(pixels, 1), pa.float64()),
         "n_tiles": pa.array(merged["n_tiles"].to_numpy(), pa.int32()),
         "model_version": pa.array([model_version] * n, pa.string()),
+        **{name: morphology[name] for name in morphology.column_names},
         "geometry": merged["geometry"],
     }, schema=URBAN_VILLAGES_SCHEMA)
 

@@ -27,7 +27,7 @@ import pyarrow as pa
 from engine.atomic import atomic_path
 from engine.geoparquet import table_to_gdf, write_geoparquet
 from engine.gpkg import write_gpkg
-from engine.product_layout import CITY_STATS, RUN_JSON, UV_GPKG, UV_PARQUET
+from engine.product_layout import CITY_STATS, MORPHOLOGY_CSV, MORPHOLOGY_PNG, RUN_JSON, UV_GPKG, UV_PARQUET
 from engine.schema import CITY_STATS_COLUMNS, URBAN_VILLAGES_SCHEMA  # noqa: F401  (re-exported: the writers' contract)
 
 UV_LAYER = "urban_villages"
@@ -56,6 +56,25 @@ def write_city_stats(rows: Iterable[dict], out_dir: Path) -> Path:
         for row in rows:
             writer.writerow([_cell(row.get(name)) for name in CITY_STATS_COLUMNS])
     return path
+
+
+def write_morphology(rows: list[dict], out_dir: Path) -> tuple[Path, Path | None]:
+    """``morphology.csv`` (:data:`engine.morphology.ROW_KEYS`: city rows, then region rows, then national rows) and its
+    chart ``morphology.png`` (None when no city had buildings in a UV or formal-residential zone)."""
+    from engine.morphology import ROW_KEYS, morphology_figure
+
+    path = out_dir / MORPHOLOGY_CSV
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(ROW_KEYS)
+        for row in rows:
+            writer.writerow([_cell(row.get(name)) for name in ROW_KEYS])
+    png = out_dir / MORPHOLOGY_PNG
+    if any(r["level"] == "city" and r["n_buildings"] for r in rows):
+        morphology_figure(rows, png)
+        return path, png
+    png.unlink(missing_ok=True)
+    return path, None
 
 
 def copy_manifest(run_path: Path, out_dir: Path) -> Path:

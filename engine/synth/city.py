@@ -5,6 +5,8 @@ Layout of a city directory::
     <out>/<city>/imagery.tif     RGB uint8 COG (UTM, 256 px tiles, deflate, overviews), nodata 0 outside the AOI
     <out>/<city>/truth.tif       uint8 land-use class per pixel (engine.schema.LANDUSE_CLASSES), same grid
     <out>/<city>/osm.parquet     OSM features (GeoParquet, EPSG:4326)
+    <out>/<city>/buildings.parquet  building footprints with height_m and levels (GeoParquet, the city's UTM zone),
+                                 shaped like a real building dataset: incomplete and slightly misregistered
     <out>/<city>/reference.parquet  land-use polygons with ``class`` (GeoParquet, EPSG:4326)
     <out>/<city>/meta.json       the parameters drawn and the realised statistics
 """
@@ -28,7 +30,15 @@ from rasterio.io import MemoryFile
 from engine.atomic import atomic_path
 from engine.geo import WGS84, lonlat_to_crs, utm_epsg_for
 from engine.geoparquet import write_geoparquet
-from engine.schema import BUILT_UP_CLASSES, CITY_SLUG_RE, CLASS_ID, LANDUSE_CLASSES, OSM_FEATURES_SCHEMA, REFERENCE_SCHEMA
+from engine.schema import (
+    BUILDINGS_SCHEMA,
+    BUILT_UP_CLASSES,
+    CITY_SLUG_RE,
+    CLASS_ID,
+    LANDUSE_CLASSES,
+    OSM_FEATURES_SCHEMA,
+    REFERENCE_SCHEMA,
+)
 from engine.synth.config import CityParams, SynthConfig, draw_city_params
 from engine.synth.layout import CityLayout, build_layout
 from engine.synth.osm import draw_osm
@@ -71,7 +81,7 @@ def generate_city(spec: CitySpec, cfg: SynthConfig, seed: int, out_dir: str | Pa
     city_dir = out_dir / spec.city
     city_dir.mkdir(parents=True, exist_ok=True)
     rng = city_rng(seed, spec.city)
-    params = draw_city_params(cfg, rng)
+    params = draw_city_params(cfg, rng, spec.region)
     layout = build_layout(params, cfg.size_km * 1000.0, rng)
     rgb, truth, local_transform = render_city(layout, params, rng)
 
@@ -97,6 +107,8 @@ def generate_city(spec: CitySpec, cfg: SynthConfig, seed: int, out_dir: str | Pa
         schema=OSM_FEATURES_SCHEMA,
     )
     write_geoparquet(osm_table, city_dir / "osm.parquet", WGS84)
+    buildings_table, kept = _buildings_table(layout, params, rng, east, north)
+    write_geoparquet(buildings_table, city_dir / "buildings.parquet", crs)
 
     reference = _reference(layout)
     write_geoparquet(
@@ -121,7 +133,7 @@ def generate_city(spec: CitySpec, cfg: SynthConfig, seed: int, out_dir: str | Pa
         "centre_lonlat": [spec.lon, spec.lat],
         "size_px": list(truth.shape),
         "params": params.to_json(),
-        "stats": _stats(layout, truth, osm.kind, osm.tags, params),
+        "stats": {**_stats(layout, truth, osm.kind, osm.tags, params), "buildings_truth": _building_stats(layout, kept)},
     }
     with atomic_path(city_dir / "meta.json") as tmp:
         tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False, sort_keys=True))
@@ -130,6 +142,7 @@ def generate_city(spec: CitySpec, cfg: SynthConfig, seed: int, out_dir: str | Pa
         "region": spec.region,
         "imagery": str(city_dir / "imagery.tif"),
         "osm": str(city_dir / "osm.parquet"),
+        "buildings": str(city_dir / "buildings.parquet"),
         "aoi": shapely.to_wkt(aoi_wgs84, rounding_precision=7),
         "reference": str(city_dir / "reference.parquet"),
     }
@@ -163,6 +176,71 @@ def _local_to_wgs84(crs: CRS, east: float, north: float):
         return shapely.transform(geoms, fn)
 
     return project
+
+
+def _buildings_table(layout: CityLayout, params: CityParams, rng: np.random.Generator, east: float, north: float) -> tuple[pa.Table, np.ndarray]:
+    """The city's building dataset as a real one looks: ``params.buildings_completeness`` of the drawn footprints,
+    each moved by up to ``params.buildings_jitter_m`` and turned by up to 2 degrees, ``height_m`` to 0.1 m with
+    about 0.5 m of measurement noise, ``levels`` known for 90%; in UTM coordinates. Returns the table and the mask of
+    the drawn buildings it holds."""
+    b = layout.buildings
+    n = len(b.polygons)
+    kept = rng.random(n) < params.buildings_completeness
+    shift = rng.uniform(0.0, params.buildings_jitter_m, n)
+    direction = rng.uniform(0.0, 2 * np.pi, n)
+    turn = np.radians(np.clip(rng.normal(0.0, 0.7, n), -2.0, 2.0))
+    height = np.round(np.maximum(b.height_m + rng.normal(0.0, 0.5, n), 2.0), 1)
+    levels_known = rng.random(n) < 0.9
+    idx = np.flatnonzero(kept)
+    polys = b.polygons[idx]
+    if len(idx):
+        counts = shapely.get_num_coordinates(shapely.get_exterior_ring(polys))
+        owner = np.repeat(np.arange(len(idx)), counts)
+        xy = shapely.get_coordinates(shapely.get_exterior_ring(polys))
+        centre = shapely.get_coordinates(shapely.centroid(polys))[owner]
+        c, s = np.cos(turn[idx])[owner], np.sin(turn[idx])[owner]
+        dx, dy = xy[:, 0] - centre[:, 0], xy[:, 1] - centre[:, 1]
+        moved = np.column_stack([
+            centre[:, 0] + dx * c - dy * s + (shift * np.cos(direction))[idx][owner] + east,
+            centre[:, 1] + dx * s + dy * c + (shift * np.sin(direction))[idx][owner] + north,
+        ])
+        polys = shapely.polygons(shapely.linearrings(moved, indices=owner))
+    levels = np.where(levels_known[idx], b.levels[idx], np.nan)
+    table = pa.table(
+        {
+            "building_id": pa.array(np.arange(1, len(idx) + 1, dtype=np.int64)),
+            "height_m": pa.array(height[idx], pa.float64()),
+            "levels": pa.array(levels, pa.float64(), from_pandas=True),
+            "geometry": pa.array(shapely.to_wkb(polys) if len(idx) else [], pa.binary()),
+        },
+        schema=BUILDINGS_SCHEMA,
+    )
+    return table, kept
+
+
+def _building_stats(layout: CityLayout, kept: np.ndarray) -> dict:
+    """The buildings' truth per land use (count, mean floors, mean footprint, coverage of the class's blocks) and the
+    buildings file's realised completeness: what morphology estimates are checked against."""
+    b = layout.buildings
+    owner = layout.block_class[b.block] if len(b.polygons) else np.zeros(0, np.int64)
+    areas = shapely.area(b.polygons) if len(b.polygons) else np.zeros(0)
+    block_area = shapely.area(layout.blocks)
+    by_class = {}
+    for cls in BUILT_UP_CLASSES + ("vacant",):
+        sel = owner == CLASS_ID[cls]
+        land = float(block_area[layout.block_class == CLASS_ID[cls]].sum())
+        if not sel.any():
+            continue
+        by_class[cls] = {
+            "count": int(sel.sum()),
+            "mean_levels": round(float(b.levels[sel].mean()), 3),
+            "mean_height_m": round(float(b.height_m[sel].mean()), 2),
+            "mean_footprint_m2": round(float(areas[sel].mean()), 2),
+            "coverage": round(float(areas[sel].sum() / land), 4) if land else 0.0,
+            "per_ha": round(float(sel.sum() / land * 1e4), 2) if land else 0.0,
+        }
+    return {"by_class": by_class, "drawn": int(len(b.polygons)), "in_file": int(kept.sum()),
+            "file_completeness": round(float(kept.mean()), 4) if len(kept) else 0.0}
 
 
 def _reference(layout: CityLayout) -> tuple[np.ndarray, list[str], list[int]]:

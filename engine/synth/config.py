@@ -32,6 +32,51 @@ OSM_BUILDING_FACTOR: dict[str, float] = {
 }
 
 
+@dataclass(frozen=True)
+class RegionProfile:
+    """How a region's urban villages differ from the national average (the generator's regional truth).
+
+    Attributes:
+        uv_prevalence: multiplies the mean UV share of built-up land (``SynthConfig.uv_share_mean``) of the
+            region's cities (1 = the national mean).
+        uv_density: multiplies the building coverage of UV blocks: fewer empty plots and narrower alleys above 1,
+            more open space below.
+        uv_size: multiplies the footprint side of UV buildings (and their plot cells).
+        uv_floors: the range of floors of UV buildings (whole floors, each about 3 m).
+    """
+
+    uv_prevalence: float = 1.0
+    uv_density: float = 1.0
+    uv_size: float = 1.0
+    uv_floors: tuple[int, int] = (2, 4)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.uv_prevalence <= 5.0:
+            raise ValueError(f"uv_prevalence={self.uv_prevalence}: use 0 to 5 (1 = the national mean)")
+        for name in ("uv_density", "uv_size"):
+            if not 0.5 <= getattr(self, name) <= 1.5:
+                raise ValueError(f"{name}={getattr(self, name)}: use 0.5 to 1.5 (1 = the national average)")
+        if len(self.uv_floors) != 2 or not (1 <= self.uv_floors[0] <= self.uv_floors[1] <= 6):
+            raise ValueError(f"uv_floors={self.uv_floors!r}: urban villages have 1 to 6 floors (low <= high)")
+
+
+# Regional urban-village truth, after GeoLink-UV's nationwide findings: UVs are about 8% of built-up land on
+# average, clustered in central and south China; low-rise and dense everywhere, tallest and densest in the south
+# (the "handshake buildings" of the Pearl River Delta), lowest and most open, on larger plots, in the north.
+# The prevalences average about 1 over the 297 cities of cities.csv, so the national mean stays uv_share_mean.
+REGION_PROFILES: dict[str, RegionProfile] = {
+    "south": RegionProfile(uv_prevalence=1.8, uv_density=1.15, uv_size=0.8, uv_floors=(3, 6)),
+    "central": RegionProfile(uv_prevalence=1.6, uv_density=1.05, uv_size=0.95, uv_floors=(2, 5)),
+    "southwest": RegionProfile(uv_prevalence=1.0, uv_density=1.0, uv_size=0.95, uv_floors=(2, 5)),
+    "east": RegionProfile(uv_prevalence=0.9, uv_density=0.97, uv_size=1.0, uv_floors=(2, 4)),
+    "north": RegionProfile(uv_prevalence=0.6, uv_density=0.88, uv_size=1.2, uv_floors=(1, 3)),
+    "northwest": RegionProfile(uv_prevalence=0.5, uv_density=0.88, uv_size=1.15, uv_floors=(1, 3)),
+    "northeast": RegionProfile(uv_prevalence=0.4, uv_density=0.8, uv_size=1.3, uv_floors=(1, 2)),
+}
+NEUTRAL_REGION = RegionProfile()
+"""The profile of a region not in ``SynthConfig.region_profiles`` (and of every region when they are ``{}``)."""
+
+
 def _check_range(name: str, rng: tuple[float, float], lo: float, hi: float) -> None:
     if len(rng) != 2 or not (lo <= rng[0] <= rng[1] <= hi):
         raise ValueError(f"{name}={rng!r}: need {lo} <= low <= high <= {hi}")
@@ -53,19 +98,27 @@ class SynthConfig:
         wrong_landuse_max: highest share of OSM landuse polygons carrying the wrong tag.
         landuse_concentration: Dirichlet concentration of each city's land-use mix around the base mix; lower
             values give more varied cities.
+        region_profiles: per region stratum, how its urban villages differ (:class:`RegionProfile`: prevalence,
+            building density, size, floors); ``{}`` makes every region alike.
+        buildings_completeness: range of the share of drawn buildings present in each city's buildings file.
+        buildings_jitter_m: range of each city's footprint misregistration in the buildings file (metres; each
+            footprint moves by up to this much and turns by up to 2 degrees).
     """
 
     size_km: float = 1.0
     pixel_size_m: tuple[float, float] = (0.5, 1.2)
     osm_completeness: tuple[float, float] = (0.2, 0.95)
     uv_share_mean: float = 0.08
-    uv_share_max: float = 0.20
+    uv_share_max: float = 0.30
     river_prob: float = 0.35
     cloud_prob: float = 0.2
     haze_max: float = 0.45
     wrong_landuse_max: float = 0.15
     landuse_concentration: float = 25.0
     base_landuse_mix: dict[str, float] = field(default_factory=lambda: dict(BASE_LANDUSE_MIX))
+    region_profiles: dict[str, RegionProfile] = field(default_factory=lambda: dict(REGION_PROFILES))
+    buildings_completeness: tuple[float, float] = (0.8, 0.99)
+    buildings_jitter_m: tuple[float, float] = (0.3, 0.8)
 
     def __post_init__(self) -> None:
         if not (0.2 <= self.size_km <= 50.0):
@@ -81,6 +134,15 @@ class SynthConfig:
         unknown = set(self.base_landuse_mix) - set(BASE_LANDUSE_MIX)
         if unknown:
             raise ValueError(f"base_landuse_mix has unknown classes {sorted(unknown)}; known: {sorted(BASE_LANDUSE_MIX)}")
+        bad = [k for k, v in self.region_profiles.items() if not isinstance(v, RegionProfile)]
+        if bad:
+            raise ValueError(f"region_profiles {bad}: each value must be a RegionProfile")
+        _check_range("buildings_completeness", self.buildings_completeness, 0.0, 1.0)
+        _check_range("buildings_jitter_m", self.buildings_jitter_m, 0.0, 5.0)
+
+    def region_profile(self, region: str | None) -> RegionProfile:
+        """The profile of ``region`` (the neutral one for an unknown or missing region)."""
+        return self.region_profiles.get(region or "", NEUTRAL_REGION)
 
 
 @dataclass(frozen=True)
@@ -103,17 +165,28 @@ class CityParams:
     blur_px: float
     noise_dn: float
     cloud_cover: float
+    uv_density: float = 1.0
+    uv_size: float = 1.0
+    uv_floors: tuple[int, int] = (2, 4)
+    buildings_completeness: float = 1.0
+    buildings_jitter_m: float = 0.0
 
     def to_json(self) -> dict:
         return asdict(self)
 
 
-def draw_city_params(cfg: SynthConfig, rng: np.random.Generator) -> CityParams:
-    """Draw one city's parameters; every random choice of the city-level knobs happens here."""
-    # UV share of built-up land: Beta with the configured mean (about 0-20%, mean near 8%), clipped to the max.
+def draw_city_params(cfg: SynthConfig, rng: np.random.Generator, region: str | None = None) -> CityParams:
+    """Draw one city's parameters; every random choice of the city-level knobs happens here.
+
+    ``region`` picks the city's :class:`RegionProfile` (its UV prevalence and UV building morphology); each city
+    varies a little around its region's density and size.
+    """
+    profile = cfg.region_profile(region)
+    # UV share of built-up land: Beta with the region's mean (national mean near 8%), clipped to the max.
+    mean = min(cfg.uv_share_mean * profile.uv_prevalence, 0.9 * cfg.uv_share_max)
     a = 2.0
-    b = a * (1.0 - cfg.uv_share_mean) / max(cfg.uv_share_mean, 1e-6)
-    uv_share = float(min(rng.beta(a, b), cfg.uv_share_max)) if cfg.uv_share_mean > 0 else 0.0
+    b = a * (1.0 - mean) / max(mean, 1e-6)
+    uv_share = float(min(rng.beta(a, b), cfg.uv_share_max)) if mean > 0 else 0.0
     names = list(cfg.base_landuse_mix)
     alpha = np.array([cfg.base_landuse_mix[n] for n in names]) * cfg.landuse_concentration
     mix = rng.dirichlet(alpha)
@@ -135,4 +208,9 @@ def draw_city_params(cfg: SynthConfig, rng: np.random.Generator) -> CityParams:
         blur_px=float(rng.uniform(0.3, 1.0)),
         noise_dn=float(rng.uniform(1.0, 6.0)),
         cloud_cover=float(rng.uniform(0.04, 0.2)) if clouds else 0.0,
+        uv_density=float(np.clip(profile.uv_density * rng.lognormal(0.0, 0.03), 0.5, 1.5)),
+        uv_size=float(np.clip(profile.uv_size * rng.lognormal(0.0, 0.04), 0.5, 1.5)),
+        uv_floors=(int(profile.uv_floors[0]), int(profile.uv_floors[1])),
+        buildings_completeness=float(rng.uniform(*cfg.buildings_completeness)),
+        buildings_jitter_m=float(rng.uniform(*cfg.buildings_jitter_m)),
     )

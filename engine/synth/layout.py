@@ -25,7 +25,8 @@ class Buildings:
     """Building footprints (local metres) with what rendering and OSM need about each."""
 
     polygons: np.ndarray  # shapely Polygons
-    height_m: np.ndarray
+    height_m: np.ndarray  # levels x the floor height (about 3 m; more for sheds and shops): the shadows' height
+    levels: np.ndarray  # int floors above ground
     block: np.ndarray  # index into CityLayout.blocks
     roof_rgb: np.ndarray  # (n, 3) float32, before the city's radiometric shift
 
@@ -112,7 +113,7 @@ def build_layout(params: CityParams, side_m: float, rng: np.random.Generator) ->
 
     block_class = _assign_land_use(rng, params, blocks, np.hypot(cx, cy) / half)
     block_style = rng.random(len(blocks))
-    buildings, fields = _buildings(rng, blocks, block_class, block_angle, block_style)
+    buildings, fields = _buildings(rng, params, blocks, block_class, block_angle, block_style)
     return CityLayout(
         side_m=side_m,
         aoi=aoi,
@@ -240,11 +241,12 @@ ROOF_PALETTES: dict[str, np.ndarray] = {
 }
 
 
-def _buildings(rng: np.random.Generator, blocks: np.ndarray, block_class: np.ndarray, block_angle: np.ndarray, block_style: np.ndarray) -> tuple[Buildings, np.ndarray]:
-    polys, heights, owner, roofs, fields = [], [], [], [], []
+def _buildings(rng: np.random.Generator, params: CityParams, blocks: np.ndarray, block_class: np.ndarray, block_angle: np.ndarray,
+               block_style: np.ndarray) -> tuple[Buildings, np.ndarray]:
+    polys, heights, levels, owner, roofs, fields = [], [], [], [], [], []
     for i, (block, cls_id, angle, style) in enumerate(zip(blocks, block_class, block_angle, block_style)):
         cls = _CLASS_NAME[int(cls_id)]
-        spec = _building_spec(rng, cls, style, block.area)
+        spec = _building_spec(rng, cls, style, block.area, params)
         if spec is None:
             continue
         footprint = block
@@ -253,7 +255,7 @@ def _buildings(rng: np.random.Generator, blocks: np.ndarray, block_class: np.nda
             if field is not None:
                 fields.append(field)
                 footprint = block.difference(field.buffer(6.0))
-        p, h = _grid_rects(rng, footprint, angle, **spec)
+        p, h, lv = _grid_rects(rng, footprint, angle, **spec)
         if len(p) == 0:
             continue
         palette = ROOF_PALETTES[cls]
@@ -264,55 +266,67 @@ def _buildings(rng: np.random.Generator, blocks: np.ndarray, block_class: np.nda
             roof = palette[rng.integers(len(palette), size=len(p))] + rng.normal(0, 10 if cls == "urban_village" else 6, size=(len(p), 3))
         polys.append(p)
         heights.append(h)
+        levels.append(lv)
         owner.append(np.full(len(p), i))
         roofs.append(roof.astype(np.float32))
     if not polys:
         empty = np.array([], dtype=object)
-        return Buildings(empty, np.zeros(0), np.zeros(0, np.int64), np.zeros((0, 3), np.float32)), np.array(fields, dtype=object)
+        return (Buildings(empty, np.zeros(0), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 3), np.float32)),
+                np.array(fields, dtype=object))
     return (
-        Buildings(np.concatenate(polys), np.concatenate(heights), np.concatenate(owner), np.concatenate(roofs)),
+        Buildings(np.concatenate(polys), np.concatenate(heights), np.concatenate(levels), np.concatenate(owner), np.concatenate(roofs)),
         np.array(fields, dtype=object),
     )
 
 
-def _building_spec(rng: np.random.Generator, cls: str, style: float, area_m2: float) -> dict | None:
-    """Grid-layout parameters per land use: cell spacing, footprint size ranges, fill, irregularity, heights."""
+def _building_spec(rng: np.random.Generator, cls: str, style: float, area_m2: float, params: CityParams) -> dict | None:
+    """Grid-layout parameters per land use: cell spacing, footprint size ranges, fill, irregularity, floors.
+
+    Floors by land use (issue 18): urban villages 1-6 (the region's range, ``params.uv_floors``), formal residential
+    6-33 (walk-ups 6-7, slabs 11-26, towers 18-33), industrial 1-3 tall floors; about 3 m a floor, more for sheds
+    and shops. Urban villages also take the region's building density and size (``params.uv_density``,
+    ``params.uv_size``).
+    """
     if cls == "urban_village":
         # dense 3-8 m roofs, 1-2 m alleys; style = regularity (1: planned resettlement rows, 0: organic)
-        alley = rng.uniform(1.0, 2.0)
-        cell = rng.uniform(5.5, 9.5)
-        largest = max(3.2, min(8.0, cell - alley))
-        size = (min(largest, max(3.0, cell - alley - 1.2 * (1 - style))), largest)
-        return dict(cell=(cell, cell * rng.uniform(0.9, 1.15)), size_u=size, size_v=size, fill=0.93, rot_jitter_deg=9.0 * (1 - style),
-                    pos_jitter=0.8 * (1 - style), height_m=(6.0, 20.0), lane_every=int(rng.integers(6, 10)), margin=1.0)
+        # region: k scales plots and roofs (alleys with them), d the share of built plots and the alleys' share
+        k, d = params.uv_size, params.uv_density
+        cell = rng.uniform(5.5, 9.5) * k
+        alley = cell * rng.uniform(0.13, 0.27) / d
+        largest = max(3.2 * k, min(8.0 * k, cell - alley))
+        size = (min(largest, max(3.0 * k, cell - alley - 1.2 * k * (1 - style))), largest)
+        return dict(cell=(cell, cell * rng.uniform(0.9, 1.15)), size_u=size, size_v=size, fill=min(0.99, 0.93 * d),
+                    rot_jitter_deg=9.0 * (1 - style), pos_jitter=0.8 * (1 - style), floors=params.uv_floors, floor_m=(2.8, 3.2),
+                    lane_every=max(4, int(round(rng.integers(6, 10) * d**2))), margin=1.0)
     if cls == "formal_residential":
         if style < 0.2:  # 1980s walk-ups: dense rows that look like a village under haze
             return dict(cell=(rng.uniform(52, 66), rng.uniform(20, 25)), size_u=(40.0, 55.0), size_v=(10.0, 12.0), fill=0.95,
-                        rot_jitter_deg=0.5, pos_jitter=0.05, height_m=(15.0, 21.0), lane_every=0, margin=5.0)
+                        rot_jitter_deg=0.5, pos_jitter=0.05, floors=(6, 7), floor_m=(2.8, 3.0), lane_every=0, margin=5.0)
         if style < 0.6:  # slabs
             return dict(cell=(rng.uniform(48, 66), rng.uniform(30, 42)), size_u=(36.0, 56.0), size_v=(11.0, 15.0), fill=0.92,
-                        rot_jitter_deg=0.5, pos_jitter=0.1, height_m=(30.0, 80.0), lane_every=0, margin=6.0)
+                        rot_jitter_deg=0.5, pos_jitter=0.1, floors=(11, 26), floor_m=(2.9, 3.1), lane_every=0, margin=6.0)
         return dict(cell=(rng.uniform(34, 44),) * 2, size_u=(18.0, 24.0), size_v=(18.0, 24.0), fill=0.88,  # towers
-                    rot_jitter_deg=0.5, pos_jitter=0.15, height_m=(60.0, 120.0), lane_every=0, margin=6.0)
+                    rot_jitter_deg=0.5, pos_jitter=0.15, floors=(18, 33), floor_m=(2.9, 3.1), lane_every=0, margin=6.0)
     if cls == "commercial":
         return dict(cell=(rng.uniform(38, 60),) * 2, size_u=(24.0, 48.0), size_v=(20.0, 44.0), fill=0.85, rot_jitter_deg=1.0,
-                    pos_jitter=0.3, height_m=(15.0, 150.0), lane_every=0, margin=5.0)
+                    pos_jitter=0.3, floors=(3, 35), floor_m=(3.8, 4.4), lane_every=0, margin=5.0)
     if cls == "industrial":
         return dict(cell=(rng.uniform(50, 80), rng.uniform(36, 56)), size_u=(32.0, 68.0), size_v=(22.0, 44.0), fill=0.9,
-                    rot_jitter_deg=0.5, pos_jitter=0.2, height_m=(8.0, 15.0), lane_every=0, margin=5.0)
+                    rot_jitter_deg=0.5, pos_jitter=0.2, floors=(1, 3), floor_m=(4.5, 6.0), lane_every=0, margin=5.0)
     if cls == "institutional":
         return dict(cell=(rng.uniform(50, 65), rng.uniform(32, 45)), size_u=(34.0, 56.0), size_v=(14.0, 20.0), fill=0.7, rot_jitter_deg=0.5,
-                    pos_jitter=0.2, height_m=(15.0, 30.0), lane_every=0, margin=6.0)
+                    pos_jitter=0.2, floors=(3, 7), floor_m=(3.4, 3.8), lane_every=0, margin=6.0)
     if cls == "vacant" and area_m2 > 4000 and style > 0.7:  # a few sheds left on cleared land
         return dict(cell=(rng.uniform(40, 60),) * 2, size_u=(6.0, 15.0), size_v=(5.0, 10.0), fill=0.25, rot_jitter_deg=15.0,
-                    pos_jitter=0.6, height_m=(3.0, 6.0), lane_every=0, margin=4.0)
+                    pos_jitter=0.6, floors=(1, 1), floor_m=(3.0, 5.0), lane_every=0, margin=4.0)
     return None
 
 
 def _grid_rects(rng: np.random.Generator, block: shapely.Geometry, angle: float, *, cell: tuple[float, float], size_u: tuple[float, float],
-                size_v: tuple[float, float], fill: float, rot_jitter_deg: float, pos_jitter: float, height_m: tuple[float, float],
-                lane_every: int, margin: float) -> tuple[np.ndarray, np.ndarray]:
-    """Rectangles on a jittered grid aligned with the block's streets, kept where they lie fully inside the block."""
+                size_v: tuple[float, float], fill: float, rot_jitter_deg: float, pos_jitter: float, floors: tuple[int, int],
+                floor_m: tuple[float, float], lane_every: int, margin: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rectangles on a jittered grid aligned with the block's streets, kept where they lie fully inside the block;
+    returns ``(polygons, height_m, levels)``."""
     c, s = np.cos(angle), np.sin(angle)
     xy = shapely.get_coordinates(block)
     u, v = xy[:, 0] * c + xy[:, 1] * s, -xy[:, 0] * s + xy[:, 1] * c
@@ -325,7 +339,7 @@ def _grid_rects(rng: np.random.Generator, block: shapely.Geometry, angle: float,
         axes.append((lo + margin + step_eff * (np.arange(count) + 0.5), min(1.0, step_eff / step)))
     (us, scale_u), (vs, scale_v) = axes
     if not (scale_u > 0.5 and scale_v > 0.5):
-        return np.array([], dtype=object), np.zeros(0)
+        return np.array([], dtype=object), np.zeros(0), np.zeros(0, np.int64)
     cell = (cell[0] * scale_u, cell[1] * scale_v)
     size_u = (size_u[0] * scale_u, size_u[1] * scale_u)
     size_v = (size_v[0] * scale_v, size_v[1] * scale_v)
@@ -350,13 +364,14 @@ def _grid_rects(rng: np.random.Generator, block: shapely.Geometry, angle: float,
     py = cy[:, None] + du * sa + dv * ca
     inner = block.buffer(-margin)
     if inner.is_empty:
-        return np.array([], dtype=object), np.zeros(0)
+        return np.array([], dtype=object), np.zeros(0), np.zeros(0, np.int64)
     shapely.prepare(inner)
     inside = shapely.contains_xy(inner, px.ravel(), py.ravel()).reshape(n, 4).all(axis=1)
     keep &= inside
     rings = np.stack([px[keep], py[keep]], axis=-1)
-    heights = rng.uniform(*height_m, size=n)[keep]
-    return shapely.polygons(rings), heights
+    levels = rng.integers(floors[0], floors[1] + 1, size=n)
+    heights = levels * rng.uniform(*floor_m, size=n)
+    return shapely.polygons(rings), heights[keep], levels[keep].astype(np.int64)
 
 
 def _sports_field(rng: np.random.Generator, block: shapely.Geometry, angle: float) -> Polygon | None:

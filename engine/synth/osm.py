@@ -157,7 +157,7 @@ def draw_osm(layout: CityLayout, params: CityParams, rng: np.random.Generator) -
             values, weights = zip(*BUILDING_TAGS.get(cls, [("yes", 1.0)]))
             tag = {"building": str(values[rng.choice(len(values), p=np.asarray(weights) / sum(weights))])}
             if levels_known[j]:
-                tag["building:levels"] = str(max(1, int(round(b.height_m[j] / 3.0))))
+                tag["building:levels"] = str(int(b.levels[j]))
                 tag["roof:shape"] = "flat"
             add(b.polygons[j], "polygon", tag)
 
