@@ -122,3 +122,24 @@ def test_regions_table_recovers_the_generators_regional_ordering(reference_run):
     assert {"regions", "morphology", "regions_chart", "morphology_chart"} <= set(collection["assets"])
     page = (products / "index.html").read_text()
     assert "regions.png" in page and "morphology.png" in page
+
+
+def test_bad_buildings_are_a_note_on_their_city_and_the_rest_completes(reference_run, tmp_path):
+    import pyarrow as pa
+
+    from engine.pipelines.stitch import stitch_products
+
+    src, catalog, _ = reference_run
+    ws = tmp_path / "ws"
+    shutil.copytree(src, ws)
+    no_crs = tmp_path / "no_crs.geojson"
+    no_crs.write_text('{"type": "FeatureCollection", "features": [{"type": "Feature", "properties": {"height_m": "tall"}, '
+                      '"geometry": {"type": "Polygon", "coordinates": [[[0, 0], [1, 0], [1, 1], [0, 0]]]}}]}')
+    bad_city = catalog["city"][0].as_py()
+    column = [str(no_crs) if c == bad_city else b for c, b in zip(catalog["city"].to_pylist(), catalog["buildings"].to_pylist())]
+    report = stitch_products(ws, "ref", catalog.set_column(catalog.schema.get_field_index("buildings"), "buildings", pa.array(column)))
+    assert all(c.status == "ok" for c in report), report
+    stats = {r["city"]: r for r in csv.DictReader((ws / "products" / "ref" / "city_stats.csv").open())}
+    note = stats[bad_city]["buildings_note"]
+    assert bad_city in note and "no_crs.geojson" in note and not stats[bad_city]["buildings_source"]
+    assert all(stats[c]["buildings_source"] == "catalog" and not stats[c]["buildings_note"] for c in stats if c != bad_city)
