@@ -22,7 +22,7 @@ from scipy import ndimage
 
 from engine.accuracy import AccuracyInputError, assess_table
 from engine.accuracy.assess import AssessConfig, run_assess
-from engine.accuracy.reference import label_points, load_reference, read_labels, truth_strips
+from engine.accuracy.reference import label_land, label_points, load_reference, read_labels, truth_strips
 from engine.accuracy.sampling import (
     SampleConfig,
     draw_sample,
@@ -218,14 +218,19 @@ def test_census_of_a_hand_made_case_is_exact(products) -> None:
     ws, catalog = products
     cfg = SampleConfig()
     [a] = [s for s in _scans(ws, catalog.slice(0, 1), cfg, census=True)]
-    # 9000 valid pixels: TP 1200, FP 400 (x 60-70), FN 400 (x 20-30), TN 7000
-    assert a.census.tolist() == [[7000, 400], [400, 1200]]
+    # 9000 valid pixels: TP 1200, FP 400 (x 60-70), FN 400 (x 20-30), TN 7000 of which 800 true built-up land (the
+    # formal_residential reference block, x 0-40, y 70-90); columns: true other, urban village, other built-up
+    assert a.census.tolist() == [[6200, 400, 800], [400, 1200, 0]]
     assert a.pixels.tolist() == [9000 - 1600, 1600, 0]
     assert 0.99 < a.grid.pixel_area_m2 < 1.01
+    # mapped built-up land: the run's formal_residential class (800 px, in the other stratum) and every UV pixel
+    assert a.grid.built_up_indices == (2,)
+    assert (a.built_up_m2 / a.grid.pixel_area_m2).round().tolist() == [800, 1600, 0]
     ref = load_reference(catalog["reference"][0].as_py())
     centres = shapely.points([25.5, 35.5, 65.5, 5.5], [25.5, 35.5, 25.5, 75.5])
     lonlat = shapely.get_coordinates(_to_wgs84(shapely.multipoints(centres), 0))
     assert label_points(lonlat[:, 0], lonlat[:, 1], ref).tolist() == ["urban_village", "urban_village", "other", "other"]
+    assert label_land(lonlat[:, 0], lonlat[:, 1], ref).tolist() == ["urban_village", "urban_village", "other", "built_up"]
 
 
 def test_run_assess_writes_every_file_with_the_issue_shape(products, tmp_path: Path) -> None:
@@ -270,10 +275,68 @@ def test_run_assess_writes_every_file_with_the_issue_shape(products, tmp_path: P
     for s in strata.values():
         assert (s["unseen_error_bound_m2"] is None) == (s["disagreements"] > 0)
     assert any("producer's accuracy of urban_village is 1 with SE 0" in f for f in doc["cities"]["c"]["flags"])
+    # honest intervals: no 95% CI anywhere in the report is a single point, even where no error was sampled
+    cis = list(_cis(doc))
+    assert len(cis) == 6 * (9 + 3) and all(hi > lo for lo, hi in cis), [c for c in cis if c[1] <= c[0]]
+    pa_c = doc["cities"]["c"]["producers_accuracy"]["urban_village"]
+    assert pa_c["estimate"] == 1.0 and pa_c["se"] == 0.0 and pa_c["ci95"][0] < 1.0 and doc["interval"] == "jeffreys"
+    # the headline numbers: UV area, built-up area and UV share of built-up land, beside the map's pixel areas and
+    # the census; city a by hand: true UV 1600 px, true built-up 1600 + 800 px (the formal block); mapped UV 1600 px,
+    # mapped built-up 1600 + 800 px (the run's formal_residential class)
+    head = doc["headline"]
+    assert set(head) == {"units", "interval", "built_up", "national", "regions", "cities"}
+    assert set(head["regions"]) == {"east", "west"} and set(head["cities"]) == {"a", "b", "c"}
+    for domain in [head["national"], *head["regions"].values(), *head["cities"].values()]:
+        assert domain["status"] == "estimated" and domain["n"] > 0
+        for q in ("uv_area_m2", "built_up_area_m2", "uv_share_of_built_up"):
+            e = domain[q]
+            assert set(e) == {"estimate", "se", "ci95", "mapped", "census", "census_within_ci95"}
+            assert e["ci95"][0] <= e["estimate"] <= e["ci95"][1] and e["census"] is not None
+    a = head["cities"]["a"]
+    px = report.cities["a"].mapped_area_m2["urban_village"] / 1600  # m2 of a pixel
+    assert a["uv_area_m2"]["census"] == pytest.approx(1600 * px) and a["built_up_area_m2"]["census"] == pytest.approx(2400 * px)
+    assert a["uv_share_of_built_up"]["census"] == pytest.approx(2 / 3) and a["uv_share_of_built_up"]["mapped"] == pytest.approx(2 / 3)
+    assert a["built_up_area_m2"]["mapped"] == pytest.approx(2400 * px)
+    assert a["uv_area_m2"]["estimate"] == doc["cities"]["a"]["area"]["urban_village"]["estimate"]
+    assert doc["census"]["city"]["a"]["uv_share_of_built_up"] == pytest.approx(2 / 3)
+    assert "uv_share_of_built_up" in doc["census"]["national"]["national"]["within_ci95"]
+    nat = head["national"]["uv_share_of_built_up"]
+    assert nat["census_within_ci95"] == (nat["ci95"][0] <= nat["census"] <= nat["ci95"][1])
+    assert set(gdf["ref_land"]) <= {"other", "urban_village", "built_up"} and (gdf["ref_land"] == "built_up").any()
+    assert ((gdf["ref_land"] == "urban_village") == (gdf["ref_class"] == "urban_village")).all()
     md = (out / "report.md").read_text()
+    assert "## UV area, built-up area and UV share of built-up land" in md and "## Interval coverage" in md
+    assert "| UV share of built-up land |" in md and "no omission sampled" in md.split("| west |")[-1]  # west found none
     # city d has no class map: the estimates cover 3 of 4 cities and must not be called national
     assert "## Estimates over the assessed cities: 3 of 4 cities (not national)" in md and "## National" not in md
     assert "| overall accuracy |" in md and "d: no class.tif" in md
+
+
+def _cis(doc):
+    """Every (lo, hi) of an estimated quantity in a report document."""
+    if isinstance(doc, dict):
+        if "ci95" in doc and doc.get("estimate") is not None:
+            yield tuple(doc["ci95"])
+        for v in doc.values():
+            yield from _cis(v)
+    elif isinstance(doc, list):
+        for v in doc:
+            yield from _cis(v)
+
+
+def test_classical_wald_interval_stays_selectable(products) -> None:
+    ws, catalog = products
+    cfg = AssessConfig(sampling=SampleConfig(seed=1, min_rare=30, min_common=20), interval="wald")
+    report = run_assess(ws, RUN, catalog, cfg)
+    doc = json.loads((ws / "products" / RUN / "accuracy" / "report.json").read_text())
+    assert doc["interval"] == "wald" and doc["headline"]["interval"] == "wald" and doc["national"]["interval"] == "wald"
+    e = report.national.result.overall_accuracy
+    assert e.ci95 == pytest.approx((e.estimate - 1.959964 * e.se, e.estimate + 1.959964 * e.se))
+    degenerate = [f for f in doc["cities"]["c"]["flags"] if "producer's accuracy of urban_village is 1 with SE 0" in f]
+    assert degenerate and "single point" in degenerate[0]
+    assert doc["cities"]["c"]["producers_accuracy"]["urban_village"]["ci95"] == [1.0, 1.0]
+    with pytest.raises(ValueError, match="interval"):
+        AssessConfig(interval="bootstrap")
 
 
 def test_unreadable_class_map_is_reported_and_the_rest_completes(tmp_path: Path) -> None:
@@ -326,9 +389,10 @@ def test_bad_label_files_name_the_row(tmp_path: Path) -> None:
         with pytest.raises(AccuracyInputError, match=match):
             read_labels(path, sample, **kw)
 
-    good = "id,label\np00001,other\np00002,urban_village\np00003,other\n"
+    good = "id,label\np00001,other\np00002,urban_village\np00003,built_up\n"
     labels = read_labels(_write(tmp_path / "ok.csv", good), sample)
     assert labels["ref_class"].tolist() == ["other", "urban_village", "other"] and labels.index.tolist() == [2, 3, 4]
+    assert labels["ref_land"].tolist() == ["other", "urban_village", "built_up"]
     check("id,label\np00001,other\np00009,other\n", r"line 3: id 'p00009' is not a point of this run's sample")
     check("id,label\np00001,other\np00002,uv\np00003,other\n", r"line 3: label 'uv' of id 'p00002' is not one of")
     check("id,label\np00001,other\np00002,other\np00001,other\n", r"line 4: id 'p00001' is listed again \(first on line 2\)")

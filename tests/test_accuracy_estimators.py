@@ -14,6 +14,7 @@ from engine.accuracy import (
     AccuracyInputError,
     Estimate,
     allocate,
+    area_ratio_estimates,
     assess_table,
     estimates_from_counts,
     olofsson_estimates,
@@ -22,6 +23,7 @@ from engine.accuracy import (
     sample_size_overall,
     stratified_estimates,
 )
+from engine.accuracy.estimators import accuracy_indicators, posterior_bounds
 
 Z = 1.959964
 
@@ -70,7 +72,7 @@ def test_two_map_class_strata_by_hand():
     # other stratum: 9000 px, 20 samples mapped other, 2 of them uv on the ground
     s = frame([("uv", "uv", "uv", 8), ("uv", "uv", "other", 2),
                ("other", "other", "other", 18), ("other", "other", "uv", 2)])
-    r = stratified_estimates(s, {"uv": 1000, "other": 9000}, classes=["uv", "other"])
+    r = stratified_estimates(s, {"uv": 1000, "other": 9000}, classes=["uv", "other"], interval="wald")
     f1, f2 = 1 - 10 / 1000, 1 - 20 / 9000
     w1, w2 = 0.1, 0.9
 
@@ -93,7 +95,7 @@ def test_two_map_class_strata_by_hand():
     check(r.producers_accuracy["other"], pa_o, se_o)
     assert r.estimator == "stehman2014" and r.n == 30 and r.warnings == ()
     assert r.strata == {"uv": {"size": 1000.0, "n": 10}, "other": {"size": 9000.0, "n": 20}}
-    same(r, olofsson_estimates(s, {"uv": 1000, "other": 9000}, classes=["uv", "other"]))
+    same(r, olofsson_estimates(s, {"uv": 1000, "other": 9000}, classes=["uv", "other"], interval="wald"))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -108,7 +110,7 @@ def test_region_by_class_strata_by_hand():
                ("s_uv", "uv", "uv", 2), ("s_uv", "uv", "other", 3),
                ("s_ot", "other", "other", 10)])
     sizes = {"n_uv": 100, "n_ot": 900, "s_uv": 200, "s_ot": 800}
-    r = stratified_estimates(s, sizes, classes=["uv", "other"])
+    r = stratified_estimates(s, sizes, classes=["uv", "other"], interval="wald")
     f_nu, f_no, f_su, f_so = 1 - 5 / 100, 1 - 10 / 900, 1 - 5 / 200, 1 - 10 / 800
 
     oa = (100 * 4 / 5 + 900 * 9 / 10 + 200 * 2 / 5 + 800 * 1) / 2000
@@ -150,7 +152,7 @@ def stehman_example() -> tuple[pd.DataFrame, dict[str, float]]:
 
 def test_stehman_2014_example_by_hand_and_published():
     samples, sizes = stehman_example()
-    r = stratified_estimates(samples, sizes, classes=list("ABCD"), fpc=False)
+    r = stratified_estimates(samples, sizes, classes=list("ABCD"), fpc=False, interval="wald")
     N = np.array([40000, 30000, 20000, 10000])
     # per stratum A, B, C, D (10 samples each): counts of y = 1 (and x = 1) read off the data
     ref_a = [6, 3, 1, 0]  # reference A
@@ -203,8 +205,8 @@ def olofsson_samples() -> pd.DataFrame:
 @pytest.mark.parametrize("fpc", [False, True])
 def test_olofsson_2014_example(fpc: bool):
     s = olofsson_samples()
-    o = olofsson_estimates(s, OLOFSSON_AREAS_PX, classes=OLOFSSON_CLASSES, fpc=fpc)
-    st = stratified_estimates(s, OLOFSSON_AREAS_PX, classes=OLOFSSON_CLASSES, fpc=fpc)
+    o = olofsson_estimates(s, OLOFSSON_AREAS_PX, classes=OLOFSSON_CLASSES, fpc=fpc, interval="wald")
+    st = stratified_estimates(s, OLOFSSON_AREAS_PX, classes=OLOFSSON_CLASSES, fpc=fpc, interval="wald")
     same(st, o)
     assert o.estimator == "olofsson2014" and o.n == st.n == 640
 
@@ -241,8 +243,8 @@ def test_stehman_equals_olofsson_on_random_samples(seed: int):
     rows = [(h, h, str(rng.choice(classes, p=[0.3, 0.3, 0.3, 0.1])), 1) for h in sizes for _ in range(n[h])]
     s = frame(rows)
     for fpc in (False, True):
-        o = olofsson_estimates(s, sizes, classes=classes, fpc=fpc)
-        st = stratified_estimates(s, sizes, classes=classes, fpc=fpc)
+        o = olofsson_estimates(s, sizes, classes=classes, fpc=fpc, interval="wald")
+        st = stratified_estimates(s, sizes, classes=classes, fpc=fpc, interval="wald")
         same(st, o, rel=1e-10)
         assert st.strata == o.strata and st.warnings == o.warnings
     assert math.isnan(st.users_accuracy["d"].estimate)
@@ -254,7 +256,7 @@ def test_stehman_equals_olofsson_on_random_samples(seed: int):
 
 def test_single_sample_stratum_counts_zero_variance_and_warns():
     s = frame([("a", "uv", "uv", 3), ("a", "uv", "other", 1), ("b", "other", "other", 1)])
-    r = stratified_estimates(s, {"a": 100, "b": 900}, classes=["uv", "other"], fpc=False)
+    r = stratified_estimates(s, {"a": 100, "b": 900}, classes=["uv", "other"], fpc=False, interval="wald")
     # OA = (100 * 3/4 + 900 * 1) / 1000; only stratum a contributes variance
     check(r.overall_accuracy, (75 + 900) / 1000, math.sqrt(100**2 * bvar(3, 4) / 4) / 1000)
     assert r.strata["b"]["n"] == 1 and "not estimable" in r.strata["b"]["note"]
@@ -282,8 +284,9 @@ def test_not_estimable_ratio_is_nan_and_null_in_json():
     assert doc["producers_accuracy"]["uv"] == {"estimate": None, "se": None, "ci95": [None, None]}
     assert any("producer's accuracy of 'uv'" in w for w in r.warnings)
     json.dumps(doc, allow_nan=False)
-    assert list(doc) == ["estimator", "n", "overall_accuracy", "users_accuracy", "producers_accuracy",
+    assert list(doc) == ["estimator", "n", "interval", "overall_accuracy", "users_accuracy", "producers_accuracy",
                          "area_proportion", "area", "classes", "strata", "warnings"]
+    assert doc["interval"] == "jeffreys"
 
 
 def test_fpc_needs_sizes_that_count_sampling_units():
@@ -351,6 +354,103 @@ def test_monte_carlo_unbiased_and_covering():
     assert np.mean(area) == pytest.approx(true_uv, rel=0.03)
     assert np.mean(pa) == pytest.approx(true_pa, abs=0.03)  # ratio estimator: small bias allowed
     assert (hits / reps >= 0.88).all(), hits / reps
+
+
+# ------------------------------------------------------------------------------------------------------------
+# a ratio of two estimated totals: the UV share of built-up land
+
+
+def test_ratio_of_totals_and_its_se_by_hand():
+    # stratum u (mapped uv, 100 m2): 5 points, reference uv 3, built-up 1, other 1
+    # stratum o (mapped other, 900 m2): 6 points, reference uv 1, built-up 3, other 2
+    s = frame([("u", "uv", "uv", 3), ("u", "uv", "built_up", 1), ("u", "uv", "other", 1),
+               ("o", "other", "uv", 1), ("o", "other", "built_up", 3), ("o", "other", "other", 2)])
+    s = s.rename(columns={"ref_class": "ref_land"})
+    sizes = {"u": 100.0, "o": 900.0}
+    r = area_ratio_estimates(s, sizes, ["uv"], ["uv", "built_up"], "ref_land", fpc=False, interval="wald")
+    # y = [ref uv], x = [ref uv or built-up]; per stratum: ybar_u = 3/5, xbar_u = 4/5, ybar_o = 1/6, xbar_o = 4/6
+    y_tot = 100 * 3 / 5 + 900 * 1 / 6  # 60 + 150 = 210 m2 of UV
+    x_tot = 100 * 4 / 5 + 900 * 4 / 6  # 80 + 600 = 680 m2 of built-up land
+    ratio = y_tot / x_tot
+    # u = y - R x per unit: in u, 3 units (1 - R), 1 unit (-R), 1 unit 0; in o, 1 unit (1 - R), 3 units (-R), 2 units 0
+    def s2(values: list[float]) -> float:
+        v = np.array(values)
+        return float(((v - v.mean()) ** 2).sum() / (len(v) - 1))
+    s2_u = s2([1 - ratio] * 3 + [-ratio] + [0.0])
+    s2_o = s2([1 - ratio] + [-ratio] * 3 + [0.0] * 2)
+    se = math.sqrt(100**2 * s2_u / 5 + 900**2 * s2_o / 6) / x_tot
+    check(r.ratio, ratio, se)
+    assert r.ratio.estimate == pytest.approx(210 / 680)
+    # the areas: total x the stratified means, SE from the within-stratum variances of the 0/1 indicators
+    check(r.numerator, y_tot, math.sqrt(100**2 * bvar(3, 5) / 5 + 900**2 * bvar(1, 6) / 6), upper=1000)
+    check(r.denominator, x_tot, math.sqrt(100**2 * bvar(4, 5) / 5 + 900**2 * bvar(4, 6) / 6), upper=1000)
+    assert r.n == 11 and r.part == ("uv",) and r.whole == ("uv", "built_up") and r.interval == "wald"
+    # the same estimates and SEs under the default interval, which holds the estimate
+    j = area_ratio_estimates(s, sizes, ["uv"], ["uv", "built_up"], "ref_land", fpc=False)
+    assert (j.ratio.estimate, j.ratio.se) == (r.ratio.estimate, r.ratio.se) and j.interval == "jeffreys"
+    assert j.ratio.ci95[0] < j.ratio.estimate < j.ratio.ci95[1]
+    json.dumps(j.to_json(), allow_nan=False)
+    with pytest.raises(ValueError, match="part"):
+        area_ratio_estimates(s, sizes, [], ["uv"], "ref_land")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# honest intervals: the stratified Jeffreys posterior
+
+
+def test_jeffreys_interval_of_one_stratum_is_the_binomial_jeffreys_interval():
+    # user's accuracy in a single stratum mapped uv: 46 of 50 correct -> Beta(46.5, 4.5) quantiles
+    from scipy.stats import beta
+
+    s = frame([("u", "uv", "uv", 46), ("u", "uv", "other", 4), ("o", "other", "other", 50)])
+    r = stratified_estimates(s, {"u": 10.0, "o": 90.0}, classes=["uv", "other"], fpc=False)
+    lo, hi = beta.ppf([0.025, 0.975], 46.5, 4.5)
+    assert r.users_accuracy["uv"].ci95 == pytest.approx((lo, hi), abs=0.006)  # Monte Carlo quantiles (4000 draws)
+    assert r.users_accuracy["uv"].estimate == pytest.approx(46 / 50) and r.interval == "jeffreys"
+    # deterministic: the same sample gives the same interval
+    assert stratified_estimates(s, {"u": 10.0, "o": 90.0}, classes=["uv", "other"], fpc=False) == r
+    with pytest.raises(ValueError, match="interval"):
+        stratified_estimates(s, {"u": 10.0, "o": 90.0}, interval="exact")
+
+
+def test_no_zero_width_interval_when_a_stratum_sampled_no_error():
+    """Coverage smoke: the map misses a village far from mapped UV (1% of the other stratum); the 40 points there
+    found none. Wald says PA = 1 [1, 1]; the default interval is not a point and still holds the census value."""
+    sizes = {"uv": 1_000.0, "other": 99_000.0}
+    # census: the uv stratum is 80% UV, the other stratum 1% UV -> true UV = 800 + 990, PA = 800 / 1790 = 0.447
+    census_pa, census_area = 800 / 1790, 1790.0
+    s = frame([("uv", "uv", "uv", 40), ("uv", "uv", "other", 10), ("other", "other", "other", 40)])
+    wald = stratified_estimates(s, sizes, classes=["uv", "other"], fpc=False, interval="wald")
+    assert wald.producers_accuracy["uv"].ci95 == (1.0, 1.0)  # the degenerate classical interval
+    r = stratified_estimates(s, sizes, classes=["uv", "other"], fpc=False)
+    for est in [r.overall_accuracy, *r.users_accuracy.values(), *r.producers_accuracy.values(), *r.area.values()]:
+        lo, hi = est.ci95
+        assert hi - lo > 0 and lo <= est.estimate <= hi, est
+    pa, area = r.producers_accuracy["uv"], r.area["uv"]
+    assert pa.estimate == 1.0 and pa.se == 0.0  # the point estimate and SE stay classical
+    assert pa.ci95[0] < census_pa < pa.ci95[1]
+    assert area.ci95[0] < census_area < area.ci95[1]
+    ratio = area_ratio_estimates(s.assign(ref_land=s["ref_class"]), sizes, ["uv"], ["uv", "other"], "ref_land", fpc=False)
+    assert ratio.ratio.ci95[1] - ratio.ratio.ci95[0] > 0
+
+
+def test_posterior_bounds_take_a_batch_of_samples():
+    """The benchmark's path: a batch of count cubes gives each sample's bounds (up to Monte Carlo noise)."""
+    rng = np.random.default_rng(3)
+    counts = np.stack([np.stack([np.diag(rng.integers(5, 30, 2)) for _ in range(3)]) for _ in range(4)])
+    counts[:, 0, 0, 1] = rng.integers(0, 5, 4)
+    size = np.array([10.0, 300.0, 50.0])
+    _, y, x = accuracy_indicators(2)
+    lo, hi = posterior_bounds(counts, size, y, x)
+    assert lo.shape == hi.shape == (4, y.shape[0]) and np.all(lo <= hi)
+    for b in range(4):
+        lo1, hi1 = posterior_bounds(counts[b], size, y, x)
+        tolerance = 0.1 * (hi1 - lo1)  # 4000 draws: the quantiles move by a few % of the width between streams
+        assert np.all(np.abs(lo1 - lo[b]) < tolerance) and np.all(np.abs(hi1 - hi[b]) < tolerance)
+    # a stratum without samples: no interval
+    empty = counts[0].copy()
+    empty[1] = 0
+    assert np.isnan(posterior_bounds(empty, size, y, x)[0]).all()
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -9,12 +9,18 @@ import importlib
 
 from engine.accuracy.design import allocate, sample_size_overall
 from engine.accuracy.estimators import (
+    DEFAULT_INTERVAL,
+    INTERVALS,
     Z95,
     AccuracyResult,
+    AreaRatio,
     Estimate,
+    area_ratio_estimates,
+    area_ratio_from_counts,
     count_cube,
     estimates_from_counts,
     olofsson_estimates,
+    posterior_bounds,
     stratified_estimates,
 )
 from engine.accuracy.tables import AccuracyInputError, assess_table, read_samples_csv, read_strata_csv
@@ -36,19 +42,25 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "DEFAULT_INTERVAL",
+    "INTERVALS",
     "Z95",
     "AccuracyInputError",
     "AccuracyResult",
+    "AreaRatio",
     "AssessConfig",
     "AssessReport",
     "DomainResult",
     "SampleConfig",
     "Estimate",
     "allocate",
+    "area_ratio_estimates",
+    "area_ratio_from_counts",
     "assess_table",
     "count_cube",
     "estimates_from_counts",
     "olofsson_estimates",
+    "posterior_bounds",
     "read_samples_csv",
     "read_labels",
     "read_strata_csv",

@@ -25,12 +25,13 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from engine.accuracy.estimators import stratified_estimates
+from engine.accuracy.estimators import INTERVALS, area_ratio_estimates, stratified_estimates
 from engine.accuracy.reference import (
     export_label_sheet,
-    label_points,
+    label_land,
     load_reference,
     read_labels,
+    to_ref_class,
     truth_strips,
 )
 from engine.accuracy.report import (
@@ -44,6 +45,8 @@ from engine.accuracy.report import (
 )
 from engine.accuracy.sampling import (
     ASSESS_CLASSES,
+    BUILT_UP,
+    LAND_CLASSES,
     OTHER_CLASS,
     UV_CLASS,
     CityStrata,
@@ -75,6 +78,8 @@ class AssessConfig:
         chip_px: side of the labelling sheet's image chips, in imagery pixels.
         fpc: finite population correction; off by default because the points are i.i.d. on a continuous area.
         workers: cities scanned at once (threads); 0 = up to 4, one per core.
+        interval: the 95% CIs: ``jeffreys`` (default; the stratified Jeffreys posterior interval, never of zero
+            width) or ``wald`` (estimate +- 1.96 SE, the classical one), see :mod:`engine.accuracy.estimators`.
 
     Example:
         >>> AssessConfig(sampling=SampleConfig(buffer_m=30.0)).sampling.buffer_m
@@ -88,8 +93,11 @@ class AssessConfig:
     chip_px: int = 96
     fpc: bool = False
     workers: int = 0
+    interval: str = "jeffreys"
 
     def __post_init__(self) -> None:
+        if self.interval not in INTERVALS:
+            raise ValueError(f"interval={self.interval!r}: use one of {INTERVALS}")
         if self.min_domain_samples < 2:
             raise ValueError(f"min_domain_samples={self.min_domain_samples}: need at least 2 (variance)")
         if not 8 <= self.chip_px <= 1024:
@@ -269,21 +277,23 @@ def _reference(points: pd.DataFrame, rows: list[dict], references: dict, cfg: As
                warnings: list[str], timestamp: str = "") -> tuple[pd.DataFrame, dict[str, Path]]:
     """Points with ``ref_class``/``ref_source``; exports the labelling sheet for points still without a label."""
     points = points.copy()
-    ref = np.full(len(points), None, dtype=object)
+    ref = np.full(len(points), None, dtype=object)  # the reference land class (LAND_CLASSES)
     source = np.full(len(points), None, dtype=object)
     if cfg.use_catalog_reference:
         for city, idx in points.groupby("city").groups.items():
             if city in references:
                 pos = points.index.get_indexer(idx)
-                ref[pos] = label_points(points.loc[idx, "lon"].to_numpy(), points.loc[idx, "lat"].to_numpy(), references[city])
+                ref[pos] = label_land(points.loc[idx, "lon"].to_numpy(), points.loc[idx, "lat"].to_numpy(), references[city])
                 source[pos] = "catalog"
     if labels_csv is not None:
         labels = read_labels(labels_csv, points, required=set(points["id"][pd.isna(ref)]))
-        pos = points.index[points["id"].isin(labels["id"])]
-        lookup = dict(zip(labels["id"], labels["ref_class"]))
-        ref[pos] = points.loc[pos, "id"].map(lookup).to_numpy()
+        pos = points.index.get_indexer(points.index[points["id"].isin(labels["id"])])
+        lookup = dict(zip(labels["id"], labels["ref_land"]))
+        ref[pos] = points["id"].iloc[pos].map(lookup).to_numpy()
         source[pos] = "labels"
-    points["ref_class"] = ref
+    known = ~pd.isna(ref)
+    points["ref_class"] = np.where(known, to_ref_class(np.where(known, ref, OTHER_CLASS)), None)
+    points["ref_land"] = ref
     points["ref_source"] = source
     pending = pd.isna(ref)
     if not pending.any():
@@ -309,9 +319,19 @@ def _mapped(cells: pd.DataFrame) -> dict[str, float]:
     return {c: float(by_class.get(c, 0.0)) for c in ASSESS_CLASSES}
 
 
+def _mapped_built_up(cells: pd.DataFrame) -> float | None:
+    """Area the map puts in a built-up class (urban villages included); None where a city's map has no built-up
+    class (a binary UV map does not say where built-up land is)."""
+    built = cells["built_up_m2"] if "built_up_m2" in cells else pd.Series(np.nan, index=cells.index)
+    if cells.empty or built.isna().any():
+        return None
+    return float(built.sum())
+
+
 def _pending(design: SampleDesign, level: str, name: str, cities: list[str] | None, points: pd.DataFrame) -> DomainResult:
     n = len(points) if cities is None else int(points["city"].isin(cities).sum())
-    return DomainResult(level, name, "awaiting_labels", n, _mapped(_domain_cells(design, cities)))
+    cells = _domain_cells(design, cities)
+    return DomainResult(level, name, "awaiting_labels", n, _mapped(cells), mapped_built_up_m2=_mapped_built_up(cells))
 
 
 def estimate_domain(points: pd.DataFrame, design: SampleDesign, level: str, name: str, cities: list[str] | None,
@@ -325,20 +345,26 @@ def estimate_domain(points: pd.DataFrame, design: SampleDesign, level: str, name
     """
     cells = _domain_cells(design, cities)
     mapped = _mapped(cells)
+    built = _mapped_built_up(cells)
     sizes = cells.groupby("stratum", sort=False)["area_m2"].sum()
     mine = points if cities is None else points[points["city"].isin(cities)]
     if sizes.empty:
-        return DomainResult(level, name, "no_mapped_area", 0, mapped, note="no valid pixel in the class map")
+        return DomainResult(level, name, "no_mapped_area", 0, mapped, note="no valid pixel in the class map",
+                            mapped_built_up_m2=built)
     n_h = mine["stratum"].value_counts().reindex(sizes.index, fill_value=0)
     thin = n_h[n_h < cfg.min_domain_samples]
     if len(thin):
         parts = ", ".join(f"{h} ({int(k)} points, {sizes[h] / 1e4:,.2f} ha)" for h, k in thin.items())
         return DomainResult(level, name, "too_few_samples", len(mine), mapped,
                             note=f"too few samples for an estimate: {parts} need at least {cfg.min_domain_samples} "
-                                 f"points each (assess with strata=city or a larger sample)")
+                                 f"points each (assess with strata=city or a larger sample)", mapped_built_up_m2=built)
     result = stratified_estimates(mine[["stratum", "map_class", "ref_class"]], sizes.to_dict(), classes=ASSESS_CLASSES,
-                                  fpc=cfg.fpc)
-    return DomainResult(level, name, "estimated", len(mine), mapped, result, flags=degenerate_flags(result))
+                                  fpc=cfg.fpc, interval=cfg.interval)
+    land = mine.assign(ref_land=mine["ref_land"] if "ref_land" in mine else mine["ref_class"])
+    land = area_ratio_estimates(land[["stratum", "map_class", "ref_land"]], sizes.to_dict(), part=[UV_CLASS],
+                                whole=[UV_CLASS, BUILT_UP], ref_column="ref_land", fpc=cfg.fpc, interval=cfg.interval)
+    return DomainResult(level, name, "estimated", len(mine), mapped, result, flags=degenerate_flags(result), land=land,
+                        mapped_built_up_m2=built)
 
 
 CENSUS_SQL = """
@@ -354,14 +380,15 @@ ORDER BY level, name, map_index, ref_index
 
 
 def census_tables(scans: list[CityStrata]) -> dict[str, dict[str, Census]]:
-    """Census confusion (m2) per city, region and nation from the cities' pixel counts (DuckDB grouping sets).
+    """Census confusion (m2, map class x true land class) per city, region and nation from the cities' pixel counts
+    (DuckDB grouping sets).
 
     A region (or the nation) gets a census only when every one of its assessed cities has one, so a census is never
     compared with an estimate over a larger area.
     """
     rows = [{"city": s.grid.city, "region": s.grid.region, "map_index": i, "ref_index": j,
              "pixels": int(s.census[i, j]), "area_m2": float(s.census_area_m2[i, j])}
-            for s in scans if s.census is not None for i in range(2) for j in range(2)]
+            for s in scans if s.census is not None for i in range(2) for j in range(len(LAND_CLASSES))]
     con = connect(threads=1)
     try:
         con.register("census", pa.Table.from_pylist(rows))
@@ -370,7 +397,7 @@ def census_tables(scans: list[CityStrata]) -> dict[str, dict[str, Census]]:
         con.close()
     out: dict[str, dict[str, Census]] = {"national": {}, "region": {}, "city": {}}
     for (level, name), g in df.groupby(["level", "name"], sort=True):
-        m = np.zeros((2, 2))
+        m = np.zeros((2, len(LAND_CLASSES)))
         m[g["map_index"].to_numpy(), g["ref_index"].to_numpy()] = g["area_m2"].to_numpy()
         out[level][name] = Census(int(g["pixels"].sum()), m)
     partial = {s.grid.region for s in scans if s.census is None}

@@ -2,6 +2,10 @@
 
 Two sources, one rule: a point's reference class is ``urban_village`` when it lies in (or on the edge of) a
 reference polygon of class ``urban_village`` and ``other`` everywhere else (other classes, roads, unlabelled land).
+For the built-up estimates each point also has a reference *land* class (``ref_land``): ``urban_village``;
+``built_up`` in a polygon of another built-up class (:data:`engine.schema.BUILT_UP_CLASSES` or ``built_up``);
+``other`` elsewhere. The accuracy statistics use ``ref_class``, which is ``ref_land`` with ``built_up`` read as
+``other``.
 
 - The catalog's ``reference`` polygons (synthetic cities; any city with complete reference mapping): point in
   polygon with a shapely STRtree, in the reference's own CRS. The same polygons rasterised onto a city's class grid
@@ -30,7 +34,15 @@ from rasterio.transform import array_bounds
 from rasterio.windows import Window
 
 from engine import storage
-from engine.accuracy.sampling import ASSESS_CLASSES, OTHER_CLASS, UV_CLASS, CityGrid, TruthStrip
+from engine.accuracy.sampling import (
+    BUILT_UP,
+    LAND_CLASSES,
+    OTHER_CLASS,
+    UV_CLASS,
+    CityGrid,
+    TruthStrip,
+    is_built_up,
+)
 from engine.accuracy.tables import AccuracyInputError, _first_bad, _read_csv
 from engine.atomic import atomic_path
 from engine.gpkg import write_gpkg
@@ -65,11 +77,43 @@ def load_reference(path: str | os.PathLike[str]) -> gpd.GeoDataFrame:
     return gdf[~(gdf.geometry.isna() | gdf.geometry.is_empty)].reset_index(drop=True)
 
 
-def _uv_geometries(reference: gpd.GeoDataFrame, crs: CRS | None = None) -> np.ndarray:
-    uv = reference[reference["class"].astype(str) == UV_CLASS]
+def _land_codes(reference: gpd.GeoDataFrame) -> np.ndarray:
+    """Index in LAND_CLASSES of every reference polygon: 1 urban village, 2 other built-up land, 0 anything else."""
+    names = reference["class"].astype(str).to_numpy()
+    return np.where(names == UV_CLASS, 1, np.where([is_built_up(c) for c in names], 2, 0)).astype(np.uint8)
+
+
+def _land_geometries(reference: gpd.GeoDataFrame, crs: CRS | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The UV and built-up polygons (in ``crs`` if given) with their land codes (1, 2)."""
+    codes = _land_codes(reference)
+    keep = reference[codes > 0]
     if crs is not None:
-        uv = uv.to_crs(crs)
-    return np.asarray(uv.geometry.values, dtype=object)
+        keep = keep.to_crs(crs)
+    return np.asarray(keep.geometry.values, dtype=object), codes[codes > 0]
+
+
+def label_land(lon: np.ndarray, lat: np.ndarray, reference: gpd.GeoDataFrame) -> np.ndarray:
+    """Reference land class of each point (lon/lat, EPSG:4326): ``urban_village`` inside a UV polygon, else
+    ``built_up`` inside a polygon of another built-up class, else ``other``.
+
+    Example:
+        >>> ref = gpd.GeoDataFrame({"class": ["urban_village", "commercial", "green"]}, crs=4326,
+        ...                        geometry=[shapely.box(0, 0, 1, 1), shapely.box(1, 0, 2, 1), shapely.box(2, 0, 3, 1)])
+        >>> label_land(np.array([0.5, 1.5, 2.5, 9.0]), np.full(4, 0.5), ref).tolist()
+        ['urban_village', 'built_up', 'other', 'other']
+    """
+    lon, lat = np.asarray(lon, float), np.asarray(lat, float)
+    out = np.zeros(lon.size, np.uint8)
+    geoms, codes = _land_geometries(reference)
+    if lon.size and geoms.size:
+        x, y = lon, lat
+        if not CRS.from_user_input(reference.crs).equals(CRS.from_epsg(4326)):
+            x, y = Transformer.from_crs(4326, reference.crs, always_xy=True).transform(lon, lat)
+        points = shapely.points(np.asarray(x, float), np.asarray(y, float))
+        hit, poly = shapely.STRtree(geoms).query(points, predicate="intersects")
+        np.maximum.at(out, hit, np.where(codes[poly] == 1, 3, 2))  # a UV polygon wins over a built-up one it touches
+        out = np.where(out == 3, 1, out).astype(np.uint8)
+    return np.array(LAND_CLASSES, dtype=object)[out]
 
 
 def label_points(lon: np.ndarray, lat: np.ndarray, reference: gpd.GeoDataFrame) -> np.ndarray:
@@ -80,26 +124,25 @@ def label_points(lon: np.ndarray, lat: np.ndarray, reference: gpd.GeoDataFrame) 
         >>> label_points(np.array([0.5, 2.0]), np.array([0.5, 0.5]), ref).tolist()
         ['urban_village', 'other']
     """
-    lon, lat = np.asarray(lon, float), np.asarray(lat, float)
-    out = np.full(lon.size, OTHER_CLASS, dtype=object)
-    geoms = _uv_geometries(reference)
-    if lon.size == 0 or geoms.size == 0:
-        return out
-    x, y = lon, lat
-    if not CRS.from_user_input(reference.crs).equals(CRS.from_epsg(4326)):
-        x, y = Transformer.from_crs(4326, reference.crs, always_xy=True).transform(lon, lat)
-    points = shapely.points(np.asarray(x, float), np.asarray(y, float))
-    hit, _ = shapely.STRtree(geoms).query(points, predicate="intersects")
-    out[np.unique(hit)] = UV_CLASS
-    return out
+    return to_ref_class(label_land(lon, lat, reference))
+
+
+def to_ref_class(land: np.ndarray) -> np.ndarray:
+    """The accuracy assessment's reference class of land classes: ``built_up`` counts as ``other``."""
+    land = np.asarray(land, dtype=object)
+    return np.where(land == BUILT_UP, OTHER_CLASS, land).astype(object)
 
 
 def truth_strips(reference: gpd.GeoDataFrame, grid: CityGrid) -> TruthStrip:
-    """A function ``(y0, y1) -> bool UV mask`` of those rows of the city's grid: the reference rasterised there.
+    """A function ``(y0, y1) -> uint8 land codes`` of those rows of the city's grid (index in LAND_CLASSES: 0 other,
+    1 urban village, 2 other built-up land): the reference rasterised there.
 
-    Pixel centres decide (``rasterize`` without ``all_touched``); only polygons meeting the strip are burnt.
+    Pixel centres decide (``rasterize`` without ``all_touched``); only polygons meeting the strip are burnt, urban
+    villages last (they win where polygons overlap).
     """
-    geoms = _uv_geometries(reference, grid.crs)
+    geoms, codes = _land_geometries(reference, grid.crs)
+    order = np.argsort(-codes.astype(int), kind="stable")  # built-up (2) first, then UV (1) on top
+    geoms, codes = geoms[order], codes[order]
     tree = shapely.STRtree(geoms)
 
     def strip(y0: int, y1: int) -> np.ndarray:
@@ -107,9 +150,10 @@ def truth_strips(reference: gpd.GeoDataFrame, grid: CityGrid) -> TruthStrip:
         transform = grid.transform @ Affine.translation(0, y0)
         hits = tree.query(shapely.box(*array_bounds(shape[0], shape[1], transform)))
         if hits.size == 0:
-            return np.zeros(shape, bool)
-        return rasterize(((g, 1) for g in geoms[np.sort(hits)]), out_shape=shape, transform=transform, fill=0,
-                         dtype="uint8").astype(bool)
+            return np.zeros(shape, np.uint8)
+        hits = np.sort(hits)
+        return rasterize(zip(geoms[hits], codes[hits].tolist()), out_shape=shape, transform=transform, fill=0,
+                         dtype="uint8")
 
     return strip
 
@@ -139,8 +183,10 @@ def export_label_sheet(points: pd.DataFrame, imagery: Mapping[str, str], out_dir
                        chip_px: int = 96, timestamp: str = "") -> tuple[dict[str, Path], list[str]]:
     """Write the blind labelling sheet of ``points`` under ``out_dir``: CSV, GeoPackage and one PNG chip per point.
 
-    The sheet has :data:`SHEET_COLUMNS`; ``label`` is empty, to be filled with ``urban_village`` or ``other``. The
-    map class and stratum are left out on purpose. Chips (``chips/<id>.png``, the imagery around the point with a
+    The sheet has :data:`SHEET_COLUMNS`; ``label`` is empty, to be filled with ``urban_village``, ``built_up``
+    (built-up land that is not an urban village: housing estates, commerce, industry, institutions) or ``other``
+    (land that is not built-up: roads, green, water, farmland, vacant). The map class and stratum are left out on
+    purpose. Chips (``chips/<id>.png``, the imagery around the point with a
     yellow square on its pixel) are read by window from the catalog imagery of each city.
 
     Args:
@@ -187,7 +233,7 @@ def export_label_sheet(points: pd.DataFrame, imagery: Mapping[str, str], out_dir
 
 
 def read_labels(path: str | os.PathLike[str], sample: pd.DataFrame, required: set[str] | None = None,
-                classes: tuple[str, ...] = ASSESS_CLASSES) -> pd.DataFrame:
+                classes: tuple[str, ...] = LAND_CLASSES) -> pd.DataFrame:
     """Read a filled labelling sheet (CSV with ``id`` and ``label``) and check it against the run's sample.
 
     Args:
@@ -198,7 +244,8 @@ def read_labels(path: str | os.PathLike[str], sample: pd.DataFrame, required: se
         classes: allowed labels.
 
     Returns:
-        ``id``, ``ref_class`` per labelled row, indexed by line number in the file.
+        ``id``, ``ref_land`` (the label) and ``ref_class`` (the label with ``built_up`` read as ``other``) per
+        labelled row, indexed by line number in the file.
 
     Raises:
         AccuracyInputError: naming the file and line: missing file or column, empty or repeated id, an id that is
@@ -243,4 +290,5 @@ def read_labels(path: str | os.PathLike[str], sample: pd.DataFrame, required: se
         first_id = missing[0]
         raise AccuracyInputError(f"{path}: {len(missing)} sample point(s) have no row, e.g. id {first_id!r} "
                                  f"(city {known.at[first_id, 'city']}); label every point of the sheet")
-    return pd.DataFrame({"id": df["id"], "ref_class": df["label"]}, index=df.index)
+    return pd.DataFrame({"id": df["id"], "ref_land": df["label"], "ref_class": to_ref_class(df["label"].to_numpy())},
+                        index=df.index)

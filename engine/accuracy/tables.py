@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from engine.accuracy.estimators import SAMPLE_COLUMNS, Z95, AccuracyResult, stratified_estimates
+from engine.accuracy.estimators import DEFAULT_INTERVAL, SAMPLE_COLUMNS, Z95, AccuracyResult, stratified_estimates
 from engine.atomic import atomic_path
 
 STRATA_COLUMNS = ("stratum", "size")
@@ -112,7 +112,7 @@ def read_strata_csv(path: str | os.PathLike[str]) -> dict[str, float]:
 
 def assess_table(samples_csv: str | os.PathLike[str], strata_csv: str | os.PathLike[str],
                  out_json: str | os.PathLike[str], *, classes: Sequence[str] | None = None, fpc: bool = True,
-                 z: float = Z95) -> AccuracyResult:
+                 z: float = Z95, interval: str = DEFAULT_INTERVAL) -> AccuracyResult:
     """Estimate accuracy and areas from ``S.csv`` and ``T.csv`` (Stehman 2014) and write ``R.json`` atomically.
 
     Every stratum of ``T.csv`` must have samples (an unsampled stratum would bias every estimate: drop it from
@@ -126,6 +126,8 @@ def assess_table(samples_csv: str | os.PathLike[str], strata_csv: str | os.PathL
         fpc: finite population correction ``1 - n_h/N_h``, which reads each size as a count of sampling units
             (right for pixels; ~1 for m2; pass ``False`` for sizes in ha or km2).
         z: normal quantile of the confidence intervals.
+        interval: ``jeffreys`` (default: the stratified Jeffreys posterior interval) or ``wald`` (estimate +- z SE,
+            the classical intervals of Stehman 2014 and Olofsson et al. 2014).
 
     Returns:
         The :class:`AccuracyResult` that was written.
@@ -160,7 +162,7 @@ def assess_table(samples_csv: str | os.PathLike[str], strata_csv: str | os.PathL
                                 f"(--no-fpc)")
     sizes = dict(zip(strata["stratum"], strata["size"]))
     try:
-        result = stratified_estimates(samples, sizes, classes=classes, fpc=fpc, z=z)
+        result = stratified_estimates(samples, sizes, classes=classes, fpc=fpc, z=z, interval=interval)
     except ValueError as exc:  # the checks above should leave none; keep the file names if one slips through
         raise AccuracyInputError(f"{samples_csv} with {strata_csv}: {exc}") from None
     with atomic_path(out_json) as tmp:

@@ -48,7 +48,8 @@ def region_rows(products_dir: Path) -> list[dict]:
         row = {"level": level, "region": region, "cities": len(rows), "uv_polygons": sum(r.get("polygons") or 0 for r in rows),
                "uv_area_m2": sum(r.get("uv_area_m2") or 0.0 for r in rows),
                "built_up_area_m2": built_up if shares else None, "uv_share": uv_mapped / built_up if built_up > 0 else None}
-        domain = (report.get("national") if level == "national" else (report.get("regions") or {}).get(region)) or {}
+        headline = report.get("headline") or {}
+        domain = (headline.get("national") if level == "national" else (headline.get("regions") or {}).get(region)) or {}
         for name in ESTIMATES:
             est = _estimate(domain, name)
             row[f"{name}_estimate"], row[f"{name}_ci95_low"], row[f"{name}_ci95_high"] = est
@@ -115,11 +116,9 @@ def _read_report(products_dir: Path) -> dict:
 
 
 def _estimate(domain: dict, name: str) -> tuple[float | None, float | None, float | None]:
-    """``(estimate, ci95 low, ci95 high)`` of UV area (m2) or UV share from a report.json domain; Nones if absent."""
-    if name == "uv_area_m2":
-        entry = (domain.get("area") or {}).get("urban_village")
-    else:
-        entry = domain.get("uv_share")
+    """``(estimate, ci95 low, ci95 high)`` of UV area (m2) or UV share of built-up land from a domain of report.json's
+    ``headline`` block (engine.accuracy.report); Nones when absent (not assessed, or no built-up reference)."""
+    entry = domain.get("uv_area_m2" if name == "uv_area_m2" else "uv_share_of_built_up")
     if not isinstance(entry, dict) or entry.get("estimate") is None:
         return None, None, None
     low, high = (entry.get("ci95") or [None, None])[:2]
