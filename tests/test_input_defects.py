@@ -166,8 +166,12 @@ def test_gsd_far_from_the_model_s_warns_then_refuses():
 def test_gpkg_is_byte_identical_when_written_again(tmp_path):
     from engine.stitch.products import URBAN_VILLAGES_SCHEMA, write_urban_villages
 
+    from engine.stitch.city_morphology import empty_metrics
+
+    morphology = empty_metrics(1)
     table = pa.table({"uv_id": ["a-1"], "city": ["a"], "region": ["r"], "area_m2": [10.0], "mean_prob": [0.9], "n_tiles": [1],
-                      "model_version": ["m"], "geometry": [shapely.to_wkb(shapely.box(0, 0, 0.001, 0.001))]}, schema=URBAN_VILLAGES_SCHEMA)
+                      "model_version": ["m"], **{name: morphology[name] for name in morphology.column_names},
+                      "geometry": [shapely.to_wkb(shapely.box(0, 0, 0.001, 0.001))]}, schema=URBAN_VILLAGES_SCHEMA)
     _, first = write_urban_villages([table], tmp_path / "a", "2026-01-02T03:04:05Z")
     time.sleep(1.1)  # GDAL's clock has seconds: without a fixed stamp the two files would differ here
     _, second = write_urban_villages([table], tmp_path / "b", "2026-01-02T03:04:05Z")

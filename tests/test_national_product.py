@@ -143,3 +143,36 @@ def test_bad_buildings_are_a_note_on_their_city_and_the_rest_completes(reference
     note = stats[bad_city]["buildings_note"]
     assert bad_city in note and "no_crs.geojson" in note and not stats[bad_city]["buildings_source"]
     assert all(stats[c]["buildings_source"] == "catalog" and not stats[c]["buildings_note"] for c in stats if c != bad_city)
+
+
+def test_morphology_of_a_complete_buildings_file_equals_the_generators_truth(ray_session, tmp_path):
+    """Hand-checkable cities whose buildings file holds every drawn building where it was drawn (completeness 1, no
+    jitter): with the perfect model, their villages' metrics equal the generator's own counts within 1%. (Formal
+    housing's zones come from the reference polygons, not the generator's blocks: compared in the contrast test.)"""
+    from engine.catalog import load_catalog
+    from engine.synth.config import SynthConfig
+    from engine.synth.demo import write_demo
+
+    ws = tmp_path / "ws"
+    cfg = SynthConfig(size_km=0.6, buildings_completeness=(1.0, 1.0), buildings_jitter_m=(0.0, 0.0))
+    catalog = load_catalog(write_demo(ws, n_cities=3, cfg=cfg, seed=11, workers=1))
+    report = run_map(catalog, ws, MapConfig(run="census", model_dir=REFERENCE_MODEL, tile_size_px=PREPARED_TILE_PX, assess=False))
+    assert not report.failed
+    rows = {(r["city"], r["group"]): r for r in csv.DictReader((ws / "products" / "census" / "morphology.csv").open())
+            if r["level"] == "city"}
+    checked = 0
+    for city in catalog["city"].to_pylist():
+        truth = json.loads((ws / "cities" / city / "meta.json").read_text())["stats"]["buildings_truth"]
+        assert truth["file_completeness"] == 1.0
+        t, row = truth["by_class"].get("urban_village"), rows.get((city, "uv"))
+        if not t or not row or t["count"] < 5:
+            continue
+        assert int(row["n_buildings"]) == t["count"], city
+        assert float(row["density_per_ha"]) == pytest.approx(t["per_ha"], rel=0.01), city
+        assert float(row["coverage_ratio"]) == pytest.approx(t["coverage"], rel=0.01), city
+        assert float(row["footprint_mean_m2"]) == pytest.approx(t["mean_footprint_m2"], rel=0.01), city
+        # the file's heights carry a real survey's noise (sd 0.5 m per building): within 1% plus 3 standard errors
+        noise = 3 * 0.5 / np.sqrt(t["count"])
+        assert abs(float(row["height_mean_m"]) - t["mean_height_m"]) <= 0.01 * t["mean_height_m"] + noise, city
+        checked += 1
+    assert checked >= 2, "the villages of several cities compared"
