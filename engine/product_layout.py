@@ -10,8 +10,10 @@ import csv
 import json
 import math
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
+from engine.atomic import atomic_path
 from engine.workspace import check_name
 
 RUN_JSON = "run.json"
@@ -46,6 +48,23 @@ def read_run(products_dir: str | os.PathLike[str]) -> dict:
     if missing:
         raise ValueError(f"{path}: missing {', '.join(missing)}; it must be a RunManifest written by `map`")
     return run
+
+
+def write_csv(path: Path, columns: tuple[str, ...] | list[str], rows: Iterable[dict]) -> Path:
+    """A product table as CSV, atomically: ``columns`` in order; numbers as Python writes them (``repr``, so they
+    read back exactly), NaN and missing values as empty cells (the dictionary's "not measured")."""
+    with atomic_path(Path(path)) as tmp, tmp.open("w", newline="") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow([_cell(row.get(name)) for name in columns])
+    return Path(path)
+
+
+def _cell(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return repr(value) if isinstance(value, float) else str(value)
 
 
 def read_city_stats(products_dir: str | os.PathLike[str]) -> list[dict]:

@@ -219,6 +219,18 @@ def _ratio(size: np.ndarray, n: np.ndarray, f: np.ndarray, sy: np.ndarray, sx: n
     return ratio, np.sqrt(var)
 
 
+def _sampled_strata(counts: np.ndarray, strata: Sequence[str], sizes: Mapping[str, float], fpc: bool):
+    """The strata that hold samples: ``(strata report, warnings, counts, sizes, n, fpc factors, total size)`` of them
+    (strata without samples are reported and left out), shared by every estimator over a count cube."""
+    size = np.array([sizes[h] for h in strata])
+    n = counts.sum(axis=(1, 2))
+    if n.sum() == 0:
+        raise ValueError("no samples")
+    f = _fpc(size, n, fpc, strata)
+    report, warnings, used = _strata_report(strata, size, n, f, fpc)
+    return report, warnings, counts[used], size[used], n[used], f[used], float(size[used].sum())
+
+
 def _interval(est: np.ndarray, se: np.ndarray, z: float, upper: float) -> list[tuple[float, float]]:
     lo = np.clip(est - z * se, 0.0, upper)
     hi = np.clip(est + z * se, 0.0, upper)
@@ -392,14 +404,7 @@ def estimates_from_counts(counts: np.ndarray, strata_sizes: Mapping[str, float],
         raise ValueError(f"counts have shape {counts.shape}, expected {(len(strata), k, k)} (strata, map, reference)")
     if (counts < 0).any():
         raise ValueError("counts must be >= 0")
-    size = np.array([sizes[h] for h in strata])
-    n = counts.sum(axis=(1, 2))
-    if n.sum() == 0:
-        raise ValueError("no samples")
-    f = _fpc(size, n, fpc, strata)
-    report, warnings, used = _strata_report(strata, size, n, f, fpc)
-    c, size, n, f = counts[used], size[used], n[used], f[used]
-    total = float(size.sum())
+    report, warnings, c, size, n, f, total = _sampled_strata(counts, strata, sizes, fpc)
 
     diag = np.diagonal(c, axis1=1, axis2=2)  # (H, K): y = 1 if map = ref = k
     map_k = c.sum(axis=2)  # (H, K): x = 1 if map = k
@@ -576,14 +581,7 @@ def area_ratio_from_counts(counts: np.ndarray, strata_sizes: Mapping[str, float]
     unknown = sorted((set(part) | set(whole)) - set(classes))
     if unknown or not part or not whole:
         raise ValueError(f"part {list(part)} and whole {list(whole)} must be non-empty lists of the classes {list(classes)}")
-    size = np.array([sizes[h] for h in strata])
-    n = counts.sum(axis=(1, 2))
-    if n.sum() == 0:
-        raise ValueError("no samples")
-    f = _fpc(size, n, fpc, strata)
-    _, warnings, used = _strata_report(strata, size, n, f, fpc)
-    c, size, n, f = counts[used], size[used], n[used], f[used]
-    total = float(size.sum())
+    _, warnings, c, size, n, f, total = _sampled_strata(counts, strata, sizes, fpc)
     yj = np.isin(classes, list(part)).astype(float)
     xj = np.isin(classes, list(whole)).astype(float)
     ref = c.sum(axis=1)  # (H, K): units per reference class

@@ -13,15 +13,13 @@ differences in how they are built). Per region and for the nation:
 
 from __future__ import annotations
 
-import csv
-import math
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 
 from engine.atomic import atomic_path
-from engine.product_layout import ACCURACY_DIR, REGIONS_CSV, REGIONS_PNG, UV_PARQUET, read_city_stats
+from engine.product_layout import ACCURACY_DIR, REGIONS_CSV, REGIONS_PNG, UV_PARQUET, read_city_stats, write_csv
 
 MEDIAN_METRICS = ("density_per_ha", "coverage_ratio", "footprint_median_m2", "height_mean_m", "levels_mean", "far", "nn_spacing_m")
 ESTIMATES = ("uv_area_m2", "uv_share")
@@ -68,12 +66,7 @@ def write_regions(products_dir: Path) -> tuple[Path, Path | None]:
     run was assessed; None when no region has a share)."""
     products_dir = Path(products_dir)
     rows = region_rows(products_dir)
-    path = products_dir / REGIONS_CSV
-    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
-        writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(REGION_COLUMNS)
-        for row in rows:
-            writer.writerow([_cell(row.get(name)) for name in REGION_COLUMNS])
+    path = write_csv(products_dir / REGIONS_CSV, REGION_COLUMNS, rows)
     png = products_dir / REGIONS_PNG
     regions = [r for r in rows if r["level"] == "region" and r["uv_share"] is not None]
     if not regions:
@@ -123,10 +116,3 @@ def _estimate(domain: dict, name: str) -> tuple[float | None, float | None, floa
         return None, None, None
     low, high = (entry.get("ci95") or [None, None])[:2]
     return entry["estimate"], low, high
-
-
-def _cell(value) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    return repr(value) if isinstance(value, float) else str(value)
-

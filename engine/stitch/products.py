@@ -16,8 +16,6 @@ gives the same bytes.
 
 from __future__ import annotations
 
-import csv
-import math
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -27,7 +25,7 @@ import pyarrow as pa
 from engine.atomic import atomic_path
 from engine.geoparquet import table_to_gdf, write_geoparquet
 from engine.gpkg import write_gpkg
-from engine.product_layout import CITY_STATS, MORPHOLOGY_CSV, MORPHOLOGY_PNG, RUN_JSON, UV_GPKG, UV_PARQUET
+from engine.product_layout import CITY_STATS, MORPHOLOGY_CSV, MORPHOLOGY_PNG, RUN_JSON, UV_GPKG, UV_PARQUET, write_csv
 from engine.schema import CITY_STATS_COLUMNS, URBAN_VILLAGES_SCHEMA  # noqa: F401  (re-exported: the writers' contract)
 
 UV_LAYER = "urban_villages"
@@ -49,13 +47,7 @@ def write_urban_villages(tables: Iterable[pa.Table], out_dir: Path, timestamp: s
 
 def write_city_stats(rows: Iterable[dict], out_dir: Path) -> Path:
     """``city_stats.csv``: numbers as Python writes them (``repr``), NaN and missing values as empty cells."""
-    path = out_dir / CITY_STATS
-    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
-        writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(CITY_STATS_COLUMNS)
-        for row in rows:
-            writer.writerow([_cell(row.get(name)) for name in CITY_STATS_COLUMNS])
-    return path
+    return write_csv(out_dir / CITY_STATS, CITY_STATS_COLUMNS, rows)
 
 
 def write_morphology(rows: list[dict], out_dir: Path) -> tuple[Path, Path | None]:
@@ -63,12 +55,7 @@ def write_morphology(rows: list[dict], out_dir: Path) -> tuple[Path, Path | None
     chart ``morphology.png`` (None when no city had buildings in a UV or formal-residential zone)."""
     from engine.morphology import ROW_KEYS, morphology_figure
 
-    path = out_dir / MORPHOLOGY_CSV
-    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
-        writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(ROW_KEYS)
-        for row in rows:
-            writer.writerow([_cell(row.get(name)) for name in ROW_KEYS])
+    path = write_csv(out_dir / MORPHOLOGY_CSV, ROW_KEYS, rows)
     png = out_dir / MORPHOLOGY_PNG
     if any(r["level"] == "city" and r["n_buildings"] for r in rows):
         morphology_figure(rows, png)
@@ -84,7 +71,3 @@ def copy_manifest(run_path: Path, out_dir: Path) -> Path:
     return target
 
 
-def _cell(value) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    return repr(value) if isinstance(value, float) else str(value)
