@@ -377,6 +377,8 @@ def assess_command(
     n_total: Annotated[int | None, typer.Option("--n-total", min=1, help="Total sample size (default: Cochran's n + minimums).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random sample.")] = 0,
     reference: Annotated[Path | None, typer.Option("--reference", help="Filled labelling sheet (CSV: id,label) for points without a catalog reference.")] = None,
+    interval: Annotated[str, typer.Option("--interval", help="95% CIs: jeffreys (stratified Jeffreys posterior, never zero-width; "
+                                          "docs/ACCURACY.md) or wald (the classical Olofsson/Stehman interval).")] = "jeffreys",
 ) -> None:
     """Design-based accuracy and area estimates (stratified random sample, Stehman 2014) for a run's products."""
     from engine.accuracy.assess import AssessConfig
@@ -388,7 +390,7 @@ def assess_command(
     say = lambda msg: console.print(f"[bold]>[/] {escape(msg)}", soft_wrap=True)  # noqa: E731
     try:
         table = select_cities(table, cities)
-        cfg = AssessConfig(sampling=SampleConfig(strata=strata, buffer_m=buffer_m, n_total=n_total, seed=seed))
+        cfg = AssessConfig(sampling=SampleConfig(strata=strata, buffer_m=buffer_m, n_total=n_total, seed=seed), interval=interval)
         result = assess(settings.workspace, run, table, cfg, reference_labels=reference, say=say, publish=True)
     except (CatalogError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
