@@ -76,7 +76,10 @@ def tensor_column(batch: pa.Table, name: str) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=8)
-def _reference(path: str, crs_text: str):
+def read_reference(path: str, crs_text: str):
+    """A catalog reference file's polygons in ``crs_text`` (unprojected when the file has no CRS), read once per
+    worker for every tile (and the stitch stage's formal-residential zones) of its city. Shared and cached: callers
+    derive new frames from it, never change it in place."""
     import geopandas as gpd
     from pyproj import CRS
 
@@ -98,7 +101,7 @@ def tile_labels(row: dict, reference: str, classes: tuple[str, ...], nodata_mask
     with rasterio.open(row["imagery"]) as src:
         window = Window(row["window_col_off"], row["window_row_off"], row["window_width"], row["window_height"])
         transform = window_transform(window, src.transform)
-    ref = _reference(reference, row["crs"])
+    ref = read_reference(reference, row["crs"])
     lookup = label_lookup(classes)  # land-use names -> the set's classes (built-up lumped for ``builtup``)
     shapes = [(geom, lookup[c]) for geom, c in zip(ref.geometry, ref["class"]) if c in lookup and lookup[c] > 0]
     shape = (row["window_height"], row["window_width"])

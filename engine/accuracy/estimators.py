@@ -219,6 +219,22 @@ def _ratio(size: np.ndarray, n: np.ndarray, f: np.ndarray, sy: np.ndarray, sx: n
     return ratio, np.sqrt(var)
 
 
+def _count_cube(counts, strata_sizes: Mapping[str, float], classes: Sequence[str],
+                interval: str) -> tuple[dict[str, float], list[str], tuple[str, ...], np.ndarray]:
+    """The checked inputs of every estimator over a count cube: ``(sizes, strata, classes, counts)``; ``counts`` must be
+    ``(H, K, K)`` (strata in the order of ``strata_sizes``, map class, reference class) and non-negative."""
+    _check_interval(interval)
+    sizes = _check_sizes(strata_sizes)
+    strata, classes = list(sizes), tuple(str(c) for c in classes)
+    counts = np.asarray(counts, dtype=np.int64)
+    k = len(classes)
+    if counts.shape != (len(strata), k, k):
+        raise ValueError(f"counts have shape {counts.shape}, expected {(len(strata), k, k)} (strata, map, reference)")
+    if (counts < 0).any():
+        raise ValueError("counts must be >= 0")
+    return sizes, strata, classes, counts
+
+
 def _sampled_strata(counts: np.ndarray, strata: Sequence[str], sizes: Mapping[str, float], fpc: bool):
     """The strata that hold samples: ``(strata report, warnings, counts, sizes, n, fpc factors, total size)`` of them
     (strata without samples are reported and left out), shared by every estimator over a count cube."""
@@ -395,15 +411,7 @@ def estimates_from_counts(counts: np.ndarray, strata_sizes: Mapping[str, float],
     The whole computation is vectorised over strata and classes; see :func:`stratified_estimates` for the meaning
     of every estimate, of ``fpc`` and of ``interval``.
     """
-    _check_interval(interval)
-    sizes = _check_sizes(strata_sizes)
-    strata, classes = list(sizes), tuple(str(c) for c in classes)
-    counts = np.asarray(counts, dtype=np.int64)
-    k = len(classes)
-    if counts.shape != (len(strata), k, k):
-        raise ValueError(f"counts have shape {counts.shape}, expected {(len(strata), k, k)} (strata, map, reference)")
-    if (counts < 0).any():
-        raise ValueError("counts must be >= 0")
+    sizes, strata, classes, counts = _count_cube(counts, strata_sizes, classes, interval)
     report, warnings, c, size, n, f, total = _sampled_strata(counts, strata, sizes, fpc)
 
     diag = np.diagonal(c, axis1=1, axis2=2)  # (H, K): y = 1 if map = ref = k
@@ -571,13 +579,8 @@ def area_ratio_from_counts(counts: np.ndarray, strata_sizes: Mapping[str, float]
         classes: the ``K`` class labels of both axes.
         part, whole: reference classes of the numerator and of the denominator.
     """
-    _check_interval(interval)
-    sizes = _check_sizes(strata_sizes)
-    strata, classes = list(sizes), tuple(str(c) for c in classes)
-    counts = np.asarray(counts, dtype=np.int64)
+    sizes, strata, classes, counts = _count_cube(counts, strata_sizes, classes, interval)
     k = len(classes)
-    if counts.shape != (len(strata), k, k):
-        raise ValueError(f"counts have shape {counts.shape}, expected {(len(strata), k, k)} (strata, map, reference)")
     unknown = sorted((set(part) | set(whole)) - set(classes))
     if unknown or not part or not whole:
         raise ValueError(f"part {list(part)} and whole {list(whole)} must be non-empty lists of the classes {list(classes)}")

@@ -41,11 +41,11 @@ from engine.accuracy.sampling import (
     UV_CLASS,
     CityGrid,
     TruthStrip,
-    is_built_up,
 )
 from engine.accuracy.tables import AccuracyInputError, _first_bad, _read_csv
 from engine.atomic import atomic_path
 from engine.gpkg import write_gpkg
+from engine.schema import is_built_up
 
 SHEET_CSV = "samples_to_label.csv"
 SHEET_GPKG = "samples_to_label.gpkg"

@@ -45,7 +45,7 @@ from scipy import ndimage
 from engine.accuracy.design import allocate, sample_size_overall
 from engine.imagery import ground_gsd_m
 from engine.db import connect
-from engine.schema import BUILT_UP_LABEL, is_built_up  # noqa: F401  (is_built_up: the one definition, used here and re-exported)
+from engine.schema import BUILT_UP_LABEL, is_built_up
 
 UV_CLASS = "urban_village"
 OTHER_CLASS = "other"

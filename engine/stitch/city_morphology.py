@@ -31,6 +31,7 @@ from engine.buildings import city_buildings
 from engine.errors import describe_error
 from engine.geo import utm_epsg_for
 from engine.morphology import (
+    BUILT_UP_GROUP,
     FORMAL_GROUP,
     MORPHOLOGY_SCHEMA,
     UV_GROUP,
@@ -38,9 +39,8 @@ from engine.morphology import (
     summarise,
     zone_stats,
 )
+from engine.pixels import read_reference
 from engine.schema import is_built_up
-
-BUILT_UP_GROUP = "built_up"
 
 
 @dataclass
@@ -79,12 +79,13 @@ def city_morphology(row: dict, uv_wkb_4326: list[bytes], class_tif: Path, classe
         levels = read.table["levels"].to_numpy(zero_copy_only=False).astype(float)
         uv_zones = _project(shapely.from_wkb(np.asarray(uv_wkb_4326, dtype=object)), to_utm) if n_uv else np.empty(0, object)
         raster_to_utm = Transformer.from_crs(src.crs, utm, always_xy=True)
-        classes_band = src.read(1)
         built_ids = [i for i, name in enumerate(classes) if is_built_up(name)] if built_up_known else []
-        built_zones = _trace(classes_band, np.isin(classes_band, built_ids), src.transform, raster_to_utm) if built_ids else None
+        formal_on_map = "formal_residential" in classes
+        band = src.read(1) if built_ids or formal_on_map else None  # the class map, read once and only when traced
+        built_zones = _trace(np.isin(band, built_ids), src.transform, raster_to_utm) if built_ids else None
         formal, formal_source = None, ""
-        if "formal_residential" in classes:
-            formal = _trace(classes_band, classes_band == classes.index("formal_residential"), src.transform, raster_to_utm)
+        if formal_on_map:
+            formal = _trace(band == classes.index("formal_residential"), src.transform, raster_to_utm)
             formal_source = "map"
         elif row.get("reference"):
             formal = _reference_formal(row["reference"], utm)
@@ -101,7 +102,7 @@ def _project(geoms: np.ndarray, transformer: Transformer) -> np.ndarray:
     return shapely.transform(geoms, lambda xy: np.column_stack(transformer.transform(xy[:, 0], xy[:, 1])))
 
 
-def _trace(band: np.ndarray, mask: np.ndarray, transform, to_utm: Transformer) -> np.ndarray:
+def _trace(mask: np.ndarray, transform, to_utm: Transformer) -> np.ndarray:
     """The connected regions of ``mask`` as polygons in UTM (rasterio's ``shapes``: the same tracing as the UVs')."""
     if not mask.any():
         return np.empty(0, dtype=object)
@@ -110,13 +111,8 @@ def _trace(band: np.ndarray, mask: np.ndarray, transform, to_utm: Transformer) -
 
 
 def _reference_formal(reference: str, utm: CRS) -> np.ndarray | None:
-    """The catalog reference's formal-residential polygons in UTM, or None when it has no ``class`` column."""
-    import geopandas as gpd
-
-    from engine import storage
-
-    ref = gpd.read_parquet(storage.local_path(reference))
+    """The catalog reference's formal-residential polygons in UTM, or None when it has no CRS or no ``class`` column."""
+    ref = read_reference(reference, utm.to_string())
     if "class" not in ref.columns or ref.crs is None:
         return None
-    formal = ref[ref["class"] == "formal_residential"].to_crs(utm)
-    return np.asarray(formal.geometry.values, dtype=object)
+    return np.asarray(ref[ref["class"] == "formal_residential"].geometry.values, dtype=object)
