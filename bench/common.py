@@ -30,3 +30,18 @@ def write_results(bench: str, metrics: dict, extra: dict | None = None) -> Path:
     doc = {"machine": machine(), "date": dt.date.today().isoformat(), "metrics": metrics, **(extra or {})}
     out.write_text(json.dumps(doc, indent=2) + "\n")
     return out
+
+
+def merge_results(bench: str, metrics: dict, extra: dict | None = None) -> Path:
+    """Update ``bench/results/<bench>.json`` in place: the given metrics and sections replace theirs, every other
+    metric and section of the file stays (for a bench run in parts); ``kept`` says which machine and date the
+    metrics not rerun come from."""
+    out = RESULTS / f"{bench}.json"
+    old = json.loads(out.read_text()) if out.is_file() else {}
+    sections = {k: v for k, v in old.items() if k not in ("machine", "date", "metrics", "kept")}
+    kept = [k for k in old.get("metrics", {}) if k not in metrics]
+    if kept:
+        before = old.get("kept", {})
+        sections["kept"] = {"machine": before.get("machine", old.get("machine")), "date": before.get("date", old.get("date")),
+                            "metrics": kept}
+    return write_results(bench, {**old.get("metrics", {}), **metrics}, {**sections, **(extra or {})})

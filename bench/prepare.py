@@ -8,8 +8,14 @@ Usage: python bench/prepare.py [--quick]
    code's approach). Both produce the same edges (checked). Reported: tiles/s per core and the speedup.
 2. ``prepare`` end to end on Ray (all cores) for 12 and 48 demo cities, each in a fresh process: tiles/s, the
    driver's peak RSS and the peak RSS of driver + Ray workers; the ratio 48 vs 12 must stay near 1.
+3. Imagery forms (``engine.imagery_sources``), one core: 224 px window reads per second, in the tile grid's order
+   (stride 192), from one synthetic 4096 x 4096 uint8 RGB raster on the zoom-18 Web Mercator grid held as a
+   GeoTIFF, a VRT mosaic of 16 GeoTIFF tiles, an MBTiles file and an XYZ PNG folder; each form read in fresh
+   processes (a cold GDAL cache), best of 3, as a ratio to the GeoTIFF's rate. Target: VRT of tiles >= 0.8.
 
-Writes bench/results/prepare.json.
+Usage: python bench/prepare.py --imagery-only   (part 3 alone; its metrics are merged into prepare.json)
+
+Writes bench/results/prepare.json (merged: metrics of the parts not run are kept).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -30,7 +37,7 @@ import shapely  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from common import write_results  # noqa: E402
+from common import merge_results  # noqa: E402
 from geolink_model.osm_graph import EDGE_TYPES, OsmGraphConfig, build_tile_graphs  # noqa: E402
 
 console = Console()
@@ -195,10 +202,222 @@ def run_prepare_child(catalog: Path, workspace: Path) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+# --- 3. imagery forms ----------------------------------------------------------------------------------------
+RESAMPLE_FACTOR = 1.25  # "resampled on read": e.g. a 0.4 m source read as the model's 0.5 m
+IMAGERY_SIDE_PX = 4096
+IMAGERY_ZOOM = 18
+WINDOW_PX, STRIDE_PX = 224, 192  # the tile grid's defaults (engine.tiles.grid.TileGridConfig)
+
+READ_CHILD = r"""
+import json, sys, time
+import rasterio
+from rasterio.windows import Window
+path, side, window, stride, cell = sys.argv[1], *map(int, sys.argv[2:6])
+offsets = range(0, side - window + 1, stride)
+with rasterio.open(path) as src:
+    side = min(side, src.width, src.height)  # a form resampled on read is smaller than the source
+    offsets = range(0, side - window + 1, stride)
+    t0 = time.process_time()  # CPU time of this single-threaded process: the rate per core, whatever else runs
+    for row in range(cell // 2, side, cell):  # one pixel per cell: opens what the form opens lazily (a mosaic's tiles)
+        for col in range(cell // 2, side, cell):
+            src.read((1, 2, 3), window=Window(col, row, 1, 1))
+    t1 = time.process_time()
+    for row in offsets:
+        for col in offsets:
+            src.read((1, 2, 3), window=Window(col, row, window, window))
+    t2 = time.process_time()
+print(json.dumps({"windows": len(offsets) ** 2, "cold_s": t2 - t0, "warm_s": t2 - t1, "first_touch_s": t1 - t0}))
+"""
+
+
+def synthetic_scene(side: int, rng: np.random.Generator) -> np.ndarray:
+    """uint8 RGB that compresses like imagery: smooth fields, rectangular 'roofs' and sensor noise."""
+    yy, xx = np.mgrid[0:side, 0:side].astype(np.float32) / side
+    rgb = np.zeros((3, side, side), np.float32)
+    for band in range(3):
+        for _ in range(4):
+            fx, fy, phase = rng.uniform(1, 40, 2).tolist() + [rng.uniform(0, 6.3)]
+            rgb[band] += 20 * np.sin(2 * np.pi * (fx * xx + fy * yy) + phase)
+    rgb += 110
+    for _ in range(3000):
+        r, c = rng.integers(0, side - 40, 2)
+        h, w = rng.integers(6, 40, 2)
+        rgb[:, r:r + h, c:c + w] = rng.uniform(40, 230, (3, 1, 1))
+    rgb += rng.normal(0, 6, rgb.shape).astype(np.float32)
+    return np.clip(rgb, 0, 255).astype(np.uint8)
+
+
+def imagery_forms(folder: Path, rng: np.random.Generator) -> dict[str, str]:
+    """The same pixels as each imagery form, resolved by the engine; name -> path to open."""
+    import rasterio
+    import rasterio.shutil
+    from rasterio.transform import from_origin
+
+    from engine.imagery_sources import WEB_MERCATOR_HALF_M, resolve_imagery
+
+    side, tiles_per_side = IMAGERY_SIDE_PX, IMAGERY_SIDE_PX // 256
+    span = 2 * WEB_MERCATOR_HALF_M / 2**IMAGERY_ZOOM
+    x0, y0 = 213_000, 107_000  # zoom-18 tile of the top-left corner (Wuhan, ~30.6 N)
+    transform = from_origin(-WEB_MERCATOR_HALF_M + x0 * span, WEB_MERCATOR_HALF_M - y0 * span, span / 256, span / 256)
+    rgb = synthetic_scene(side, rng)
+    profile = dict(driver="GTiff", width=side, height=side, count=3, dtype="uint8", crs="EPSG:3857", transform=transform,
+                   tiled=True, blockxsize=256, blockysize=256, compress="deflate", photometric="RGB")
+    with rasterio.open(folder / "scene.tif", "w", **profile) as dst:
+        dst.write(rgb)
+    piece = side // 4
+    (folder / "tiles").mkdir()
+    for i in range(4):
+        for j in range(4):
+            t = transform * transform.translation(j * piece, i * piece)
+            with rasterio.open(folder / "tiles" / f"r{i}c{j}.tif", "w", **(profile | dict(width=piece, height=piece, transform=t))) as dst:
+                dst.write(rgb[:, i * piece:(i + 1) * piece, j * piece:(j + 1) * piece])
+    rasterio.shutil.copy(folder / "scene.tif", folder / "scene.mbtiles", driver="MBTiles", TILE_FORMAT="PNG")
+    for i in range(tiles_per_side):
+        for j in range(tiles_per_side):
+            path = folder / "xyz" / str(IMAGERY_ZOOM) / str(x0 + j) / f"{y0 + i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)  # tile images carry no georeference
+                with rasterio.open(path, "w", driver="PNG", width=256, height=256, count=3, dtype="uint8") as dst:
+                    dst.write(rgb[:, i * 256:(i + 1) * 256, j * 256:(j + 1) * 256])
+    forms = {
+        "GeoTIFF": str(folder / "scene.tif"),
+        "VRT of tiles": resolve_imagery(str(folder / "tiles"), out_dir=folder / "resolved-tiles"),
+        "MBTiles": resolve_imagery(str(folder / "scene.mbtiles"), out_dir=folder / "resolved-mbtiles"),
+        "XYZ": resolve_imagery(str(folder / "xyz"), out_dir=folder / "resolved-xyz"),
+    }
+    with rasterio.open(forms["GeoTIFF"]) as ref:  # every form reads the same pixels, or the comparison means nothing
+        expected = ref.read(window=rasterio.windows.Window(1000, 1000, WINDOW_PX, WINDOW_PX))
+        for name, path in forms.items():
+            with rasterio.open(path) as src:
+                got = src.read((1, 2, 3), window=rasterio.windows.Window(1000, 1000, WINDOW_PX, WINDOW_PX))
+                if src.shape != ref.shape or not np.array_equal(got, expected):
+                    raise AssertionError(f"{name}: {path} does not read the GeoTIFF's pixels")
+    # the model input resampled on read (engine.model_input's VRT: average over 1.25 x 1.25 source pixels)
+    from engine.imagery import read_imagery_facts
+    from engine.model_input import InputSpec, model_imagery
+
+    native = read_imagery_facts(forms["GeoTIFF"]).gsd_m
+    forms["resampled on read"], _ = model_imagery(forms["GeoTIFF"], InputSpec(gsd_m=native * RESAMPLE_FACTOR), folder / "resampled")
+    return forms
+
+
+def time_imagery_reads(forms: dict[str, str], repeats: int = 5) -> dict:
+    """Windows per second per core for each form, best of ``repeats`` fresh processes, and the ratio to GeoTIFF.
+
+    ``cold``: everything from the dataset's open on (a mosaic opens each tile GeoTIFF on first touch, about 1 ms
+    each); ``warm``: after one 1-px read per 1024 px cell (every mosaic tile opened, one block per cell decoded).
+    """
+    rows = {}
+    for name, path in forms.items():
+        runs = [_read_child(path) for _ in range(repeats)]
+        cold, warm = min(r["cold_s"] for r in runs), min(r["warm_s"] for r in runs)
+        windows = runs[0]["windows"]
+        rows[name] = {"path": Path(path).name, "windows": windows, "windows_per_s_per_core": windows / cold,
+                      "windows_per_s_per_core_warm": windows / warm, "first_touch_ms": 1000 * min(r["first_touch_s"] for r in runs)}
+    base, base_warm = rows["GeoTIFF"]["windows_per_s_per_core"], rows["GeoTIFF"]["windows_per_s_per_core_warm"]
+    for row in rows.values():
+        row["ratio_to_geotiff"] = row["windows_per_s_per_core"] / base
+        row["ratio_to_geotiff_warm"] = row["windows_per_s_per_core_warm"] / base_warm
+    return rows
+
+
+def _read_child(path: str) -> dict:
+    args = [path, str(IMAGERY_SIDE_PX), str(WINDOW_PX), str(STRIDE_PX), str(IMAGERY_SIDE_PX // 4)]
+    out = subprocess.run([sys.executable, "-c", READ_CHILD, *args], capture_output=True, text=True, check=True,
+                         env={**os.environ, "GDAL_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+MAP_READ_CHILD = r"""
+import json, sys, time
+import rasterio
+from rasterio.windows import Window
+from engine.tiles.grid import read_window
+path, window, stride, halo = sys.argv[1], *map(int, sys.argv[2:5])
+with rasterio.open(path) as src:
+    width, height = src.width, src.height
+# the tile grid's windows: cores every `stride` px, each window reaching `halo` px past its core (so the edge ring
+# of windows leaves the raster and is padded), as engine.tiles.grid lays them out
+rows = [{"window_col_off": c - halo, "window_row_off": r - halo, "window_width": window, "window_height": window}
+        for r in range(0, height, stride) for c in range(0, width, stride)]
+inner = [w for w in rows if w["window_col_off"] >= 0 and w["window_row_off"] >= 0
+         and w["window_col_off"] + window <= width and w["window_row_off"] + window <= height]
+
+def timed(read, windows):
+    with rasterio.open(path) as src:  # a fresh open each: no block of one read path in the cache of the next
+        t0 = time.process_time()
+        for w in windows:
+            read(src, w)
+        return time.process_time() - t0
+
+plain = lambda src, w: src.read((1, 2, 3), window=Window(w["window_col_off"], w["window_row_off"], window, window))
+boundless = lambda src, w: src.read((1, 2, 3), window=Window(w["window_col_off"], w["window_row_off"], window, window),
+                                    boundless=True, fill_value=0)
+out = {"windows": len(rows), "inner": len(inner), "map_s": timed(read_window, rows), "plain_s": timed(plain, inner),
+       "boundless_s": timed(boundless, rows)}
+print(json.dumps(out))
+"""
+
+
+def time_map_read_path(path: str, repeats: int = 5) -> dict:
+    """The map read path (engine.tiles.grid.read_window over every window of the grid, edge windows padded) against
+    plain reads of the inner windows and the old boundless reads of every window: windows per second per core,
+    best of ``repeats`` fresh processes, all three measured in each process."""
+    runs = []
+    for _ in range(repeats):
+        out = subprocess.run([sys.executable, "-c", MAP_READ_CHILD, path, str(WINDOW_PX), str(STRIDE_PX), str((WINDOW_PX - STRIDE_PX) // 2)],
+                             capture_output=True, text=True, check=True,
+                             env={**os.environ, "GDAL_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
+                                  "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    n, inner = runs[0]["windows"], runs[0]["inner"]
+    rate = {k: (inner if k == "plain_s" else n) / min(r[k] for r in runs) for k in ("map_s", "plain_s", "boundless_s")}
+    return {"windows": n, "inner_windows": inner, "map_per_s": rate["map_s"], "plain_inner_per_s": rate["plain_s"],
+            "boundless_per_s": rate["boundless_s"], "map_vs_plain": rate["map_s"] / rate["plain_s"],
+            "boundless_vs_plain": rate["boundless_s"] / rate["plain_s"]}
+
+
+def imagery_bench(rng: np.random.Generator) -> tuple[dict, dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        forms = imagery_forms(Path(tmp), rng)
+        rows = time_imagery_reads(forms)
+        map_path = time_map_read_path(forms["GeoTIFF"])
+    table = Table(title=f"imagery forms: {WINDOW_PX} px window reads, one core ({IMAGERY_SIDE_PX}^2 uint8 RGB, zoom {IMAGERY_ZOOM})")
+    for col in ("form", "windows/s per core", "ratio to GeoTIFF", "warm: windows/s", "warm: ratio", "first touch ms"):
+        table.add_column(col, justify="right")
+    for name, r in rows.items():
+        table.add_row(name, f"{r['windows_per_s_per_core']:.0f}", f"{r['ratio_to_geotiff']:.2f}", f"{r['windows_per_s_per_core_warm']:.0f}",
+                      f"{r['ratio_to_geotiff_warm']:.2f}", f"{r['first_touch_ms']:.1f}")
+    console.print(table)
+    table = Table(title=f"the map read path: {map_path['windows']} grid windows ({map_path['inner_windows']} inside the raster), one core")
+    for col in ("read", "windows/s per core", "ratio to plain"):
+        table.add_column(col, justify="right")
+    table.add_row("map (read_window: plain inside, padded at edges)", f"{map_path['map_per_s']:.0f}", f"{map_path['map_vs_plain']:.2f}")
+    table.add_row("plain reads of the inner windows", f"{map_path['plain_inner_per_s']:.0f}", "1.00")
+    table.add_row("boundless reads of every window (before)", f"{map_path['boundless_per_s']:.0f}", f"{map_path['boundless_vs_plain']:.2f}")
+    console.print(table)
+    key = {"GeoTIFF": "geotiff", "VRT of tiles": "vrt_tiles", "MBTiles": "mbtiles", "XYZ": "xyz", "resampled on read": "resampled"}
+    metrics = {"imagery_windows_per_s_per_core_geotiff": round(rows["GeoTIFF"]["windows_per_s_per_core"], 1)}
+    metrics |= {f"imagery_read_ratio_{key[n]}": round(r["ratio_to_geotiff"], 3) for n, r in rows.items() if n != "GeoTIFF"}
+    metrics |= {f"imagery_read_ratio_{key[n]}_warm": round(r["ratio_to_geotiff_warm"], 3) for n, r in rows.items() if n != "GeoTIFF"}
+    metrics |= {"map_read_windows_per_s_per_core": round(map_path["map_per_s"], 1),
+                "map_read_ratio_to_plain": round(map_path["map_vs_plain"], 3),
+                "boundless_read_ratio_to_plain": round(map_path["boundless_vs_plain"], 3)}
+    return metrics, rows | {"map read path": map_path}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer cities (4 vs 16) for a smoke run")
+    parser.add_argument("--imagery-only", action="store_true", help="run part 3 (imagery forms) alone and merge its metrics")
     args = parser.parse_args()
+    if args.imagery_only:
+        metrics, rows = imagery_bench(np.random.default_rng(0))
+        out = merge_results("prepare", metrics, {"imagery_forms": rows})
+        console.print(f"wrote {out}")
+        console.print(metrics)
+        return
     from engine.synth.config import SynthConfig
     from engine.synth.demo import write_demo
 
@@ -242,8 +461,11 @@ def main() -> None:
         "rss_ratio_48_vs_12": round(e2e[large]["total_peak_rss_mb"] / e2e[small]["total_peak_rss_mb"], 3),
         "driver_rss_ratio_48_vs_12": round(e2e[large]["driver_peak_rss_mb"] / e2e[small]["driver_peak_rss_mb"], 3),
     }
+    imagery_metrics, imagery_rows = imagery_bench(rng)
+    metrics |= imagery_metrics
     if not args.quick:
-        out = write_results("prepare", metrics, {"graph": graph_rows, "end_to_end": {str(k): v for k, v in e2e.items()}})
+        out = merge_results("prepare", metrics, {"graph": graph_rows, "end_to_end": {str(k): v for k, v in e2e.items()},
+                                                 "imagery_forms": imagery_rows})
         console.print(f"wrote {out}")
     console.print(metrics)
 

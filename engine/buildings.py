@@ -143,7 +143,8 @@ def buildings_from_osm(osm_path: str | os.PathLike[str], bbox: BBox | None = Non
     """The OSM polygons tagged ``building=*`` (not ``building=no``) of an OSM file, as buildings.
 
     ``height_m`` from the ``height`` tag and ``levels`` from ``building:levels`` where they are numbers (``"12"``,
-    ``"12.5 m"``); other values are left null (OSM is free text). Any OSM file form ``engine.osm.read_osm`` reads.
+    ``"12.5 m"``); other values are left null (OSM is free text). Any OSM file form ``engine.osm.read_osm`` reads, a
+    ``;`` list or folder of them, or a partitioned OSM dataset (read by ``bbox``: ``engine.osm.read_osm_sources``).
 
     Example:
         >>> import tempfile, geopandas as gpd
@@ -154,12 +155,15 @@ def buildings_from_osm(osm_path: str | os.PathLike[str], bbox: BBox | None = Non
         >>> r.source, r.count, r.table["levels"].to_pylist()
         ('osm', 1, [3.0])
     """
-    from engine.osm import OsmIngestError, read_osm
+    from engine.osm import PATH_LIST_SEP, OsmIngestError, local_sources, read_osm, read_osm_sources
 
     where = _where(city, osm_path)
     try:
-        local = _local(osm_path, where)
-        osm, report = read_osm(local, bbox)
+        if PATH_LIST_SEP in str(osm_path) or Path(osm_path).is_dir():  # several files, a folder, a partitioned dataset
+            osm, report = read_osm_sources(local_sources(str(osm_path)), bbox)
+        else:
+            local = _local(osm_path, where)
+            osm, report = read_osm(local, bbox)
     except OsmIngestError as exc:
         raise BuildingsError(f"city {city}: {exc}" if city else str(exc)) from None
     kinds = np.asarray(osm["kind"].to_numpy(zero_copy_only=False), dtype=object)

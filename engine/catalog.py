@@ -31,6 +31,7 @@ from engine.workspace import CATALOG_NAMES, BadName, Workspace, check_name
 RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".img")
 VECTOR_SUFFIXES = (".parquet", ".geoparquet", ".gpkg", ".geojson", ".json", ".shp", ".fgb")
 PBF_SUFFIXES = (".pbf", ".osm.pbf")
+PATH_LIST_SEP = ";"  # a cell naming several files (a city's OSM as point/line/polygon GeoJSONs): "a.geojson;b.geojson"
 
 
 class CatalogError(ValueError):
@@ -102,10 +103,12 @@ def load_catalog(path: str | os.PathLike[str]) -> pa.Table:
     for r in rows:
         for name in CATALOG_SCHEMA.names:
             value = r.get(name)
+            if isinstance(value, list | tuple):  # a YAML list (several OSM files for one city): one ';'-joined cell
+                value = PATH_LIST_SEP.join(str(v).strip() for v in value if v is not None and str(v).strip())
             value = None if value is None or (isinstance(value, str) and not value.strip()) else str(value).strip()
             is_path = name in ("imagery", "osm", "reference", "buildings") or (name == "aoi" and value is not None and not _looks_like_wkt(value))
             if value is not None and is_path:
-                value = resolve_path(value, base)
+                value = PATH_LIST_SEP.join(resolve_path(v.strip(), base) for v in value.split(PATH_LIST_SEP) if v.strip())
             out[name].append(value)
     return pa.table({n: pa.array(v, pa.string()) for n, v in out.items()})
 
@@ -198,6 +201,7 @@ def validate_catalog(catalog: pa.Table, facts: dict | None = None) -> list[Catal
     :class:`engine.imagery.ImageryFacts` by city (CRS, size, bands, pixel type, ground GSD in metres).
     """
     problems: list[CatalogProblem] = []
+    facts = {} if facts is None else facts
     slugs = {p.row: p for p in city_problems(catalog)}
     for i, row in enumerate(catalog.to_pylist(), start=1):
         city = row.get("city") or ""
@@ -213,7 +217,9 @@ def validate_catalog(catalog: pa.Table, facts: dict | None = None) -> list[Catal
         if split is not None and split not in SPLITS:
             report("split", f"{split!r} is not one of {', '.join(SPLITS)}")
 
-        image_bounds = _check_imagery(row.get("imagery"), report, facts, city)
+        image_bounds = _check_imagery(row.get("imagery"), report, facts, city, zoom=row.get("zoom"), asset=row.get("asset"))
+        for field, message, severity in _input_problems(row, facts.get(city)):
+            report(field, message, severity)
         osm_bounds = _check_vector(row.get("osm"), "osm", report, need_rows=True)
         if image_bounds is not None and osm_bounds is not None and not shapely.box(*image_bounds).intersects(shapely.box(*osm_bounds)):
             report("osm", f"does not overlap the imagery (imagery {_fmt(image_bounds)}, OSM {_fmt(osm_bounds)} in EPSG:4326)")
@@ -233,23 +239,78 @@ def validate_catalog(catalog: pa.Table, facts: dict | None = None) -> list[Catal
     return problems
 
 
-def _check_imagery(path: str | None, report, facts: dict | None = None, city: str = "") -> tuple[float, float, float, float] | None:
-    """Header checks plus a cheap read (the smallest overview, the first and last block of each band) that catches a
-    truncated file; records the raster's :class:`engine.imagery.ImageryFacts` in ``facts[city]``."""
+def _check_imagery(path: str | None, report, facts: dict | None = None, city: str = "", zoom: str | None = None,
+                   asset: str | None = None) -> tuple[float, float, float, float] | None:
+    """Resolve the imagery's form (a tile folder or glob, MBTiles, XYZ folder or STAC item becomes one VRT in a
+    temporary folder: :func:`engine.imagery_sources.resolve_imagery`, headers only), then check the raster."""
+    import tempfile
+
+    from engine.imagery_sources import ImagerySourceError, imagery_form, parse_zoom, resolve_imagery
+
+    if not path:
+        report("imagery", "empty; every city needs imagery (a GeoTIFF, COG, VRT, tile folder, MBTiles, XYZ folder or STAC item)")
+        return None
+    form = imagery_form(path)
+    try:
+        if parse_zoom(zoom, path) is not None and form not in ("mbtiles", "xyz", "stac"):
+            report("zoom", f"ignored: {path} is a {form}, not a tile cache (MBTiles or XYZ folder)", severity="warning")
+    except ImagerySourceError as exc:
+        report("zoom", str(exc))
+        return None
+    if asset and form != "stac":
+        report("asset", f"ignored: {path} is a {form}, not a STAC item", severity="warning")
+    with tempfile.TemporaryDirectory(prefix="geolink-imagery-") as tmp:
+        try:
+            source = resolve_imagery(path, zoom=zoom, asset=asset if form == "stac" else None, out_dir=Path(tmp))
+        except ImagerySourceError as exc:
+            report("imagery", str(exc))
+            return None
+        return _check_raster(source, path, report, facts, city)
+
+
+def _input_problems(row: dict, found) -> list[tuple[str, str, str]]:
+    """The row's ``bands`` and ``radiometry`` against its imagery's facts (``found``; None: unreadable, only the
+    texts are checked), from metadata only: what `prepare` and `map` will read, as ``(field, message, severity)``."""
+    from engine.model_input import MODEL_BANDS, Radiometry, parse_bands
+
+    out = []
+    try:
+        bands = parse_bands(row.get("bands"))
+    except ValueError as exc:
+        out.append(("bands", str(exc), "error"))
+        bands = None
+    try:
+        radiometry = Radiometry.parse(row.get("radiometry"))
+    except ValueError as exc:
+        out.append(("radiometry", str(exc), "error"))
+        radiometry = None
+    if found is None:
+        return out
+    if bands and max(bands) > found.bands:
+        out.append(("bands", f"{row['bands']} asks for band {max(bands)}; {found.path} has {found.bands}", "error"))
+    if radiometry is not None and radiometry.method == "uint8" and found.dtype != "uint8":
+        out.append(("radiometry", f"declared uint8, but {found.path} is {found.dtype}: use auto, percentile:LO,HI or range:MIN,MAX", "error"))
+    elif radiometry is not None and radiometry.method == "auto" and found.dtype != "uint8":
+        out.append(("imagery", f"{found.path} is {found.dtype}: read as 8-bit by a per-band percentile:2,98 stretch computed for "
+                               f"the city (radiometry auto); give radiometry range:MIN,MAX for a sensor's fixed scale", "warning"))
+    if found.bands > MODEL_BANDS and not bands:
+        out.append(("bands", f"{found.path} has {found.bands} bands; bands 1,2,3 are read as R,G,B (give bands, e.g. 3,2,1, "
+                             f"for another order)", "warning"))
+    return out
+
+
+def _check_raster(source: str, path: str, report, facts: dict | None, city: str) -> tuple[float, float, float, float] | None:
+    """Header checks of the raster ``source`` (the catalog's ``path``, or what it resolved to; messages name ``path``)
+    plus a cheap read (the smallest overview, the first and last block of each band) that catches a truncated file;
+    records the raster's :class:`engine.imagery.ImageryFacts` in ``facts[city]``."""
     import rasterio
     from rasterio.warp import transform_bounds
 
     from engine.errors import describe_error
     from engine.imagery import inspect_imagery
 
-    if not path:
-        report("imagery", "empty; every city needs imagery (a GeoTIFF or COG)")
-        return None
-    if "://" not in path and not path.startswith("/vsi") and not Path(path).is_file():
-        report("imagery", f"file not found: {path}")
-        return None
     try:
-        with warnings.catch_warnings(), storage.raster_env(), rasterio.open(path) as src:
+        with warnings.catch_warnings(), storage.raster_env(), rasterio.open(source) as src:
             warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
             if src.crs is None:
                 report("imagery", f"{path} has no CRS; write one (e.g. gdal_edit.py -a_srs EPSG:32650 {Path(path).name})")
@@ -261,11 +322,9 @@ def _check_imagery(path: str | None, report, facts: dict | None = None, city: st
             if src.width == 0 or src.height == 0:
                 report("imagery", f"{path} is empty ({src.width}x{src.height} px)")
                 return None
-            found, problem, damage = inspect_imagery(src, path)
+            found, _, damage = inspect_imagery(src, path)  # bands and pixel type: _input_problems
             if facts is not None:
                 facts[city] = found
-            if problem and src.count >= 3:
-                report("imagery", f"{problem}; prepare and map refuse it", severity="warning")
             if damage:
                 report("imagery", damage)
             return tuple(transform_bounds(src.crs, CRS.from_epsg(4326), *src.bounds))
@@ -279,6 +338,8 @@ def _check_vector(path: str | None, field: str, report, need_rows: bool, need_co
     if not path:
         report(field, "empty")
         return None
+    if PATH_LIST_SEP in path or ("://" not in path and Path(path).is_dir()):
+        return _check_vector_set(path, field, report, need_rows, need_column)
     p = Path(path)
     if "://" not in path and not p.is_file():
         report(field, f"file not found: {path}")
@@ -330,6 +391,42 @@ def _check_vector(path: str | None, field: str, report, need_rows: bool, need_co
 
             bounds = Transformer.from_crs(crs, CRS.from_epsg(4326), always_xy=True).transform_bounds(*bounds)
     return tuple(bounds) if bounds else None
+
+
+def _check_vector_set(spec: str, field: str, report, need_rows: bool, need_column: str | None) -> tuple[float, float, float, float] | None:
+    """A ``;`` list, a folder of OSM/vector files or a partitioned OSM dataset (``engine.osm.dataset``): each file
+    checked as one (a dataset by its manifest alone); bounds = the union of those known. Each problem names its file."""
+    from engine.osm import OsmIngestError, is_osm_dataset, read_manifest
+    from engine.osm.sources import folder_files
+
+    boxes = []
+    files: list[str] = []
+    for item in (s.strip() for s in spec.split(PATH_LIST_SEP) if s.strip()):
+        if "://" in item or not Path(item).is_dir():
+            files.append(item)
+            continue
+        try:
+            if not is_osm_dataset(item):
+                files.extend(str(f) for f in folder_files(item))
+                continue
+            manifest = read_manifest(item)
+        except OsmIngestError as exc:  # a broken manifest, a folder without OSM files: one line naming it
+            report(field, str(exc))
+            continue
+        if need_rows and manifest["features"] == 0:
+            report(field, f"{item} (OSM dataset) has no features")
+        elif need_column and need_column not in ("osm_id", "kind", "tags"):
+            report(field, f"{item} (OSM dataset) has no '{need_column}' column (columns: osm_id, kind, tags)")
+        elif manifest.get("bbox"):
+            boxes.append(manifest["bbox"])
+    for file in files:
+        bounds = _check_vector(file, field, report, need_rows, need_column)
+        if bounds is not None:
+            boxes.append(bounds)
+    if not boxes:
+        return None
+    b = np.asarray(boxes, dtype=float)
+    return (float(b[:, 0].min()), float(b[:, 1].min()), float(b[:, 2].max()), float(b[:, 3].max()))
 
 
 def _check_buildings(path: str, report) -> tuple[float, float, float, float] | None:

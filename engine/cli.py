@@ -124,12 +124,20 @@ def demo_data(
 
 @app.command("ingest-osm")
 def ingest_osm_command(
-    source: Annotated[Path, typer.Argument(help="OSM input: .osm.pbf, GeoParquet, GeoPackage or GeoJSON (any CRS).")],
-    out: Annotated[Path, typer.Argument(help="Output GeoParquet in the OSM feature contract (EPSG:4326).")],
+    source: Annotated[str, typer.Argument(help="OSM input: .osm.pbf, GeoParquet, GeoPackage or GeoJSON (any CRS); or a "
+                                               "';' list of files or a folder of them, read as one.")],
+    out: Annotated[Path, typer.Argument(help="OUT.parquet: one GeoParquet file in the OSM feature contract (EPSG:4326). "
+                                             "OUT/ (no .parquet suffix, or an existing folder): a partitioned dataset "
+                                             "streamed in bounded memory, for country extracts (cell=.../ folders + "
+                                             "_dataset.json), which the catalog's osm can name for every city.")],
     bbox: Annotated[str | None, typer.Option("--bbox", help="west,south,east,north in EPSG:4326: keep features intersecting it.")] = None,
+    partitioned: Annotated[bool | None, typer.Option("--partitioned/--single-file",
+                                                     help="Force a partitioned dataset or one file (default: by OUT's form).")] = None,
+    cell_deg: Annotated[float, typer.Option("--cell-deg", help="Dataset grid cell size in degrees (one partition per cell).")] = 1.0,
+    flush_rows: Annotated[int, typer.Option("--flush-rows", help="Dataset: features cleaned and written per batch (the memory knob).")] = 50_000,
 ) -> None:
     """Convert OSM into the feature contract (osm_id, kind, tags, WKB geometry), repairing broken geometries."""
-    from engine.osm import OsmIngestError, ingest_osm
+    from engine.osm import DatasetReport, OsmIngestError, ingest_osm_any
 
     box = None
     if bbox:
@@ -140,12 +148,34 @@ def ingest_osm_command(
         except ValueError:
             _fail(f"--bbox {bbox!r}: expected west,south,east,north with west < east and south < north")
     try:
-        report = ingest_osm(source, out, bbox=box)
+        report = ingest_osm_any(source, out, bbox=box, partitioned=partitioned, cell_deg=cell_deg, flush_rows=flush_rows)
     except OsmIngestError as exc:
         _fail(str(exc))
     kinds = ", ".join(f"{n} {k}s" for k, n in report.by_kind.items())
     extra = f"; reprojected from {report.reprojected_from}" if report.reprojected_from else ""
+    if isinstance(report, DatasetReport):
+        extra += f"; {report.partitions} partitions of {report.cell_deg:g} degrees"
     console.print(f"wrote [bold]{out}[/]: {report.features} features ({kinds}); {report.repaired} repaired, {report.dropped} dropped{extra}", soft_wrap=True)
+
+
+_INPUT_OPTIONS = {
+    "gsd": typer.Option("--gsd", help="Resample every city's imagery on read to this ground GSD in metres (default: prepare: "
+                        "each city's own; map: cities outside the model's training GSD range are resampled to its nearer end)."),
+    "bands": typer.Option("--bands", help="Source bands read as R,G,B, e.g. 3,2,1 (a catalog 'bands' cell overrides it per city)."),
+    "radiometry": typer.Option("--radiometry", help="How pixel values become 8-bit: auto (8-bit as is, else percentile:2,98 per city), "
+                               "uint8, percentile:LO,HI or range:MIN,MAX (a catalog 'radiometry' cell overrides it per city)."),
+}
+
+
+def _input_spec(gsd: float | None, bands: str | None, radiometry: str | None, allow_gsd_mismatch: bool = False):
+    """The prepare options as an :class:`engine.model_input.InputSpec`; a bad value is one line, exit 2."""
+    from engine.model_input import InputSpec, Radiometry, parse_bands
+
+    try:
+        return InputSpec(bands=parse_bands(bands), radiometry=Radiometry.parse(radiometry), gsd_m=gsd,
+                         allow_gsd_mismatch=allow_gsd_mismatch)
+    except ValueError as exc:
+        _fail(str(exc))
 
 
 @app.command("prepare")
@@ -156,6 +186,11 @@ def prepare(
     overlap: Annotated[int, typer.Option("--overlap", help="Overlap of neighbouring windows in pixels (even).")] = 32,
     force: Annotated[bool, typer.Option("--force", help="Rebuild cities whose inputs did not change.")] = False,
     address: Annotated[str | None, typer.Option("--address", help="Ray address ('auto', 'ray://host:10001'); default: a local Ray.")] = None,
+    gsd: Annotated[float | None, _INPUT_OPTIONS["gsd"]] = None,
+    bands: Annotated[str | None, _INPUT_OPTIONS["bands"]] = None,
+    radiometry: Annotated[str | None, _INPUT_OPTIONS["radiometry"]] = None,
+    allow_gsd_mismatch: Annotated[bool, typer.Option("--allow-gsd-mismatch", help="With --gsd: resample even imagery more than 3x "
+                                                     "coarser than it (refused otherwise: upsampling adds no detail).")] = False,
 ) -> None:
     """Build the tile index and per-tile OSM graphs for the catalog's cities (Ray Data, resumable)."""
     from engine.pipelines.prepare import run_prepare
@@ -171,8 +206,9 @@ def prepare(
         check_city_names(table, path)  # before Ray starts; run_prepare refuses them too
     except (CatalogError, ValueError) as exc:
         _fail(str(exc))
+    spec = _input_spec(gsd, bands, radiometry, allow_gsd_mismatch)
     init_ray(address)
-    results = run_prepare(table, settings.workspace, cfg, force=force,
+    results = run_prepare(table, settings.workspace, cfg, force=force, imagery=spec,
                           on_result=lambda r: log.info("%s %s (%d tiles)%s", r.city, r.status, r.tiles, f": {r.error}" if r.error else ""))
     view = Table(title=f"prepare: {settings.workspace.tiles}")
     for name in ("city", "status", "tiles", "seconds", "error"):
@@ -249,7 +285,8 @@ def pretrain(
 def finetune(
     ctx: typer.Context,
     name: Annotated[str, _TRAIN_OPTIONS["name"]] = "finetune",
-    preset: Annotated[str, _TRAIN_OPTIONS["preset"]] = "tiny",
+    preset: Annotated[str, typer.Option("--preset", help="GeoLink preset: test (the test suite's, smallest), tiny (CPU), base, large; "
+                                        "ignored with --init-from (the model is the init bundle's).")] = "tiny",
     epochs: Annotated[int, _TRAIN_OPTIONS["epochs"]] = 3,
     batch_size: Annotated[int, _TRAIN_OPTIONS["batch_size"]] = 8,
     lr: Annotated[float, _TRAIN_OPTIONS["lr"]] = 3e-4,
@@ -259,7 +296,8 @@ def finetune(
     classes: Annotated[str, typer.Option("--classes", help="builtup (UV, other built-up land, the rest: UV share is measured), "
                                          "binary (UV vs not) or landuse (all classes).")] = "builtup",
     label_fraction: Annotated[float, typer.Option("--label-fraction", help="Share of training tiles with labels.")] = 1.0,
-    init_from: Annotated[str | None, typer.Option("--init-from", help="Start from this model bundle (folder or s3:// URI, e.g. a pretrained model).")] = None,
+    init_from: Annotated[str | None, typer.Option("--init-from", help="Start from this model bundle (folder or s3:// URI: a pretrained model, or one "
+                                                  "from import-weights); its config is kept, only the classes and tile size follow this run.")] = None,
     storage: Annotated[str | None, _TRAIN_OPTIONS["storage"]] = None,
     seed: Annotated[int, _TRAIN_OPTIONS["seed"]] = 0,
     address: Annotated[str | None, _TRAIN_OPTIONS["address"]] = None,
@@ -271,6 +309,39 @@ def finetune(
     _train(ctx, "finetune", name, storage, address, workers, preset=preset, epochs=epochs, batch_size=batch_size, lr=lr, use_gpu=gpu,
            seed=seed, mode=mode, classes=classes, label_fraction=label_fraction, init_from=init_from, image_dropout=image_dropout,
            max_zoom=max_zoom, backbone_lr_scale=backbone_lr_scale)
+
+
+@app.command("import-weights")
+def import_weights_command(
+    src: Annotated[Path, typer.Argument(help="Published weights: the GeoLink authors' .pth (model_config + model_state_dict; the multimodal "
+                                             "one too) or a timm ViT state dict (.safetensors or .pth).")],
+    out: Annotated[Path, typer.Option("--out", help="The model bundle to write, e.g. geolink-data/models/geolink-vitl.")],
+    preset: Annotated[str | None, typer.Option("--preset", help="Preset for the rest of the model; its ViT sizes must equal the weights' "
+                                               "(default: the preset of the weights' width, with their sizes).")] = None,
+    arch: Annotated[str | None, typer.Option("--arch", help="timm architecture, e.g. vit_base_patch16_224 (default: the file's "
+                                             "model_config, else inferred from the shapes).")] = None,
+    img_size: Annotated[int | None, typer.Option("--img-size", min=16, help="Tile size in pixels (default: the weights'); "
+                                                 "finetune sets it to the prepared tiles' anyway.")] = None,
+    classes: Annotated[str, typer.Option("--classes", help="Label set: builtup, binary or landuse.")] = "builtup",
+    gsd_m: Annotated[float | None, typer.Option("--gsd-m", help="Ground sample distance (m) of the imagery the weights were trained on "
+                                                "(recorded in the bundle).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the freshly initialised parts (OSM encoder, fusion, decoders).")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing bundle at --out.")] = False,
+) -> None:
+    """Convert published ViT weights into a model bundle (the image encoder; the rest fresh) to fine-tune from."""
+    from engine.weights_import import WeightsImportError, import_weights
+
+    try:
+        report = import_weights(src, out, preset=preset, arch=arch, img_size=img_size, classes=classes, gsd_m=gsd_m, seed=seed, force=force)
+    except WeightsImportError as exc:
+        _fail(str(exc))
+    lines = report.summary()
+    console.print(f"[green]ok:[/] imported {escape(lines[0])}", soft_wrap=True, highlight=False)
+    for line in lines[1:]:
+        colour = "yellow" if line.startswith(("missing", "note")) and not line.startswith("missing 0") else "default"
+        console.print(f"  [{colour}]{escape(line)}[/]", soft_wrap=True, highlight=False)
+    console.print(f"fine-tune it with `geolink-engine finetune --init-from {escape(str(out))}` (see {escape(str(out / 'MODEL_CARD.md'))})",
+                  soft_wrap=True, highlight=False)
 
 
 @app.command("map")
@@ -289,6 +360,9 @@ def map_command(
     min_area: Annotated[float, typer.Option("--min-area", help="Drop UV polygons smaller than this (m2).")] = 100.0,
     allow_gsd_mismatch: Annotated[bool, typer.Option("--allow-gsd-mismatch", help="Map cities whose ground GSD is more than 3x off the "
                                                      "model's training GSD (refused otherwise).")] = False,
+    gsd: Annotated[float | None, _INPUT_OPTIONS["gsd"]] = None,
+    bands: Annotated[str | None, _INPUT_OPTIONS["bands"]] = None,
+    radiometry: Annotated[str | None, _INPUT_OPTIONS["radiometry"]] = None,
 ) -> None:
     """The main job: prepare -> fused inference -> stitch -> products, for the catalog's cities (demo cities if none)."""
     from engine.pipelines.infer import InferenceConfig
@@ -300,6 +374,7 @@ def map_command(
         with _Bars() as bars:
             _, table = map_catalog(settings.workspace, settings.catalog, cities, say=say, on_demo_city=bars.counter("generating demo cities"))
         cfg = MapConfig(run=run, model_dir=model, mode=mode, min_area_m2=min_area, allow_gsd_mismatch=allow_gsd_mismatch,
+                        gsd_m=gsd, bands=bands, radiometry=radiometry,
                         inference=InferenceConfig(batch_size=batch_size, gpus=devices, actors=actors, actors_per_gpu=actors_per_gpu))
     except (CatalogError, ValueError) as exc:
         _fail(str(exc))

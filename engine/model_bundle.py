@@ -56,7 +56,10 @@ class ModelBundle:
         normalisation: ``(mean, std)`` applied to pixels scaled to ``[0, 1]``; one value each = every band.
         bands: the imagery bands it reads (1-based), None when the bundle does not say (the first ``in_chans``).
         gsd_m, gsd_range_m: median and ``(min, max)`` ground GSD in metres of its training imagery; None when the
-            bundle does not say (from before GSDs were recorded, or made outside the engine).
+            bundle does not say (from before GSDs were recorded, or made outside the engine). `map` resamples each
+            city's imagery to ``gsd_m`` on read (engine.model_input).
+        radiometry: how its training imagery became 8-bit (engine.model_input.Radiometry text; ``auto`` = 8-bit
+            as it is, other pixel types stretched 2-98 percentile per city); `map` applies the same.
         train: the raw ``train_config.json`` (empty without one), for anything else it records.
     """
 
@@ -68,6 +71,7 @@ class ModelBundle:
     bands: tuple[int, ...] | None = None
     gsd_m: float | None = None
     gsd_range_m: tuple[float, float] | None = None
+    radiometry: str = "auto"
     train: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -83,7 +87,7 @@ class ModelBundle:
         train = read_train_config(folder)
         return cls(path=folder, config=config, classes=_classes(train, config.num_classes), mode=_mode(train),
                    normalisation=_normalisation(train, folder / TRAIN_CONFIG), bands=_bands(train), gsd_m=_gsd(train),
-                   gsd_range_m=_gsd_range(train), train=train)
+                   gsd_range_m=_gsd_range(train), radiometry=_radiometry(train, folder / TRAIN_CONFIG), train=train)
 
     @property
     def tile_size_px(self) -> int:
@@ -258,3 +262,16 @@ def _normalisation(train: dict, path: Path) -> tuple[tuple[float, ...], tuple[fl
         raise BundleError(f"model bundle {path}: normalisation must be {{\"mean\": [...], \"std\": [...]}} with one value "
                           f"each or one per band, std > 0 (got {norm!r})")
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+def _radiometry(train: dict, path: Path) -> str:
+    """``train_config.json`` ``radiometry`` (checked: a bad one is a BundleError naming the file), else ``auto``."""
+    from engine.model_input import Radiometry
+
+    text = train.get("radiometry")
+    if text is None or text == "per-city":
+        return "auto"
+    try:
+        return str(Radiometry.parse(str(text)))
+    except ValueError as exc:
+        raise BundleError(f"model bundle {path}: {exc}") from None

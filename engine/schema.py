@@ -107,6 +107,10 @@ CATALOG_SCHEMA = pa.schema(
         pa.field("reference", pa.string()),
         pa.field("split", pa.string()),
         pa.field("buildings", pa.string()),  # optional footprints (GeoParquet/GeoPackage/GeoJSON, any CRS); else OSM's
+        pa.field("zoom", pa.string()),  # MBTiles / XYZ tile caches: the zoom level to read (e.g. 18)
+        pa.field("asset", pa.string()),  # STAC Item imagery: the asset key to read (default: see engine.imagery_sources)
+        pa.field("bands", pa.string()),  # 1-based band numbers read as the model's R,G,B (e.g. "3,2,1"); default: the model's
+        pa.field("radiometry", pa.string()),  # auto | uint8 | percentile:LO,HI | range:MIN,MAX (engine.model_input)
     ]
 )
 CATALOG_REQUIRED: tuple[str, ...] = ("city", "region", "imagery", "osm")

@@ -107,6 +107,30 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     return fs, rest.strip("/")
 
 
+def gdal_path(location: str | os.PathLike[str]) -> str:
+    """The name GDAL opens ``location`` by inside a file it reads (a VRT's ``SourceFilename``), where rasterio's URI
+    translation does not reach: ``s3://b/k`` -> ``/vsis3/b/k``, ``gs://`` -> ``/vsigs/``, ``http(s)://`` ->
+    ``/vsicurl/...``; a mirror path of a remote workspace -> its object's name; a local path -> absolute.
+
+    Example:
+        >>> gdal_path("s3://bucket/imagery/wuhan.tif"), gdal_path("https://x.org/a.tif")
+        ('/vsis3/bucket/imagery/wuhan.tif', '/vsicurl/https://x.org/a.tif')
+    """
+    text = str(location)
+    if text.startswith("/vsi"):
+        return text
+    scheme, sep, rest = text.partition("://")
+    if sep:
+        prefix = {"s3": "/vsis3/", "gs": "/vsigs/", "gcs": "/vsigs/", "az": "/vsiaz/"}.get(scheme)
+        if prefix:
+            return prefix + rest
+        if scheme in ("http", "https"):
+            return "/vsicurl/" + text
+        raise StorageError(f"{text}: GDAL cannot read the {scheme}:// scheme")
+    uri = uri_of(text)
+    return gdal_path(uri) if uri else str(Path(text).absolute())
+
+
 def gdal_env() -> dict[str, str]:
     """GDAL settings for ``/vsis3/`` reads from ``AWS_ENDPOINT_URL`` (an S3-compatible server), else nothing."""
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")

@@ -163,6 +163,12 @@ class Workspace:
     def preview(self, city: str) -> Path:
         return self.root / "preview" / f"{check_name('city', city)}.png"
 
+    def city_imagery(self, city: str) -> Path:
+        """``imagery/<city>/``: the VRTs the engine writes to read a city's imagery (a tile mosaic, a tile cache,
+        the model input with its bands, stretch and resampling; engine.model_input). Small text files, rewritten
+        only when their content changes."""
+        return self.root / "imagery" / check_name("city", city)
+
     # -- prepare -----------------------------------------------------------------------------------------------------
     @property
     def tiles(self) -> Path:

@@ -12,6 +12,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from geolink_model.config import GeoLinkConfig
+from geolink_model.image_encoder import resample_pos_embed
 from geolink_model.model import GeoLink, build_model
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
@@ -48,3 +49,21 @@ def load_model(directory: str | os.PathLike[str], device: str = "cpu") -> tuple[
     if missing or unexpected:
         raise ValueError(f"model bundle {directory}: weights do not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
     return model.to(device), extra
+
+
+def load_init(directory: str | os.PathLike[str], cfg: GeoLinkConfig) -> GeoLink:
+    """The model of ``cfg`` started from the bundle's weights (fine-tuning ``--init-from``): every tensor carries
+    over but the class layer (``seg_decoder.classify``, fresh for the task's classes), and a saved position table
+    (``pos_embed`` ``learned``/``fixed``) is resampled to ``cfg``'s patch grid when the tile size differs.
+
+    Why here: the bundle's sizes and ``cfg``'s must agree on everything else (the caller builds ``cfg`` from the
+    bundle's own config), and only the model package knows which tensors follow the tile size.
+    """
+    init, _ = load_model(directory)
+    model = build_model(cfg)
+    state = {k: v for k, v in init.state_dict().items() if not k.startswith("seg_decoder.classify")}
+    key = "image_encoder.pos_embed"
+    if key in state and cfg.pos_embed != "sincos":
+        state[key] = resample_pos_embed(state[key], cfg.grid_size, 1 if cfg.class_token else 0)
+    model.load_state_dict(state, strict=False)
+    return model

@@ -12,6 +12,7 @@ from typing import Any
 
 LOSSES = ("mae", "contrastive", "node")
 MODES = ("image", "osm", "fused")
+POS_EMBEDS = ("sincos", "learned", "fixed")
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,13 @@ class GeoLinkConfig:
     Args:
         img_size, patch_size, in_chans: image input (a square tile; patch grid = img_size / patch_size).
         embed_dim, depth, num_heads, mlp_ratio: the ViT image encoder.
+        class_token, pos_embed, final_norm: how the ViT's tokens are made, so imported published weights run as
+            they were trained (``geolink-engine import-weights``): a class token prepended before the blocks (and
+            stripped from every output, so the decoders see the patch tokens only); the position embedding
+            ``sincos`` (the engine's fixed formula, not saved), ``learned`` (a trained table in the weights) or
+            ``fixed`` (a table in the weights that is not trained: published ViTs with a frozen sin-cos table);
+            the ViT's final LayerNorm applied to the returned tokens. The defaults are what every bundle before
+            imports was built with (no class token, the formula, un-normed tokens).
         osm_dim, osm_layers, osm_heads: the heterogeneous graph encoder (GAT layers over the typed relations).
         vocab_size: hashed tag-token space (must match the prepared graphs' ``OsmGraphConfig.vocab_size``).
         fusion_layers, fusion_heads: two-way cross-attention blocks between patch tokens and OSM node tokens.
@@ -43,6 +51,9 @@ class GeoLinkConfig:
     depth: int = 12
     num_heads: int = 12
     mlp_ratio: float = 4.0
+    class_token: bool = False
+    pos_embed: str = "sincos"
+    final_norm: bool = False
     osm_dim: int = 256
     osm_layers: int = 2
     osm_heads: int = 4
@@ -77,6 +88,8 @@ class GeoLinkConfig:
             raise ValueError(f"feature_layers={self.feature_layers} must index blocks 0..{self.depth - 1}")
         if not (0.0 < self.mask_ratio < 1.0 and 0.0 <= self.node_mask_ratio < 1.0):
             raise ValueError("mask_ratio must be in (0, 1) and node_mask_ratio in [0, 1)")
+        if self.pos_embed not in POS_EMBEDS:
+            raise ValueError(f"pos_embed={self.pos_embed!r}: use one of {POS_EMBEDS}")
         if self.num_classes < 2:
             raise ValueError("num_classes must be >= 2")
         unknown = set(self.loss_weights) - set(LOSSES)

@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--actors", type=int, default=None)
     parser.add_argument("--actors-per-gpu", type=int, default=1, help="predictor actors sharing one GPU (keeps a fast GPU busy)")
     parser.add_argument("--allow-gsd-mismatch", action="store_true", help="map cities whose ground GSD is more than 3x off the model's")
+    parser.add_argument("--gsd", type=float, default=None, help="resample every city on read to this ground GSD (m); default: into the model's range")
+    parser.add_argument("--bands", default=None, help="source bands read as R,G,B, e.g. 3,2,1 (a catalog 'bands' cell overrides it)")
+    parser.add_argument("--radiometry", default=None, help="auto | uint8 | percentile:LO,HI | range:MIN,MAX (a catalog cell overrides it)")
     parser.add_argument("--address", default="auto", help="'auto' (RAY_ADDRESS or the local cluster), ray://host:10001, or 'local'")
     return parser
 
@@ -54,7 +57,7 @@ def main() -> int:
     try:
         _, catalog = map_catalog(workspace, args.catalog, args.cities, say=lambda msg: print(msg, flush=True))
         cfg = MapConfig(run=args.run, model_dir=args.model, mode=args.mode, tile_size_px=args.tile_size,
-                        allow_gsd_mismatch=args.allow_gsd_mismatch,
+                        allow_gsd_mismatch=args.allow_gsd_mismatch, gsd_m=args.gsd, bands=args.bands, radiometry=args.radiometry,
                         inference=InferenceConfig(batch_size=args.batch_size, gpus=args.devices, actors=args.actors,
                                                   actors_per_gpu=args.actors_per_gpu))
         report = run_map(catalog, workspace, cfg,

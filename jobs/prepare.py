@@ -9,6 +9,7 @@ import argparse
 import sys
 
 from engine.catalog import find_catalog, load_catalog, select_cities
+from engine.model_input import InputSpec, Radiometry, parse_bands
 from engine.pipelines.prepare import run_prepare
 from engine.pipelines.runtime import init_ray
 from engine.tiles.city import PrepareConfig
@@ -24,16 +25,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tile-size", type=int, default=224)
     parser.add_argument("--overlap", type=int, default=32)
     parser.add_argument("--force", action="store_true")
+    parser.add_argument("--gsd", type=float, default=None, help="resample every city on read to this ground GSD (m); default: its own")
+    parser.add_argument("--bands", default=None, help="source bands read as R,G,B, e.g. 3,2,1 (a catalog 'bands' cell overrides it)")
+    parser.add_argument("--radiometry", default=None, help="auto | uint8 | percentile:LO,HI | range:MIN,MAX (a catalog cell overrides it)")
+    parser.add_argument("--allow-gsd-mismatch", action="store_true", help="with --gsd: resample even imagery more than 3x coarser")
     return parser
 
 
 def main() -> int:
     args = build_parser().parse_args()
     workspace = Workspace.at(args.workspace)
-    catalog = select_cities(load_catalog(args.catalog or find_catalog(workspace)), args.cities)
+    try:
+        catalog = select_cities(load_catalog(args.catalog or find_catalog(workspace)), args.cities)
+        cfg = PrepareConfig(grid=TileGridConfig(tile_size_px=args.tile_size, overlap_px=args.overlap))
+        spec = InputSpec(bands=parse_bands(args.bands), radiometry=Radiometry.parse(args.radiometry), gsd_m=args.gsd,
+                         allow_gsd_mismatch=args.allow_gsd_mismatch)
+    except ValueError as exc:  # CatalogError too: one line, before Ray starts
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     init_ray("auto")
-    cfg = PrepareConfig(grid=TileGridConfig(tile_size_px=args.tile_size, overlap_px=args.overlap))
-    results = run_prepare(catalog, workspace, cfg, force=args.force)
+    results = run_prepare(catalog, workspace, cfg, force=args.force, imagery=spec)
     for r in results:
         print(f"{r.city}\t{r.status}\t{r.tiles}\t{r.error}")
     return 1 if any(r.status == "failed" for r in results) else 0

@@ -16,7 +16,7 @@ LAYERS: dict[str, int] = {
     **dict.fromkeys(["atomic", "errors", "geo", "storage"], 1),
     **dict.fromkeys(["schema", "workspace", "product_layout", "geoparquet", "gpkg", "db"], 2),
     **dict.fromkeys(["imagery", "catalog", "osm", "buildings", "morphology", "scenes", "synth", "preview", "tiles", "pixels",
-                     "model_bundle"], 3),
+                     "model_bundle", "imagery_sources", "model_input", "weights_import", "model_card"], 3),
     **dict.fromkeys(["mapping", "training"], 4),
     "stitch": 5,
     **dict.fromkeys(["products", "accuracy"], 6),

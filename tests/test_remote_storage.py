@@ -136,3 +136,37 @@ def test_cli_takes_a_workspace_uri(s3_endpoint, bucket):
     assert result.exit_code == 0, result.output
     missing = CliRunner().invoke(app, ["--workspace", f"s3://{bucket}/nothing-here", "catalog", "validate"])
     assert missing.exit_code != 0 and "no catalog" in missing.output
+
+
+def test_a_model_vrt_in_a_remote_workspace_is_read_from_the_bucket_by_every_node(bucket):
+    """16-bit imagery in the bucket, a remote workspace: the model VRT (stretch + resampling) is published and named
+    by its URI, its source by GDAL's /vsis3/ name, so a node with an empty cache reads the same pixels."""
+    import pyarrow as pa
+
+    from engine.model_input import InputSpec, resolve_catalog
+    from engine.schema import CATALOG_SCHEMA
+    from engine.workspace import Workspace
+
+    local = storage.mirror_path(f"s3://{bucket}/imagery/u16.tif")
+    local.parent.mkdir(parents=True)
+    ramp = np.add.outer(np.arange(256) * 7, np.arange(256) * 8)  # smooth, below 4000: averages of it are well defined
+    data = np.stack([ramp, ramp[::-1], ramp[:, ::-1]]).astype(np.uint16)
+    with rasterio.open(local, "w", driver="GTiff", width=256, height=256, count=3, dtype="uint16", crs="EPSG:32650",
+                       transform=from_origin(500000, 3400000, 0.3, 0.3), tiled=True, blockxsize=64, blockysize=64) as dst:
+        dst.write(data)
+    storage.publish(local, keep_local=False)
+    ws = Workspace.at(f"s3://{bucket}/vrt-ws")
+    row = {n: None for n in CATALOG_SCHEMA.names} | {"city": "u16", "region": "r", "imagery": f"s3://{bucket}/imagery/u16.tif",
+                                                    "osm": "x", "radiometry": "range:0,4000"}
+    with storage.raster_env():
+        resolved, plans, errors = resolve_catalog(pa.Table.from_pylist([row], schema=CATALOG_SCHEMA), ws.city_imagery, InputSpec(gsd_m=0.6))
+    assert not errors
+    uri = resolved["imagery"][0].as_py()
+    assert uri == f"s3://{bucket}/vrt-ws/imagery/u16/model.vrt" and plans["u16"].describe().endswith("resampled 0.30 m -> 0.60 m")
+    assert f"/vsis3/{bucket}/imagery/u16.tif" in (storage.localize(ws.city_imagery("u16") / "model.vrt")).read_text()
+    _wipe_node_cache()
+    with storage.raster_env(), rasterio.open(uri) as src:
+        assert (src.count, src.width, src.dtypes[0]) == (3, 128, "uint8")
+        pixels = src.read()
+    expected = (data.reshape(3, 128, 2, 128, 2).mean(axis=(2, 4)) * 255 / 4000)
+    assert np.abs(pixels.astype(float) - expected).max() <= 1.0

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
+from engine.pipelines.prepare import prepared_imagery
 from engine.pipelines.publish import publish_products
 from engine.workspace import Workspace
 
@@ -24,6 +25,7 @@ def assess(workspace: Workspace | str | os.PathLike[str], run: str, catalog: pa.
     from engine.accuracy.assess import AssessConfig, run_assess
 
     ws = Workspace.at(workspace)
+    catalog = prepared_imagery(catalog, ws)  # the rasters prepare read (model VRTs), as `map` saw them
     report = run_assess(ws, run, catalog, cfg or AssessConfig(), reference_labels=reference_labels, say=say)
     if publish:
         ws.fetch(ws.products(run))  # a remote workspace: the stitched products

@@ -34,6 +34,7 @@ from engine.imagery import (
 from engine.mapping.predict import ModelPredictor, OraclePredictor, Predictor
 from engine.mapping.store import RunManifest
 from engine.model_bundle import ModelBundle
+from engine.model_input import InputPlan, InputSpec, Radiometry, parse_bands, resolve_catalog
 from engine.pipelines.assess import assess
 from engine.pipelines.infer import InferenceConfig, InferenceResult, run_inference
 from engine.pipelines.prepare import CityResult, run_prepare
@@ -73,6 +74,15 @@ class MapConfig:
         tile_size_px: the prepared grid's tile size when no model fixes it (the reference model, a default model).
         allow_gsd_mismatch: map cities whose ground GSD lies more than 3x outside the model's training GSD (they are
             refused otherwise; beyond 1.5x they are mapped with a warning).
+        gsd_m: resample every city's imagery on read to this ground GSD (metres): one stated resolution for the
+            whole product. Default: a city whose GSD lies more than 1.5x outside the model's training range (the
+            ratio `map` warned at before) is resampled to the nearer end of it (a 0.2 m source for a 0.5-1.2 m model
+            is read at 0.5 m; a model trained at one GSD, e.g. imported, reads everything at it), so one model serves
+            sources from 0.2 m to 1.2 m; the others are read as they are. Without a model before prepare (the
+            default model, trained in the run), each city is read at its own GSD.
+        bands, radiometry: the model input's band order and 8-bit conversion for every city without its own catalog
+            ``bands``/``radiometry`` (engine.model_input); default: bands 1,2,3, and the bundle's radiometry for
+            sources that are not 8-bit (8-bit sources are read as they are unless ``radiometry`` says otherwise).
     """
 
     run: str = "default"
@@ -85,11 +95,23 @@ class MapConfig:
     assess: bool = True
     tile_size_px: int = 224
     allow_gsd_mismatch: bool = False
+    gsd_m: float | None = None
+    bands: str | None = None
+    radiometry: str | None = None
 
     def __post_init__(self) -> None:
         check_name("run", self.run)  # the run name becomes a folder: refuse a bad one before any work
         if self.mode is not None and self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r}: use one of {MODES}")
+        self.input_spec(None)  # a bad --bands / --radiometry / --gsd is refused before any work
+
+    def input_spec(self, bundle: ModelBundle | None) -> InputSpec:
+        """What every city's imagery is read as: this run's options, else the bundle's record (engine.model_input)."""
+        # bands are the sources' layout (a catalog or run fact), not the model's: never taken from the bundle; its
+        # radiometry is for sources like its training imagery, so a new 8-bit city is still read as it is
+        return InputSpec(bands=parse_bands(self.bands), radiometry=Radiometry.parse(self.radiometry or (bundle.radiometry if bundle else None)),
+                         gsd_m=self.gsd_m, gsd_range_m=trained_gsd(bundle), allow_gsd_mismatch=self.allow_gsd_mismatch,
+                         keep_8bit=not self.radiometry)
 
 
 @dataclass(frozen=True)
@@ -111,6 +133,13 @@ class MapReport:
     @property
     def assessment_failed(self) -> bool:
         return isinstance(self.assessment, str)
+
+
+def trained_gsd(bundle: ModelBundle | None) -> tuple[float, float] | None:
+    """The ground GSD range a bundle was trained at: its ``gsd_range_m``, or its one ``gsd_m`` (an imported bundle)."""
+    if bundle is None:
+        return None
+    return bundle.gsd_range_m or ((bundle.gsd_m, bundle.gsd_m) if bundle.gsd_m else None)
 
 
 def check_model(cfg: MapConfig, workspace: str | os.PathLike[str]) -> ModelBundle | None:
@@ -190,6 +219,27 @@ def check_imagery(rows: dict[str, dict]) -> tuple[dict[str, ImageryFacts], dict[
     return facts, refused
 
 
+def summarise_inputs(plans: dict[str, InputPlan]) -> str:
+    """One line on what the model input changed, e.g. ``of 12 cities read, 3 resampled to 0.50 m, 1 stretched to
+    8-bit (percentile:2,98) on read``; empty when every city is read as it is. Per city: the tiles' marker (``input``)."""
+    changed = {c: p for c, p in plans.items() if not p.identity}
+    if not changed:
+        return ""
+    parts = []
+    resampled = [p for p in changed.values() if p.size is not None]
+    if resampled:
+        lo, hi = min(p.gsd_m for p in resampled), max(p.gsd_m for p in resampled)
+        to = format_gsd(lo) if math.isclose(lo, hi, rel_tol=1e-3) else f"{format_gsd(lo)[:-2]}-{format_gsd(hi)}"
+        parts.append(f"{len(resampled)} resampled to {to}")
+    stretched = sorted({str(p.radiometry) for p in changed.values() if p.value_ranges is not None})
+    if stretched:
+        parts.append(f"{sum(p.value_ranges is not None for p in changed.values())} stretched to 8-bit ({', '.join(stretched)})")
+    reordered = sum(p.bands != (1, 2, 3) for p in changed.values())
+    if reordered:
+        parts.append(f"{reordered} with bands reordered")
+    return f"of {len(plans)} cities read, " + ", ".join(parts) + " on read (a VRT per city in imagery/<city>/)"
+
+
 def check_gsd(facts: dict[str, ImageryFacts], trained_m: tuple[float, float], allow_mismatch: bool,
               model: str) -> tuple[dict[str, str], list[str]]:
     """Cities refused for a ground GSD more than ``GSD_REFUSE_RATIO`` outside the model's training range (unless
@@ -239,7 +289,13 @@ def run_map(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: MapConfig
     oracle = cfg.model_dir == REFERENCE_MODEL
     bundle = check_model(cfg, workspace)
     model_dir = str(storage.local_path(cfg.model_dir)) if cfg.model_dir and not oracle else None
-    facts, refused = check_imagery(rows)
+    catalog, plans, unreadable = resolve_catalog(catalog, workspace.city_imagery, cfg.input_spec(bundle))
+    rows = {r["city"]: r for r in catalog.to_pylist()}  # imagery: what the model reads (a model VRT where needed)
+    for city, why in unreadable.items():
+        failures[city] = ("imagery", why)
+    if summary := summarise_inputs(plans):
+        say(f"imagery: {summary}")
+    facts, refused = check_imagery({c: r for c, r in rows.items() if c not in failures})
     for city, why in refused.items():
         failures[city] = ("imagery", why)
     init_ray(address)
@@ -248,7 +304,7 @@ def run_map(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: MapConfig
     to_prepare = catalog.filter(pa.array([c not in failures for c in catalog["city"].to_pylist()]))
     say(f"prepare: {to_prepare.num_rows} cities ({tile_size} px tiles, {cfg.overlap_px} px overlap)")
     t0 = time.perf_counter()
-    prepared: list[CityResult] = run_prepare(to_prepare, workspace, prepare_cfg) if to_prepare.num_rows else []
+    prepared: list[CityResult] = run_prepare(to_prepare, workspace, prepare_cfg, resolved=plans) if to_prepare.num_rows else []
     seconds["prepare"] = time.perf_counter() - t0
     for r in prepared:
         if r.status == "failed":
@@ -269,7 +325,7 @@ def run_map(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: MapConfig
         bundle = ModelBundle.load(model_dir)
         seconds["train"] = time.perf_counter() - t0
     if not oracle:
-        trained = bundle.gsd_range_m
+        trained = trained_gsd(bundle)
         if trained is None:
             warnings.append(f"model {model_dir} does not record the ground GSD it was trained at (a bundle from before "
                             f"GSDs were recorded): the cities' GSD was not checked")

@@ -29,11 +29,13 @@ import pyarrow.parquet as pq
 
 from engine import storage
 from engine.atomic import atomic_path
+from engine.model_input import InputPlan, InputSpec, resolve_catalog
 from engine.tiles.city import (
     PrepareConfig,
     build_chunk,
     city_input_hash,
     file_digest,
+    osm_digest,
     plan_city,
 )
 from engine.workspace import Workspace
@@ -55,6 +57,22 @@ class CityResult:
 def city_output_dir(workspace: Workspace | str | os.PathLike[str], city: str) -> Path:
     """``tiles/city=<city>`` (the slug is validated first)."""
     return Workspace.at(workspace).city_tiles(city)
+
+
+def prepared_imagery(catalog: pa.Table, workspace: Workspace | str | os.PathLike[str]) -> pa.Table:
+    """``catalog`` with each prepared city's ``imagery`` as prepare read it (its marker's ``input.imagery``: the
+    model VRT of a stretched, resampled or tiled source), so commands run on their own (stitch, assess,
+    merge-runs) see the same raster as `map` did; cities never prepared keep the catalog's."""
+    ws = Workspace.at(workspace)
+    rows = catalog.to_pylist()
+    for row in rows:
+        try:
+            read = ((read_marker(ws, row["city"]) or {}).get("input") or {}).get("imagery")
+        except (ValueError, OSError):
+            read = None
+        if read:
+            row.update(imagery=read, zoom=None, asset=None, bands=None, radiometry=None)
+    return pa.Table.from_pylist(rows, schema=catalog.schema)
 
 
 def read_marker(workspace: Workspace | str | os.PathLike[str], city: str) -> dict | None:
@@ -80,8 +98,8 @@ def _plan(row: dict, cfg: PrepareConfig, workspace: Workspace, force: bool) -> l
     city = row.get("city") or "?"
     try:
         workspace.city_tiles(city)  # the slug is checked before anything is read or written
-        imagery_digest, osm_digest = file_digest(row["imagery"]), file_digest(row["osm"])
-        input_hash = city_input_hash(row, cfg, imagery_digest, osm_digest)
+        imagery_digest, osm_hash = file_digest(row["imagery"]), osm_digest(row["osm"])
+        input_hash = city_input_hash(row, cfg, imagery_digest, osm_hash)
         marker = read_marker(workspace, city)
         if not force and marker and marker.get("input_hash") == input_hash and storage.list_files(workspace.tile_index(city), ".parquet"):
             return [_status(city=city, status="skipped", tiles=marker.get("tiles", 0), input_hash=input_hash)]
@@ -129,25 +147,30 @@ def _describe(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}{where}"
 
 
-def _finalize(workspace: Workspace, city: str, staging: Path, input_hash: str, tiles: int, seconds: float, cfg: PrepareConfig) -> None:
+def _finalize(workspace: Workspace, city: str, staging: Path, input_hash: str, tiles: int, seconds: float, cfg: PrepareConfig,
+              read: dict | None = None) -> None:
     """Move a city's staged output into place (atomic directory swap; server-side copies in an object store), then
     write its marker, last: the marker is the completion point readers and reruns trust."""
     storage.move_tree(Workspace.staged_tiles(staging), workspace.city_tiles(city))
     marker = workspace.tiles_marker(city)
     with atomic_path(marker) as tmp:
         tmp.write_text(json.dumps({"city": city, "input_hash": input_hash, "tiles": tiles, "seconds": round(seconds, 3),
-                                   "config": cfg.to_json()}, indent=2, sort_keys=True))
+                                   "config": cfg.to_json(), "input": read}, indent=2, sort_keys=True))
     Workspace.publish(marker)
     shutil.rmtree(staging, ignore_errors=True)
     Workspace.publish(staging)
 
 
 def run_prepare(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: PrepareConfig | None = None, force: bool = False,
-                on_result: Callable[[CityResult], None] | None = None) -> list[CityResult]:
+                on_result: Callable[[CityResult], None] | None = None, imagery: InputSpec | None = None,
+                resolved: dict[str, InputPlan] | None = None) -> list[CityResult]:
     """Prepare every city of ``catalog`` into ``workspace/tiles`` with Ray Data; return one result per city.
 
     Ray must be initialised (``engine.pipelines.runtime.init_ray``). Cities whose inputs did not change are
-    skipped; a failing city is reported with its error and the others complete.
+    skipped; a failing city is reported with its error and the others complete. Each city's imagery is first
+    resolved to what the model reads (``imagery``: bands, radiometry, target GSD; :mod:`engine.model_input`), in
+    the driver: headers and a decimated read each, and the tiles then point at that one path. ``resolved``: the
+    plans of a catalog resolved already (by `map`), recorded in the markers as they are.
 
     Example::
 
@@ -160,16 +183,14 @@ def run_prepare(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: Prepa
     cfg = cfg or PrepareConfig()
     workspace = Workspace.at(workspace)  # a remote workspace: its mirror path, the same on every node
     check_city_names(catalog)  # names become folders: never prepare with an invalid or repeated one
-    rows = catalog.to_pylist()
-    if not rows:
+    if not catalog.num_rows:
         return []
-    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-    ds = ds.flat_map(_plan, fn_kwargs={"cfg": cfg, "workspace": workspace, "force": force})
-    # one chunk per block (streaming split, no shuffle), so a large city's chunks spread over all workers
-    ds = ds.repartition(target_num_rows_per_block=1)
-    ds = ds.map(_build, fn_kwargs={"cfg": cfg})
-
-    progress: dict[str, dict] = defaultdict(lambda: {"built": 0, "tiles": 0, "seconds": 0.0, "n_chunks": 0, "failed": ""})
+    if resolved is None:
+        catalog, plans, refused = resolve_catalog(catalog, workspace.city_imagery, imagery or InputSpec())
+    else:
+        plans, refused = resolved, {}
+    rows = catalog.to_pylist()
+    read = {r["city"]: r["imagery"] for r in rows}
     results: dict[str, CityResult] = {}
 
     def settle(result: CityResult) -> None:
@@ -177,6 +198,18 @@ def run_prepare(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: Prepa
         if on_result:
             on_result(result)
 
+    for city, why in refused.items():
+        settle(CityResult(city, "failed", 0, 0.0, why))
+    todo = [r for r in rows if r["city"] not in refused]
+    if not todo:
+        return [results[r["city"]] for r in rows]
+    ds = ray.data.from_items(todo, override_num_blocks=len(todo))
+    ds = ds.flat_map(_plan, fn_kwargs={"cfg": cfg, "workspace": workspace, "force": force})
+    # one chunk per block (streaming split, no shuffle), so a large city's chunks spread over all workers
+    ds = ds.repartition(target_num_rows_per_block=1)
+    ds = ds.map(_build, fn_kwargs={"cfg": cfg})
+
+    progress: dict[str, dict] = defaultdict(lambda: {"built": 0, "tiles": 0, "seconds": 0.0, "n_chunks": 0, "failed": ""})
     for row in ds.iter_rows():
         city = row["city"]
         if city in results:
@@ -194,7 +227,8 @@ def run_prepare(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: Prepa
         state["n_chunks"] = int(row["n_chunks"])
         if state["built"] == state["n_chunks"]:
             try:
-                _finalize(workspace, city, Path(row["staging"]), row["input_hash"], state["tiles"], state["seconds"], cfg)
+                _finalize(workspace, city, Path(row["staging"]), row["input_hash"], state["tiles"], state["seconds"], cfg,
+                              {"imagery": read[city], **plans[city].to_json()} if city in plans else None)
                 settle(CityResult(city, "done", state["tiles"], state["seconds"]))
             except OSError as exc:
                 settle(CityResult(city, "failed", 0, state["seconds"], _describe(exc)))

@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 from engine import storage
 from engine.db import connect
 from engine.mapping.store import Ledger, RunManifest, read_manifest
+from engine.pipelines.prepare import prepared_imagery
 from engine.pipelines.publish import publish_products
 from engine.pipelines.report import CityReport
 from engine.product_layout import city_folder
@@ -71,7 +72,7 @@ class StreamingStitch:
         if UV_CLASS not in self.manifest.classes:
             raise ValueError(f"run {run}: classes {list(self.manifest.classes)} have no {UV_CLASS!r}; nothing to map")
         self.cfg = cfg
-        self.rows = catalog.to_pylist()
+        self.rows = prepared_imagery(catalog, self.workspace).to_pylist()  # the rasters prepare read, as `map` saw them
         self.by_city = {r.get("city") or "": r for r in self.rows}
         self.out_dir = self.workspace.products(run)
         self.con = connect()
@@ -201,6 +202,7 @@ def stitch_products(workspace: Workspace | str | os.PathLike[str], run: str, cat
     say = say or (lambda _msg: None)
     workspace = Workspace.at(workspace)
     run_path = workspace.run(run).root  # the name is checked first
+    catalog = prepared_imagery(catalog, workspace)  # the rasters prepare read (model VRTs), as `map` saw them
     if stitcher is None:
         say("stitch: blending tiles, polygons across seams, products")
         stitcher = StreamingStitch(workspace, run, catalog, StitchConfig(min_area_m2=min_area_m2))

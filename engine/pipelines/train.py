@@ -12,7 +12,7 @@ import math
 import os
 import shutil
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +20,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engine.atomic import atomic_path
-from engine.model_bundle import write_bundle
-from engine.storage import filesystem, is_remote, raster_env, uri_of
+from engine.model_bundle import ModelBundle, write_bundle
+from engine.model_card import write_model_card
+from engine.pixels import NORMALISATION
+from engine.pipelines.prepare import read_marker
+from engine.storage import filesystem, is_remote, local_path, raster_env, uri_of
 from engine.training import faults
 from engine.training.samples import LABEL_SETS, add_pixels, load_part, part_pairs
 from engine.workspace import Workspace, check_name
@@ -192,8 +195,12 @@ def run_training(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: Trai
         if missing:
             raise ValueError(f"fine-tuning needs reference polygons; missing for {', '.join(missing)}")
     n_tiles, tile_size = count_tiles(ws, train_cities)
-    gsd = training_gsd({r["city"]: r["imagery"] for r in rows if r["city"] in train_cities + val_cities})
-    model_cfg = create_config(cfg.preset, img_size=tile_size, num_classes=len(classes), **cfg.model_overrides)
+    gsd = training_inputs(ws, {r["city"]: r["imagery"] for r in rows if r["city"] in train_cities + val_cities})
+    # from a bundle (pretrained, imported): its config, whatever its size (the preset is ignored); classes and tile size follow the run
+    init = ModelBundle.load(local_path(cfg.init_from)) if cfg.init_from else None
+    model_cfg = (replace(init.config, **{**cfg.model_overrides, "img_size": tile_size, "num_classes": len(classes)}) if init
+                 else create_config(cfg.preset, img_size=tile_size, num_classes=len(classes), **cfg.model_overrides))
+    norm = init.normalisation if init else NORMALISATION  # an imported encoder's pixel statistics, in training and inference alike
     workers = cfg.num_workers if isinstance(cfg.num_workers, int) else cfg.num_workers[1]
     steps_per_epoch = max(1, math.ceil(n_tiles * cfg.label_fraction / (cfg.batch_size * workers)))
     storage_path, storage_fs = train_storage(storage, ws)
@@ -204,6 +211,7 @@ def run_training(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: Trai
         "class_weights": [1.0] + [cfg.uv_weight] * (len(classes) - 1), "init_from": cfg.init_from, "augment": cfg.augment,
         "backbone_lr_scale": cfg.backbone_lr_scale if cfg.task == "finetune" else 1.0,
         "max_zoom": cfg.max_zoom, "image_dropout": cfg.image_dropout if cfg.task == "finetune" and cfg.mode == "fused" else 0.0,
+        "normalisation": [list(norm[0]), list(norm[1])],
     }
     datasets = {"train": sample_dataset(ws, train_cities, references, classes, cfg.label_fraction, cfg.seed)}
     if val_cities:
@@ -224,22 +232,47 @@ def run_training(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: Trai
     out = ws.model(name)
     with result.checkpoint.as_directory() as d, atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
-        write_bundle(tmp, copy_from=d, train={**asdict(cfg), **RETIRED_KEYS, "model": json.loads(model_cfg.to_json()), **gsd})
+        train = {**asdict(cfg), **RETIRED_KEYS, "model": json.loads(model_cfg.to_json()), **gsd}
+        if norm != NORMALISATION:
+            train["normalisation"] = {"mean": list(norm[0]), "std": list(norm[1])}
+        write_bundle(tmp, copy_from=d, train=train)
         for f in ("metrics.jsonl", "trainer_state.json"):
             shutil.copy2(Path(d) / f, tmp / f)
-        (tmp / "splits.json").write_text(json.dumps({"train": train_cities, "val": val_cities,
-                                                      "test": [c for c, s in split.items() if s == "test"]}, indent=2))
+        splits = {"train": train_cities, "val": val_cities, "test": [c for c, s in split.items() if s == "test"]}
+        (tmp / "splits.json").write_text(json.dumps(splits, indent=2))
+        write_model_card(tmp, name, train, splits=splits, regions={r["city"]: r.get("region") for r in rows},
+                         init=init.train if init else None)
     ws.publish(out)  # a remote workspace: the bundle every map node will fetch
     return out
 
 
-def training_gsd(imagery: dict[str, str]) -> dict:
-    """``gsd_m`` (median) and ``gsd_range_m`` ([min, max]) of the training cities' ground GSD in metres, for the bundle:
-    `map` compares each city's GSD with this range (a model sees villages at the size in pixels it learnt them)."""
+def training_inputs(workspace: Workspace, imagery: dict[str, str]) -> dict:
+    """What the bundle records of its training imagery, from what prepare read for each city (its marker's
+    ``input``: its read GSD and radiometry; the catalog's imagery for a city prepared before markers said):
+    ``gsd_m``/``gsd_range_m`` (:func:`training_gsd`) and ``radiometry`` when every city agrees (``per-city``
+    otherwise), so `map` reads new cities the way training read these. Not the source band numbers: they describe
+    each city's files, not the model (whose input is always R, G, B)."""
     from engine.imagery import read_imagery_facts
 
+    gsds, radiometry = [], set()
     with raster_env():
-        values = sorted(read_imagery_facts(path).gsd_m for path in imagery.values())
+        for city, path in imagery.items():
+            used = (read_marker(workspace, city) or {}).get("input") or {}
+            gsds.append(float(used["gsd_m"]) if used.get("gsd_m") else read_imagery_facts(path).gsd_m)
+            radiometry.add(used.get("radiometry") or "uint8")
+    out = training_gsd(gsds)
+    if radiometry:
+        # one 8-bit source and one stretched source are both "auto"; anything else must agree to be recorded
+        methods = {"auto" if m in ("uint8", "percentile:2,98") else m for m in radiometry}
+        out["radiometry"] = methods.pop() if len(methods) == 1 else "per-city"
+    return out
+
+
+def training_gsd(gsds: list[float]) -> dict:
+    """``gsd_m`` (median) and ``gsd_range_m`` ([min, max]) of the training cities' ground GSD in metres, for the bundle:
+    `map` reads every city at ``gsd_m`` (a model sees villages at the size in pixels it learnt them) and compares
+    each city's own GSD with the range."""
+    values = sorted(gsds)
     if not values:
         return {}
     return {"gsd_m": round(float(np.median(values)), 4), "gsd_range_m": [round(values[0], 4), round(values[-1], 4)]}

@@ -21,13 +21,13 @@ import torch
 
 from engine import storage
 from engine.model_bundle import write_bundle
-from engine.pixels import collate
+from engine.pixels import NORMALISATION, collate
 from engine.training.augment import drop_images, photometric, zoom
 from engine.training.faults import maybe_fail
 from engine.training.metrics import confusion, scores, segmentation_loss
 from engine.training.optimizer_state import read_optimizer_state, save_optimizer
 from engine.training.schedule import lr_at, param_groups
-from geolink_model.checkpoint import load_model
+from geolink_model.checkpoint import load_init, load_model
 from geolink_model.config import GeoLinkConfig
 from geolink_model.model import GeoLink, build_model
 
@@ -62,11 +62,8 @@ def train_loop_per_worker(config: dict) -> None:
             opt_state = read_optimizer_state(Path(d))
     else:
         if config.get("init_from"):
-            model, _ = load_model(storage.local_path(config["init_from"]))
-            model.cfg = GeoLinkConfig.from_json(config["model_config"])  # head sizes come from the task's config
-            fresh = build_model(model.cfg)
-            fresh.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("seg_decoder.classify")}, strict=False)
-            model = fresh
+            # the task's config (the bundle's, with this run's classes and tile size): a fresh class layer, a resampled position table
+            model = load_init(storage.local_path(config["init_from"]), GeoLinkConfig.from_json(config["model_config"]))
         else:
             model = build_model(GeoLinkConfig.from_json(config["model_config"]))
         opt_state = None
@@ -96,7 +93,7 @@ def train_loop_per_worker(config: dict) -> None:
         t0, seen, running = time.perf_counter(), 0, {}
         for batch in train.iter_batches(batch_size=int(config["batch_size"]), batch_format="pyarrow", drop_last=False):
             maybe_fail(step, rank)  # tests only (engine.training.faults): a no-op unless a test set the hook
-            images, graphs, labels = collate(batch, device)
+            images, graphs, labels = collate(batch, device, _normalisation(config))
             images, labels, graphs = zoom(images, labels, graphs, float(config.get("max_zoom", 1.0)))  # cities differ in pixel size
             if config.get("augment", True):  # cities differ in colour, haze, blur and noise: train across them
                 images = photometric(images)
@@ -139,10 +136,15 @@ def _validate(model, shard, config: dict, classes: tuple[str, ...], device: torc
     matrix = torch.zeros(n, n, dtype=torch.long, device=device)
     with torch.no_grad():
         for batch in shard.iter_batches(batch_size=int(config["batch_size"]), batch_format="pyarrow"):
-            images, graphs, labels = collate(batch, device)
+            images, graphs, labels = collate(batch, device, _normalisation(config))
             logits = model(images if config["mode"] != "osm" else None, graphs, config["mode"])
             matrix += confusion(logits.float(), labels, n).to(device)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(matrix)
     return {f"val_{k}": v for k, v in scores(matrix.cpu().numpy(), classes).items()}
 
+
+def _normalisation(config: dict) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The pixel normalisation of the run (an imported encoder's, else the engine's): ``[mean, std]`` lists."""
+    norm = config.get("normalisation")
+    return (tuple(norm[0]), tuple(norm[1])) if norm else NORMALISATION

@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import duckdb
 import numpy as np
@@ -24,6 +24,7 @@ from pyproj import CRS
 from engine import storage
 from engine.atomic import atomic_path
 from engine.imagery import model_input_problem, read_imagery_facts
+from engine.osm import MANIFEST_NAME, is_osm_dataset, local_sources, osm_source_paths
 from engine.tiles.graph_store import graphs_to_table
 from engine.tiles.grid import TileGridConfig, build_tile_grid
 from engine.tiles.osm_join import Features, metres_per_unit, read_osm_bbox, tile_graphs, to_features
@@ -67,6 +68,13 @@ def file_digest(path: str) -> str:
     if storage.is_remote(path):
         h.update(f"{path}|{storage.object_stamp(path)}".encode())
         return h.hexdigest()
+    if path.lower().endswith(".vrt"):  # a VRT's pixels are its sources': their stamps join the XML's
+        from engine.imagery_sources import vrt_sources
+
+        for source in vrt_sources(path):
+            h.update(f"{source}|{_source_stamp(source)}".encode())
+    elif path.lower().endswith(".xml"):  # an XYZ cache (GDAL_WMS over file:// tiles): the tiles' names, sizes, times
+        h.update(_tile_folder_stamp(path).encode())
     size = os.path.getsize(path)
     with open(path, "rb") as fh:
         if size <= FULL_HASH_LIMIT:
@@ -78,6 +86,63 @@ def file_digest(path: str) -> str:
             fh.seek(-(1 << 24), os.SEEK_END)
             h.update(fh.read(1 << 24))
     return h.hexdigest()
+
+
+def osm_digest(spec: str) -> str:
+    """Content digest of a city's OSM: :func:`file_digest` of one file (as before lists existed); for a ``;`` list or
+    a folder, a digest of its files' digests in order; a partitioned dataset by its manifest (which holds every
+    partition's digest, so no partition is read here).
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp())
+        >>> _ = (d / "a.geojson").write_text("{}"); _ = (d / "b.geojson").write_text("[]")
+        >>> osm_digest(str(d)) == osm_digest(f"{d / 'a.geojson'};{d / 'b.geojson'}") != osm_digest(str(d / "a.geojson"))
+        True
+    """
+    paths = osm_source_paths(spec)
+
+    def remote_folder(p: str) -> bool:  # an object-store prefix: only a partitioned dataset (its manifest) can be one
+        return storage.is_remote(p) and not PurePosixPath(p.rstrip("/")).suffix
+
+    if len(paths) == 1 and not is_osm_dataset(paths[0]) and not remote_folder(paths[0]):
+        return file_digest(paths[0])
+    h = hashlib.blake2b(digest_size=16)
+    for p in paths:
+        if remote_folder(p):
+            h.update(file_digest(f"{p.rstrip('/')}/{MANIFEST_NAME}").encode())
+        else:
+            h.update((file_digest(str(Path(p) / MANIFEST_NAME)) if is_osm_dataset(p) else file_digest(p)).encode())
+    return h.hexdigest()
+
+
+def _source_stamp(source: str) -> str:
+    """A VRT source's part of the input digest: a nested VRT or WMS description by content (small, and it names its
+    own sources), a raster by size and modification time. Why not content: a city's tile folder can hold terabytes,
+    and hashing it on every rerun (just to decide the city is unchanged) would read it all."""
+    if not os.path.isfile(source):
+        return source if storage.is_remote(source) or source.startswith("/vsi") else "missing"
+    if source.lower().endswith((".vrt", ".xml")):
+        return file_digest(source)
+    st = os.stat(source)
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def _tile_folder_stamp(wms_xml: str) -> str:
+    """Name, size and modification time of every file under the folder a GDAL_WMS ``file://`` ServerUrl reads: an
+    XYZ cache's tiles change in place without changing its XML (hashing every tile would read the whole cache)."""
+    import xml.etree.ElementTree as ET
+    from urllib.parse import unquote, urlparse
+
+    try:
+        url = (ET.parse(wms_xml).getroot().findtext("Service/ServerUrl") or "").split("${")[0]
+    except (ET.ParseError, OSError):
+        return ""
+    if not url.startswith("file://"):
+        return url
+    folder = Path(unquote(urlparse(url).path))
+    stamps = sorted(f"{p.relative_to(folder)}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in folder.rglob("*") if p.is_file())
+    return "\n".join(stamps)
 
 
 def city_input_hash(row: dict, cfg: PrepareConfig, imagery_digest: str, osm_digest: str) -> str:
@@ -130,7 +195,7 @@ def plan_city(row: dict, cfg: PrepareConfig, staging: Path, imagery_digest: str,
     if grid.num_rows == 0:
         raise ValueError(f"city {city}: no tile holds valid imagery inside the AOI ({row['imagery']})")
     bbox = (pc.min(grid["lon_min"]).as_py(), pc.min(grid["lat_min"]).as_py(), pc.max(grid["lon_max"]).as_py(), pc.max(grid["lat_max"]).as_py())
-    table = read_osm_bbox(str(storage.local_path(row["osm"])), bbox)
+    table = read_osm_bbox(local_sources(row["osm"]), bbox)
     if table.num_rows == 0:
         raise ValueError(f"city {city}: the OSM file {row['osm']} has no features inside the imagery bounds {tuple(round(b, 5) for b in bbox)}; "
                          "check that imagery and OSM cover the same place")
@@ -169,8 +234,8 @@ def build_chunk(grid: pa.Table, features_path: Path, chunk: tuple[int, int, int,
 
 def tile_city(row: dict, cfg: PrepareConfig, staging: Path) -> tuple[pa.Table, pa.Table]:
     """The whole city in-process: ``(tile_index, tile_graphs)``, both sorted by tile_id."""
-    imagery_digest, osm_digest = file_digest(row["imagery"]), file_digest(row["osm"])
-    plan = plan_city(row, cfg, staging, imagery_digest, city_input_hash(row, cfg, imagery_digest, osm_digest))
+    imagery_digest, osm_hash = file_digest(row["imagery"]), osm_digest(row["osm"])
+    plan = plan_city(row, cfg, staging, imagery_digest, city_input_hash(row, cfg, imagery_digest, osm_hash))
     parts = [build_chunk(plan.grid, plan.features_path, ch, imagery_digest, cfg) for ch in plan.chunks]
     index = pa.concat_tables([p[0] for p in parts]).sort_by("tile_id")
     graphs = pa.concat_tables([p[1] for p in parts]).sort_by("tile_id")

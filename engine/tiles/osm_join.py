@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -43,14 +44,16 @@ class Features:
 
 def is_contract_geoparquet(path: str) -> bool:
     """True for GeoParquet already in the OSM feature contract (readable straight by DuckDB with a bbox filter)."""
-    if not str(path).lower().endswith((".parquet", ".geoparquet")):
-        return False
+    if not str(path).lower().endswith((".parquet", ".geoparquet")) or not Path(path).is_file():
+        return False  # a ';' list ending in .parquet, or a folder: read_osm_sources
     schema = pq.read_schema(path)
     return CONTRACT_COLUMNS <= set(schema.names) and b"geo" in (schema.metadata or {})
 
 
 def read_osm_bbox(path: str, bbox_wgs84: tuple[float, float, float, float]) -> pa.Table:
-    """OSM features (contract) intersecting a lon/lat box: DuckDB for contract GeoParquet, the ingest readers otherwise."""
+    """OSM features (contract) intersecting a lon/lat box: DuckDB for contract GeoParquet; a partitioned dataset folder
+    by its cells and bbox columns; a ``;`` list or a plain folder as one (``engine.osm.read_osm_sources``); the ingest
+    readers for any other file."""
     if is_contract_geoparquet(path):
         geo = json.loads(pq.read_schema(path).metadata[b"geo"])
         crs = geo["columns"][geo["primary_column"]].get("crs")
@@ -64,9 +67,9 @@ def read_osm_bbox(path: str, bbox_wgs84: tuple[float, float, float, float]) -> p
             "WHERE ST_Intersects(geometry, ST_MakeEnvelope(?, ?, ?, ?)) ORDER BY osm_id",
             [str(path), west, south, east, north],
         ).fetch_arrow_table()
-    from engine.osm.ingest import read_osm
+    from engine.osm.sources import read_osm_sources
 
-    table, _ = read_osm(path, bbox=bbox_wgs84)
+    table, _ = read_osm_sources(path, bbox=bbox_wgs84)
     return table
 
 
