@@ -106,7 +106,7 @@ def load_catalog(path: str | os.PathLike[str]) -> pa.Table:
             if isinstance(value, list | tuple):  # a YAML list (several OSM files for one city): one ';'-joined cell
                 value = PATH_LIST_SEP.join(str(v).strip() for v in value if v is not None and str(v).strip())
             value = None if value is None or (isinstance(value, str) and not value.strip()) else str(value).strip()
-            is_path = name in ("imagery", "osm", "reference", "buildings") or (name == "aoi" and value is not None and not _looks_like_wkt(value))
+            is_path = name in ("imagery", "osm", "reference", "buildings", "population", "co2") or (name == "aoi" and value is not None and not _looks_like_wkt(value))
             if value is not None and is_path:
                 value = PATH_LIST_SEP.join(resolve_path(v.strip(), base) for v in value.split(PATH_LIST_SEP) if v.strip())
             out[name].append(value)

@@ -257,6 +257,8 @@ _TRAIN_OPTIONS = {
     "seed": typer.Option("--seed", help="Random seed."),
     "address": typer.Option("--address", help="Ray address; default: a local Ray."),
     "max_zoom": typer.Option("--max-zoom", help="Random zoom in/out by up to this factor (image, labels, OSM alike); 1 = off."),
+    "with_location": typer.Option("--with-location", help="Build the model with the geolocation encoder: each tile centre's lon/lat "
+                                  "(contrasted with the image in pretraining, added to the tokens before fusion)."),
 }
 
 
@@ -275,10 +277,11 @@ def pretrain(
     address: Annotated[str | None, _TRAIN_OPTIONS["address"]] = None,
     max_zoom: Annotated[float, _TRAIN_OPTIONS["max_zoom"]] = 1.0,
     pretrain_on_test: Annotated[bool, typer.Option("--pretrain-on-test", help="Pretrain on the test cities' imagery and OSM too (no labels are read).")] = False,
+    with_location: Annotated[bool, _TRAIN_OPTIONS["with_location"]] = False,
 ) -> None:
     """Self-supervised pretraining (masked patches, image-graph contrast, masked OSM nodes) on Ray Train."""
     _train(ctx, "pretrain", name, storage, address, workers, preset=preset, epochs=epochs, batch_size=batch_size, lr=lr, use_gpu=gpu,
-           seed=seed, max_zoom=max_zoom, pretrain_on_test=pretrain_on_test)
+           seed=seed, max_zoom=max_zoom, pretrain_on_test=pretrain_on_test, with_location=with_location)
 
 
 @app.command("finetune")
@@ -304,11 +307,12 @@ def finetune(
     image_dropout: Annotated[float, typer.Option("--image-dropout", help="Fused mode: share of training samples with the image blanked (modality dropout).")] = 0.0,
     max_zoom: Annotated[float, _TRAIN_OPTIONS["max_zoom"]] = 1.0,
     backbone_lr_scale: Annotated[float, typer.Option("--backbone-lr-scale", help="The pretrained encoders and fusion learn at this share of --lr (0 freezes them).")] = 1.0,
+    with_location: Annotated[bool, _TRAIN_OPTIONS["with_location"]] = False,
 ) -> None:
     """Fine-tune for urban-village segmentation on the train split; IoU/F1/mIoU on the val split each epoch."""
     _train(ctx, "finetune", name, storage, address, workers, preset=preset, epochs=epochs, batch_size=batch_size, lr=lr, use_gpu=gpu,
            seed=seed, mode=mode, classes=classes, label_fraction=label_fraction, init_from=init_from, image_dropout=image_dropout,
-           max_zoom=max_zoom, backbone_lr_scale=backbone_lr_scale)
+           max_zoom=max_zoom, backbone_lr_scale=backbone_lr_scale, with_location=with_location)
 
 
 @app.command("import-weights")
@@ -393,6 +397,56 @@ def map_command(
         cities = ", ".join(f"{c.city} ({c.stage})" for c in report.failed)
         _fail(f"{len(report.failed)} of {len(report.cities)} cities failed or are incomplete" + (f": {cities}" if cities else "")
               + ("; the accuracy assessment failed" if report.assessment_failed else ""), code=1)
+
+
+@app.command("embed")
+def embed_command(
+    ctx: typer.Context,
+    run: Annotated[str, typer.Option("--run", help="Run name: runs/<run>/embeddings/<mode>_<level> (ledger, parts) and "
+                                     "products/<run>/embeddings/; rerun resumes.")] = "default",
+    model: Annotated[str | None, typer.Option("--model", help="Model bundle (folder or s3:// URI); default: the map run's model, "
+                                              "else models/default.")] = None,
+    mode: Annotated[str | None, typer.Option("--mode", help="image, osm or fused; default: the model's own (refused when the model "
+                                             "never trained what the mode reads).")] = None,
+    level: Annotated[str, typer.Option("--level", help="tile (one vector per tile: mean over its core patches) or patch "
+                                       "(one per core patch).")] = "tile",
+    points: Annotated[str | None, typer.Option("--points", help="Points file (GeoPackage, GeoParquet, GeoJSON... with a CRS, or CSV "
+                                               "of lon/lat): the embedding at each point, from its tile's patch grid (--level is not used).")] = None,
+    cities: Annotated[str, typer.Option("--cities", help="'all' or a comma list of city slugs.")] = "all",
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Tiles per model call (default: 16 on CPU, 64 on GPUs).")] = None,
+    devices: Annotated[int, typer.Option("--devices", min=0, help="GPUs to encode on (one actor each); 0 = CPU.")] = 0,
+    actors: Annotated[int | None, typer.Option("--actors", min=1, help="Encoder actors on CPU (default: half the CPUs).")] = None,
+    address: Annotated[str | None, typer.Option("--address", help="Ray address ('auto', 'ray://host:10001'); default: a local Ray.")] = None,
+) -> None:
+    """Encodings of the prepared tiles as GeoParquet: per tile, per patch, or at given points (Ray Data, resumable)."""
+    from engine.mapping.embed import PointsError
+    from engine.pipelines.embed import EmbedConfig, run_embed
+    from engine.pipelines.infer import InferenceConfig
+
+    settings: Settings = ctx.obj
+    path, table = _load_catalog(settings)
+    say = lambda msg: console.print(f"[bold]>[/] {escape(msg)}", soft_wrap=True)  # noqa: E731
+    try:
+        cfg = EmbedConfig(run=run, model_dir=model, mode=mode, level=level, points=points,
+                          inference=InferenceConfig(batch_size=batch_size, gpus=devices, actors=actors))
+        with _Bars() as bars:
+            report = run_embed(select_cities(table, cities), settings.workspace, cfg, on_stage=say, on_commit=bars.adder("tiles encoded"),
+                               address=address)
+    except (CatalogError, PointsError, ValueError, FileNotFoundError) as exc:  # a bad model, mode, points file: one line, before Ray
+        _fail(str(exc))
+    result = report.inference
+    console.print(f"[green]ok:[/] {report.rows} rows ({report.mode}, {report.level}) in [bold]{report.path}[/]; tiles: {result.predicted} "
+                  f"encoded, {result.skipped} done before, {result.failed} failed"
+                  + (f"; STAC {report.stac}" if report.stac else ""), soft_wrap=True)
+    if line := report.unmatched_line():
+        console.print(f"[yellow]warning:[/] {escape(line)}", soft_wrap=True, highlight=False)
+    for city, why in sorted(result.missing.items()):
+        console.print(f"[yellow]warning:[/] {escape(city)}: {escape(why)}", soft_wrap=True, highlight=False)
+    if report.failures or report.points_without_tile:
+        city, tile, _, error = report.failures[0] if report.failures else ("", "", 0, "")
+        _fail(f"{len(report.failures)} tiles failed to encode" + (f" (first: {tile}: {error})" if tile else "")
+              + (f"; {len(report.points_without_tile)} points have no embedding" if report.points_without_tile else "")
+              + "; rerun the same command to retry them", code=1)
 
 
 @app.command("stitch")

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 WEIGHTS, CONFIG, TRAIN_CONFIG = "model.safetensors", "config.json", "train_config.json"
 DEFAULT_MODE = "fused"  # the mode of a bundle that does not say
+MODE_INPUTS = {"image": frozenset(("image",)), "osm": frozenset(("osm",)), "fused": frozenset(("image", "osm"))}  # what each mode reads
 
 
 class BundleError(ValueError):
@@ -98,6 +99,38 @@ class ModelBundle:
     def version(self) -> str:
         """``<folder name>-<12 hex of the weights' digest>`` (:func:`model_version`; read once, on first use)."""
         return model_version(self.path)
+
+    @property
+    def trained_inputs(self) -> frozenset[str]:
+        """The inputs (``image``, ``osm``) whose encoders this bundle's own training trained (``train_config.json``
+        ``task``): fine-tuning in mode M trains what M reads (:data:`MODE_INPUTS`); pretraining trains the image and
+        OSM encoders and the fusion (its three losses); an import (``import-weights``) only the image encoder. A bundle
+        that does not say (made outside the engine) counts as its mode's, ``fused`` by default: what the engine has
+        always assumed of it."""
+        task = self.train.get("task")
+        if task == "pretrain":
+            return frozenset(("image", "osm"))
+        if task == "import":
+            return frozenset(("image",))
+        return MODE_INPUTS[self.mode]
+
+    @property
+    def encodable_modes(self) -> tuple[str, ...]:
+        """The modes whose encodings this bundle can give (`geolink-engine embed`): those whose inputs it was trained
+        on (:attr:`trained_inputs`). E.g. a bundle fine-tuned in ``image`` mode holds an OSM encoder and a fusion too,
+        but never trained: their tokens would be noise, so ``osm`` and ``fused`` are refused for it."""
+        return tuple(m for m in MODES if MODE_INPUTS[m] <= self.trained_inputs)
+
+    def check_encodable(self, mode: str) -> None:
+        """Raise one :class:`BundleError` line when :attr:`encodable_modes` lacks ``mode``."""
+        if mode not in MODES:
+            raise BundleError(f"mode {mode!r}: use one of {', '.join(MODES)}")
+        if mode not in self.encodable_modes:
+            task = self.train.get("task")
+            how = {"pretrain": "pretrained", "import": "imported"}.get(task, f"fine-tuned in {self.mode} mode")
+            untrained = " and ".join(sorted(MODE_INPUTS[mode] - self.trained_inputs))
+            raise BundleError(f"model {self.path.name} cannot give {mode} encodings: it was {how}, so its {untrained} encoder was "
+                              f"never trained; use --mode {' or '.join(self.encodable_modes)}, or a bundle trained with {mode} inputs")
 
     def load_model(self, device: str = "cpu") -> GeoLink:
         """The model with its weights, on ``device`` (strict: every weight must match the config)."""

@@ -3,7 +3,8 @@
 - :data:`MEAN`, :data:`STD`: the pixel normalisation after scaling uint8 to ``[0, 1]`` (every bundle so far was
   trained with it; :attr:`engine.model_bundle.ModelBundle.normalisation` says which one a bundle wants).
 - :func:`normalise`: uint8 pixels -> normalised float tensor; :func:`collate`: a pyarrow batch of samples
-  (``image`` tensor column + graph columns, optional ``label``) -> model inputs.
+  (``image`` tensor column + graph columns, optional ``label``) -> model inputs; :func:`tile_lonlat`: each tile's
+  centre in degrees, the input of a model built ``with_location``.
 - :func:`tile_labels`: reference polygons rasterised to a tile window (training labels, and the reference
   "model" of ``map --model reference``); :data:`IGNORE`: the label of pixels outside the raster or the AOI.
 
@@ -67,6 +68,29 @@ def collate(batch: pa.Table, device: torch.device | str = "cpu",
     graphs = batch_graphs([row_to_graph(row) for row in batch.select(graph_keys).to_pylist()]).to(device)
     labels = torch.as_tensor(tensor_column(batch, "label"), device=device).long() if "label" in batch.column_names else None
     return images, graphs, labels
+
+
+def tile_lonlat(batch: pa.Table, device: torch.device | str = "cpu") -> torch.Tensor | None:
+    """Each tile's window centre as ``(B, 2)`` float64 longitude, latitude in degrees (the tile index's
+    ``lon_min``..``lat_max``, EPSG:4326), or None when the batch has no such columns (then a location model runs
+    without location). A window across the antimeridian (``lon_max < lon_min``) is centred across it.
+
+    Why apart from :func:`collate`: only a model built ``with_location`` reads it, and collate's callers keep their
+    three results.
+
+    Example:
+        >>> tile_lonlat(pa.table({"lon_min": [10.0], "lat_min": [50.0], "lon_max": [10.2], "lat_max": [50.1]})).tolist()
+        [[10.1, 50.05]]
+    """
+    import torch
+
+    names = ("lon_min", "lat_min", "lon_max", "lat_max")
+    if not set(names) <= set(batch.column_names):
+        return None
+    lon0, lat0, lon1, lat1 = (batch[n].to_numpy(zero_copy_only=False).astype(np.float64) for n in names)
+    lon1 = np.where(lon1 < lon0, lon1 + 360.0, lon1)
+    centre = np.stack([(lon0 + lon1) / 2.0, (lat0 + lat1) / 2.0], axis=1)
+    return torch.as_tensor(centre, device=device)
 
 
 def tensor_column(batch: pa.Table, name: str) -> np.ndarray:

@@ -31,6 +31,7 @@ CITIES_DIR = "cities"
 ACCURACY_DIR = "accuracy"
 PREVIEW_PNG = "preview.png"
 COGS = {"uv_prob": "uv_prob.tif", "class": "class.tif"}
+EMBEDDINGS_DIR = "embeddings"  # `geolink-engine embed`: <mode>_<level>.parquet (level tile, patch or points)
 PROB_SCALE = 250  # uv_prob.tif stores round(p * 250); 255 is nodata
 PROB_NODATA = 255
 
@@ -104,6 +105,17 @@ def city_cogs(products_dir: str | os.PathLike[str], city: str) -> dict[str, Path
     """The COGs of a city that exist, by asset key (``uv_prob``, ``class``); empty for a failed city."""
     folder = city_folder(products_dir, city)
     return {key: folder / name for key, name in COGS.items() if (folder / name).is_file()}
+
+
+def embeddings_file(products_dir: str | os.PathLike[str], mode: str, level: str) -> Path:
+    """``products/<run>/embeddings/<mode>_<level>.parquet`` (``level``: ``tile``, ``patch`` or ``points``)."""
+    return Path(products_dir) / EMBEDDINGS_DIR / f"{mode}_{level}.parquet"
+
+
+def embeddings_files(products_dir: str | os.PathLike[str]) -> list[Path]:
+    """The embeddings products present, sorted by name (the STAC lists each)."""
+    folder = Path(products_dir) / EMBEDDINGS_DIR
+    return sorted(p for p in folder.glob("*.parquet") if p.is_file() and not p.name.startswith(".")) if folder.is_dir() else []
 
 
 def product_cities(products_dir: str | os.PathLike[str], stats: list[dict]) -> list[str]:

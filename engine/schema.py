@@ -111,6 +111,8 @@ CATALOG_SCHEMA = pa.schema(
         pa.field("asset", pa.string()),  # STAC Item imagery: the asset key to read (default: see engine.imagery_sources)
         pa.field("bands", pa.string()),  # 1-based band numbers read as the model's R,G,B (e.g. "3,2,1"); default: the model's
         pa.field("radiometry", pa.string()),  # auto | uint8 | percentile:LO,HI | range:MIN,MAX (engine.model_input)
+        pa.field("population", pa.string()),  # optional truth raster: residents per cell (regression labels, issue 20)
+        pa.field("co2", pa.string()),  # optional truth raster: CO2 emission proxy per cell (regression labels)
     ]
 )
 CATALOG_REQUIRED: tuple[str, ...] = ("city", "region", "imagery", "osm")
@@ -124,6 +126,19 @@ BUILDINGS_SCHEMA = pa.schema(
     ]
 )
 """A city's building footprints as ``engine.buildings`` reads them from a catalog file or from OSM."""
+
+POPULATION_BUILDINGS_SCHEMA = pa.schema(
+    [
+        pa.field("building_id", pa.int64()),  # the building's id in the city's buildings file; null: not in the file
+        pa.field("land_use", pa.string(), nullable=False),  # the land use of its block (LANDUSE_CLASSES)
+        pa.field("floor_area_m2", pa.float64(), nullable=False),  # footprint x true floors
+        pa.field("population", pa.float64(), nullable=False),  # residents (0 in non-residential buildings)
+        pa.field("x", pa.float64(), nullable=False),  # footprint centroid in the city's CRS: the cell it counts in
+        pa.field("y", pa.float64(), nullable=False),
+    ]
+)
+"""A synthetic city's residents per building (``population_buildings.parquet``): every drawn building standing on
+imagery, including those its buildings file misses; their sum is the ``population.tif`` total."""
 
 OSM_FEATURES_SCHEMA = pa.schema(
     [
@@ -284,6 +299,39 @@ PREDICTIONS_SCHEMA = pa.schema(
         pa.field("probs", pa.binary(), nullable=False),
     ]
 )
+
+# --- embedding parts (one row per tile per embedding pass: runs/<run>/embeddings/<mode>_<level>/) -----------------
+EMBEDDING_LEVELS = ("tile", "patch")  # one vector per tile (pooled over its core) or the tile's whole patch grid
+EMBEDDING_PARTS_SCHEMA = pa.schema(
+    [
+        pa.field("tile_id", pa.string(), nullable=False),
+        pa.field("city", pa.string(), nullable=False),
+        pa.field("input_hash", pa.string(), nullable=False),
+        pa.field("model_version", pa.string(), nullable=False),
+        pa.field("n_vectors", pa.int32(), nullable=False),  # 1 (level tile) or grid_size**2 (level patch, row-major)
+        pa.field("dim", pa.int32(), nullable=False),
+        pa.field("vectors", pa.binary(), nullable=False),  # float32 little-endian (n_vectors, dim) row-major
+    ]
+)
+
+
+def embeddings_schema(dim: int, level: str) -> pa.Schema:
+    """The embeddings product ``products/<run>/embeddings/<mode>_<level>.parquet`` (GeoParquet, EPSG:4326; every
+    column in docs/PRODUCTS.md): ``level`` is ``tile``, ``patch`` or ``points`` (the ``--points`` lookup)."""
+    if level not in (*EMBEDDING_LEVELS, "points"):
+        raise ValueError(f"level {level!r}: use one of {(*EMBEDDING_LEVELS, 'points')}")
+    points = level == "points"
+    fields = [pa.field("point_id", pa.string(), nullable=False), pa.field("matched", pa.bool_(), nullable=False)] if points else []
+    fields += [pa.field("city", pa.string(), nullable=points), pa.field("tile_id", pa.string(), nullable=points)]
+    if level == "patch":
+        fields += [pa.field("patch_row", pa.int32(), nullable=False), pa.field("patch_col", pa.int32(), nullable=False)]
+    return pa.schema(fields + [
+        pa.field("model_version", pa.string(), nullable=False),
+        pa.field("mode", pa.string(), nullable=False),
+        pa.field("crs", pa.string(), nullable=points),  # the tile's (the imagery's) CRS
+        pa.field("embedding", pa.list_(pa.float32(), dim), nullable=points),
+        pa.field("geometry", pa.binary(), nullable=False),  # WKB, EPSG:4326
+    ])
 
 
 # --- products (products/<run>/, files named in engine.product_layout) ------------------------------------------

@@ -17,6 +17,7 @@ Layout (unchanged by this module; ``docs/ARCHITECTURE.md`` "Workspace layout")::
     tiles/_staging/<city>/                     a city being prepared
     models/<name>/                             model bundles (``engine.model_bundle``)
     runs/<run>/                                run.json, ledger.duckdb, predictions/city=<city>/, _done/
+    runs/<run>/embeddings/<mode>_<level>/      an embedding pass: the same files (its parts hold vectors)
     runs/train/                                Ray Train's storage (checkpoints of training runs)
     products/<run>/                            products (files inside: ``engine.product_layout``)
 
@@ -232,6 +233,11 @@ class Workspace:
 
     def run(self, run: str) -> RunFolder:
         return RunFolder(self.runs / check_name("run", run))
+
+    def embedding_run(self, run: str, mode: str, level: str) -> RunFolder:
+        """``runs/<run>/embeddings/<mode>_<level>/``: one embedding pass (`geolink-engine embed`), a run folder of its
+        own (manifest, ledger, parts, ``_done``) beside the map run's files, so it resumes exactly as `map` does."""
+        return RunFolder(self.run(run).root / "embeddings" / f"{check_name('mode', mode)}_{check_name('level', level)}")
 
     @property
     def train_runs(self) -> Path:

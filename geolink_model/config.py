@@ -10,7 +10,11 @@ import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-LOSSES = ("mae", "contrastive", "node")
+LOSSES = ("mae", "contrastive", "node", "location", "inr")
+# weights of the losses added after the first bundles: a config.json from before them gets these (their switches
+# are off there, so nothing changes; turned on later, e.g. `finetune --init-from old --with-location`, they count)
+NEW_LOSS_WEIGHTS = {"location": 0.5, "inr": 1.0}
+EARTH_RADIUS_KM = 6371.0088  # mean radius (IUGG): the location encoder's wavelengths are ground distances
 MODES = ("image", "osm", "fused")
 POS_EMBEDS = ("sincos", "learned", "fixed")
 
@@ -41,7 +45,16 @@ class GeoLinkConfig:
         seg_dim: width of the segmentation decoder; feature_layers: ViT blocks (0-based) feeding it.
         num_classes: segmentation classes.
         mask_ratio: share of image patches hidden in pretraining; node_mask_ratio: share of OSM nodes hidden.
-        temperature: InfoNCE temperature; loss_weights: weight per pretraining loss (mae, contrastive, node).
+        temperature: InfoNCE temperature; loss_weights: weight per pretraining loss (mae, contrastive, node, and
+            location / inr when switched on).
+        with_location: build the geolocation encoder (:mod:`geolink_model.location`): the tile centre's lon/lat,
+            contrasted with the image in pretraining (loss ``location``) and added to the image tokens before fusion.
+            Off, the model has no location weights (bundles from before it load unchanged).
+        location_scales, location_min_km, location_max_km: its sinusoid wavelengths, a geometric ladder from
+            ``location_max_km`` (must exceed the Earth's diameter, ~12,742 km, so distinct places stay distinct) down
+            to ``location_min_km``.
+        inr: build GAIR's implicit-neural-representation lookup (:mod:`geolink_model.inr`), the embedding at any
+            point of a tile from the patch grid, trained in pretraining (loss ``inr``).
     """
 
     img_size: int = 224
@@ -71,7 +84,12 @@ class GeoLinkConfig:
     mask_ratio: float = 0.75
     node_mask_ratio: float = 0.2
     temperature: float = 0.07
-    loss_weights: dict[str, float] = field(default_factory=lambda: {"mae": 1.0, "contrastive": 0.5, "node": 0.5})
+    loss_weights: dict[str, float] = field(default_factory=lambda: {"mae": 1.0, "contrastive": 0.5, "node": 0.5, **NEW_LOSS_WEIGHTS})
+    with_location: bool = False
+    location_scales: int = 16
+    location_min_km: float = 1.0
+    location_max_km: float = 20000.0
+    inr: bool = False
 
     def __post_init__(self) -> None:
         if self.img_size % self.patch_size:
@@ -92,6 +110,12 @@ class GeoLinkConfig:
             raise ValueError(f"pos_embed={self.pos_embed!r}: use one of {POS_EMBEDS}")
         if self.num_classes < 2:
             raise ValueError("num_classes must be >= 2")
+        if self.location_scales < 1 or not 0.0 < self.location_min_km < self.location_max_km:
+            raise ValueError(f"location_scales={self.location_scales} must be >= 1 and 0 < location_min_km={self.location_min_km} "
+                             f"< location_max_km={self.location_max_km}")
+        if self.location_max_km <= 2 * EARTH_RADIUS_KM:
+            raise ValueError(f"location_max_km={self.location_max_km} must exceed the Earth's diameter ({2 * EARTH_RADIUS_KM:.0f} km): "
+                             "below it, distant places share location features")
         unknown = set(self.loss_weights) - set(LOSSES)
         if unknown:
             raise ValueError(f"loss_weights has unknown losses {sorted(unknown)}; known: {LOSSES}")
@@ -117,6 +141,10 @@ class GeoLinkConfig:
             data["feature_layers"] = tuple(data["feature_layers"])
         # a bundle saved before the switch existed was trained without the grid: keep running it that way
         data.setdefault("osm_grid_in_fused", False)
+        # a config from before the location and INR switches: their losses get the default weights
+        old = {loss: w for loss, w in NEW_LOSS_WEIGHTS.items() if {"location": "with_location"}.get(loss, loss) not in data}
+        if old and "loss_weights" in data:
+            data["loss_weights"] = {**old, **data["loss_weights"]}
         return cls(**data)
 
 

@@ -32,6 +32,7 @@ def build_parser(task: str, description: str | None = None) -> argparse.Argument
     parser.add_argument("--init-from", default=None)
     parser.add_argument("--backbone-lr-scale", type=float, default=1.0, help="fine-tuning: the pretrained backbone learns at this share of --lr")
     parser.add_argument("--pretrain-on-test", action="store_true", help="pretraining: the test cities' imagery and OSM too (no labels)")
+    parser.add_argument("--with-location", action="store_true", help="the geolocation encoder: each tile centre's lon/lat")
     parser.add_argument("--storage", default=None, help="local path or s3://bucket/prefix")
     parser.add_argument("--seed", type=int, default=0)
     return parser
@@ -45,7 +46,7 @@ def run(task: str, description: str) -> None:
                       label_fraction=args.label_fraction, init_from=args.init_from, seed=args.seed, cpus_per_worker=args.cpus_per_worker,
                       checkpoint_every=args.checkpoint_every, max_failures=args.max_failures,
                       image_dropout=args.image_dropout, max_zoom=args.max_zoom, backbone_lr_scale=args.backbone_lr_scale,
-                      pretrain_on_test=args.pretrain_on_test)
+                      pretrain_on_test=args.pretrain_on_test, with_location=args.with_location)
     init_ray("auto")
     catalog = load_catalog(args.catalog or find_catalog(workspace))
     print(run_training(catalog, workspace, cfg, name=args.name, storage=args.storage))

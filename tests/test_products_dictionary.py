@@ -8,7 +8,7 @@ import pytest
 
 from engine.morphology import ROW_KEYS
 from engine.products.regions import REGION_COLUMNS
-from engine.schema import CITY_STATS_COLUMNS, URBAN_VILLAGES_SCHEMA
+from engine.schema import CITY_STATS_COLUMNS, URBAN_VILLAGES_SCHEMA, embeddings_schema
 
 DOC = (Path(__file__).resolve().parents[1] / "docs" / "PRODUCTS.md").read_text()
 
@@ -24,6 +24,7 @@ def _section(title: str) -> str:
     ("## `city_stats.csv`", CITY_STATS_COLUMNS),
     ("## `morphology.csv`", ROW_KEYS),
     ("## `regions.csv`", REGION_COLUMNS),
+    *[("## `embeddings/<mode>_<level>.parquet`", embeddings_schema(8, level).names) for level in ("tile", "patch", "points")],
 ])
 def test_every_product_column_is_in_the_dictionary(title, columns):
     section = _section(title)

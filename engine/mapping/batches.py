@@ -21,7 +21,7 @@ import rasterio
 
 from engine import storage
 from engine.mapping.predict import Predictor
-from engine.mapping.store import write_part
+from engine.mapping.store import PREDICTION_PARTS, PartKind, write_part
 from engine.pixels import to_tensor_column
 from engine.tiles.grid import read_window
 from engine.tiles.parts import load_part
@@ -31,10 +31,13 @@ STATUS_COLUMNS = ("tile_id", "city", "status", "attempts", "error", "input_hash"
 
 
 def load_todo(pairs: pa.Table, done_dir: str) -> pa.Table:
-    """Ray Data step: prepared parts -> tile rows not yet done (same ``tile_id`` and ``input_hash`` in the ledger)."""
+    """Ray Data step: prepared parts -> tile rows not yet done (same ``tile_id`` and ``input_hash`` in the ledger);
+    a part limited to some tiles (``only``: tile ids, one per line) gives only those."""
     tables = []
     for pair in pairs.to_pylist():
         table = load_part(pair)
+        if pair.get("only"):
+            table = table.filter(pc.is_in(table["tile_id"], value_set=pa.array(pair["only"].split("\n"), pa.string())))
         if pair.get("imagery"):  # where the imagery is now (the catalog), not where it was when prepared
             table = table.set_column(table.schema.get_field_index("imagery"), "imagery", pa.array([pair["imagery"]] * table.num_rows, pa.string()))
         done_path = Workspace.fetch(Path(done_dir) / f"{pair['city']}.parquet")
@@ -95,17 +98,20 @@ def read_pixels(batch: pa.Table, attempts: int = 2) -> pa.Table:
     return batch.append_column("read_s", pa.array(seconds, pa.float64()))
 
 
-def write_predictions(batch: pa.Table, run_path: str, model_version: str) -> pa.Table:
-    """Ray Data step: the batch's successful tiles as one Parquet part per city; returns status rows (no pixels)."""
+def write_predictions(batch: pa.Table, run_path: str, model_version: str, kind: PartKind = PREDICTION_PARTS) -> pa.Table:
+    """Ray Data step: the batch's successful tiles as one Parquet part per city; returns status rows (no pixels).
+
+    ``kind``: what the parts hold (predictions; embeddings for `embed`): the batch carries its payload columns."""
     run = Path(run_path)
     parts: dict[str, str] = {}
     ok = batch.filter(pc.equal(batch["status"], "ok"))
+    payload = [name for name in kind.schema.names if name not in ("tile_id", "city", "input_hash", "model_version")]
     for city in sorted(set(ok["city"].to_pylist())):
         rows = ok.filter(pc.equal(ok["city"], city))
         table = rows.select(["tile_id", "city", "input_hash"]).append_column("model_version", pa.array([model_version] * rows.num_rows))
-        for name in ("n_classes", "height", "width", "probs"):
+        for name in payload:
             table = table.append_column(name, rows[name])
-        parts[city] = write_part(run, city, table)
+        parts[city] = write_part(run, city, table, kind)
     status = batch.select([c for c in STATUS_COLUMNS if c != "part"])
     part = [parts.get(c) if s == "ok" else None for c, s in zip(status["city"].to_pylist(), status["status"].to_pylist())]
     return status.append_column("part", pa.array(part, pa.string()))
@@ -119,12 +125,14 @@ def load_and_read(pairs: pa.Table, done_dir: str, attempts: int = 2) -> pa.Table
 class PredictAndWrite:
     """The actor: a predictor (built once per actor) followed by :func:`write_predictions`; returns status rows."""
 
+    parts = PREDICTION_PARTS  # what its parts hold (resume verifies and adopts them as such)
+
     def __init__(self, predictor: type[Predictor], predictor_kwargs: dict, run_path: str, model_version: str) -> None:
         self.predictor = predictor(**predictor_kwargs)
         self.run_path, self.model_version = run_path, model_version
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return write_predictions(self.predictor(batch), self.run_path, self.model_version)
+        return write_predictions(self.predictor(batch), self.run_path, self.model_version, self.parts)
 
 
 def tile_keys(table: pa.Table) -> pa.Array:

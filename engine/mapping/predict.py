@@ -51,9 +51,9 @@ class Predictor:
         readable = [i for i, r in enumerate(rows) if not r["read_error"]]
         out: list[dict] = []
         for r in rows:
-            out.append({"tile_id": r["tile_id"], "city": r["city"], "input_hash": r["input_hash"], "n_classes": self.n_classes,
-                        "height": 0, "width": 0, "probs": b"", "status": "failed", "error": r["read_error"] or "",
-                        "attempts": 1, "read_s": float(r["read_s"]), "predict_s": 0.0})
+            out.append({"tile_id": r["tile_id"], "city": r["city"], "input_hash": r["input_hash"], **self._blank(),
+                        "status": "failed", "error": r["read_error"] or "", "attempts": 1, "read_s": float(r["read_s"]),
+                        "predict_s": 0.0})
         if readable:
             t0 = time.perf_counter()
             try:
@@ -74,6 +74,10 @@ class Predictor:
                 return
             except Exception as exc:
                 record.update(status="failed", attempts=attempt, error=f"predict: {type(exc).__name__}: {exc}")
+
+    def _blank(self) -> dict:
+        """The output fields of a tile without a result (a failed one)."""
+        return {"n_classes": self.n_classes, "height": 0, "width": 0, "probs": b""}
 
     @staticmethod
     def _fill(record: dict, probs: np.ndarray, attempts: int, seconds: float) -> None:
@@ -106,15 +110,23 @@ class ModelPredictor(Predictor):
     def predict(self, batch: pa.Table) -> np.ndarray:
         import torch
 
-        from engine.pixels import collate
+        logits = self.run_model(batch, self.model)
+        return torch.softmax(logits.float(), dim=1).cpu().numpy()
+
+    def run_model(self, batch: pa.Table, call):
+        """``call(images, graphs, mode=..., lonlat=...)`` (the model, or a method of it such as ``encode``) on the batch's
+        model inputs: collated, normalised as the bundle says, size-checked, in inference mode (bf16 autocast on GPU)."""
+        import torch
+
+        from engine.pixels import collate, tile_lonlat
 
         images, graphs, _ = collate(batch, self.device, self.normalisation)
+        lonlat = tile_lonlat(batch, self.device) if self.model.cfg.with_location else None  # tile centres, for a location model
         if images.shape[-1] != self.img_size or images.shape[-2] != self.img_size:
             raise ValueError(f"tiles are {tuple(images.shape[-2:])} px but the model expects {self.img_size} px; "
                              "prepare with --tile-size matching the model")
         with torch.inference_mode(), torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16, enabled=self.device != "cpu"):
-            logits = self.model(images, graphs, mode=self.mode)
-        return torch.softmax(logits.float(), dim=1).cpu().numpy()
+            return call(images, graphs, mode=self.mode, lonlat=lonlat)
 
 
 class OraclePredictor(Predictor):

@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 from engine import storage
 from engine.atomic import atomic_path
-from engine.schema import PREDICTIONS_SCHEMA, built_up_definition
+from engine.schema import EMBEDDING_PARTS_SCHEMA, PREDICTIONS_SCHEMA, built_up_definition
 from engine.workspace import RunFolder, Workspace
 
 
@@ -117,10 +117,27 @@ def decode_probs(blob: bytes, n_classes: int, height: int, width: int) -> np.nda
 PART_META_KEY = b"geolink.part"  # the part's own record (tiles, row count, checksum), in the Parquet footer
 
 
-def part_checksum(table: pa.Table) -> str:
-    """blake2b over every row's ``tile_id, input_hash, model_version, n_classes, height, width, probs``, in row order."""
+@dataclass(frozen=True)
+class PartKind:
+    """What a run's parts hold: their schema, and the columns their checksum covers (in this order).
+
+    Map runs hold class probabilities (:data:`PREDICTION_PARTS`); embedding passes hold vectors
+    (:data:`EMBEDDING_PARTS`). Both are written, verified and adopted by the same functions.
+    """
+
+    schema: pa.Schema
+    checksummed: tuple[str, ...]
+
+
+PREDICTION_PARTS = PartKind(PREDICTIONS_SCHEMA, ("tile_id", "input_hash", "model_version", "n_classes", "height", "width", "probs"))
+EMBEDDING_PARTS = PartKind(EMBEDDING_PARTS_SCHEMA, ("tile_id", "input_hash", "model_version", "n_vectors", "dim", "vectors"))
+
+
+def part_checksum(table: pa.Table, kind: PartKind = PREDICTION_PARTS) -> str:
+    """blake2b over every row's checksummed columns (predictions: ``tile_id, input_hash, model_version, n_classes,
+    height, width, probs``), in row order."""
     h = hashlib.blake2b(digest_size=16)
-    for name in ("tile_id", "input_hash", "model_version", "n_classes", "height", "width", "probs"):
+    for name in kind.checksummed:
         for value in table[name].to_pylist():
             h.update(value if isinstance(value, bytes) else str(value).encode())
             h.update(b"\x1f")
@@ -128,8 +145,9 @@ def part_checksum(table: pa.Table) -> str:
     return h.hexdigest()
 
 
-def write_part(run_path: Path, city: str, table: pa.Table) -> str:
-    """Write one batch of a city's predictions atomically; returns its path relative to the run folder.
+def write_part(run_path: Path, city: str, table: pa.Table, kind: PartKind = PREDICTION_PARTS) -> str:
+    """Write one batch of a city's predictions (or embeddings: ``kind``) atomically; returns its path relative to
+    the run folder.
 
     The footer carries the part's tiles, row count, model version and a checksum of its contents, so a part whose
     batch never reached the ledger (the driver died in between) can be verified and adopted on resume instead of
@@ -137,8 +155,8 @@ def write_part(run_path: Path, city: str, table: pa.Table) -> str:
     """
     name = f"part-{uuid.uuid4().hex}.parquet"
     target = predictions_dir(run_path, city) / name
-    table = table.cast(PREDICTIONS_SCHEMA)
-    record = {"tiles": table["tile_id"].to_pylist(), "rows": table.num_rows, "checksum": part_checksum(table),
+    table = table.cast(kind.schema)
+    record = {"tiles": table["tile_id"].to_pylist(), "rows": table.num_rows, "checksum": part_checksum(table, kind),
               "model_version": table["model_version"][0].as_py() if table.num_rows else ""}
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), PART_META_KEY: json.dumps(record).encode()})
     with atomic_path(target) as tmp:
@@ -147,7 +165,7 @@ def write_part(run_path: Path, city: str, table: pa.Table) -> str:
     return str(target.relative_to(run_path))
 
 
-def verify_part(path: Path, model_version: str) -> pa.Table | None:
+def verify_part(path: Path, model_version: str, kind: PartKind = PREDICTION_PARTS) -> pa.Table | None:
     """The part's rows when it verifies: its footer record is there, for ``model_version``, and the rows match it
     (tile set and order, row count, checksum, schema). None otherwise."""
     try:
@@ -156,8 +174,8 @@ def verify_part(path: Path, model_version: str) -> pa.Table | None:
         table = table.replace_schema_metadata(None)
         ok = (record.get("model_version") == model_version and record.get("rows") == table.num_rows > 0
               and record.get("tiles") == table["tile_id"].to_pylist() and len(set(record["tiles"])) == table.num_rows
-              and table.schema.equals(PREDICTIONS_SCHEMA) and set(table["model_version"].to_pylist()) == {model_version}
-              and record.get("checksum") == part_checksum(table))
+              and table.schema.equals(kind.schema) and set(table["model_version"].to_pylist()) == {model_version}
+              and record.get("checksum") == part_checksum(table, kind))
         return table if ok else None
     except Exception:  # noqa: BLE001 (a truncated file, no record, bad JSON: it does not verify)
         return None
@@ -289,7 +307,7 @@ class OrphanSweep:
     removed: int = 0
 
 
-def adopt_orphans(run_path: Path, ledger: Ledger, model_version: str) -> OrphanSweep:
+def adopt_orphans(run_path: Path, ledger: Ledger, model_version: str, kind: PartKind = PREDICTION_PARTS) -> OrphanSweep:
     """Settle every prediction part the ledger does not reference (its batch was written but never committed).
 
     A part is adopted (its tiles committed ``ok`` in one transaction) when none of its tiles
@@ -305,7 +323,7 @@ def adopt_orphans(run_path: Path, ledger: Ledger, model_version: str) -> OrphanS
         rel = str(path.relative_to(run_path))
         if rel in referenced:
             continue
-        table = verify_part(Workspace.fetch(path), model_version)
+        table = verify_part(Workspace.fetch(path), model_version, kind)
         if table is not None and not known.intersection(table["tile_id"].to_pylist()):
             ledger.commit([{"tile_id": t, "city": c, "status": "ok", "attempts": 1, "error": "", "input_hash": h,
                             "model_version": model_version, "part": rel, "read_s": None, "predict_s": None}

@@ -20,13 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from engine import storage
 from engine.atomic import atomic_path
 from engine.mapping.batches import PredictAndWrite, load_and_read, tile_keys
 from engine.mapping.predict import Predictor
-from engine.mapping.store import Ledger, RunManifest, adopt_orphans, write_manifest
+from engine.mapping.store import PREDICTION_PARTS, Ledger, RunManifest, adopt_orphans, write_manifest
 from engine.workspace import RunFolder, Workspace
 
 LEDGER_SYNC_S = 30.0  # a remote workspace's ledger is uploaded this often (and at the end): what a new driver resumes from
@@ -102,13 +103,16 @@ def _write_done(ledger: Ledger, cities: list[str], model_version: str, done_dir:
 def _parts_with_work(pairs: list[dict], done: dict[str, pa.Table]) -> list[dict]:
     """The parts that still hold a tile to predict (a resumed run: parts whose tiles are all done are not sent).
 
-    Only cities with done tiles are checked, by the parts' ``tile_id``/``input_hash`` columns (small reads)."""
+    Only cities with done tiles are checked, by the parts' ``tile_id``/``input_hash`` columns (small reads); a part
+    limited to some tiles (``only``) is checked on those."""
     done_keys = {city: set(tile_keys(table).to_pylist()) for city, table in done.items() if table.num_rows}
     out = []
     for pair in pairs:
         keys = done_keys.get(pair["city"])
         if keys is not None:
             index = pq.read_table(Workspace.fetch(pair["index"]), columns=["tile_id", "input_hash"])
+            if pair["only"]:
+                index = index.filter(pc.is_in(index["tile_id"], value_set=pa.array(pair["only"].split("\n"))))
             if all(k in keys for k in tile_keys(index).to_pylist()):
                 continue  # every tile of the part is done
         out.append(pair)
@@ -118,8 +122,15 @@ def _parts_with_work(pairs: list[dict], done: dict[str, pa.Table]) -> list[dict]
 def run_inference(workspace: str | os.PathLike[str], manifest: RunManifest, cities: list[str], predictor: type[Predictor],
                   predictor_kwargs: dict, cfg: InferenceConfig | None = None,
                   on_commit: Callable[[int, int], None] | None = None, imagery: dict[str, str] | None = None,
-                  on_city_done: Callable[[str, pa.Table, int], None] | None = None) -> InferenceResult:
+                  on_city_done: Callable[[str, pa.Table, int], None] | None = None, *, actor: type = PredictAndWrite,
+                  run_folder: RunFolder | None = None, tiles: dict[str, set[str]] | None = None) -> InferenceResult:
     """Predict every prepared tile of ``cities`` not yet in the run's ledger; returns counts per city.
+
+    The same pipeline, ledger and resume serve other per-tile outputs: ``actor`` is the callable class that runs the
+    predictor and writes its parts (constructor ``(predictor, predictor_kwargs, run_path, model_version)``, attribute
+    ``parts``: their :class:`~engine.mapping.store.PartKind`), ``run_folder`` where the manifest, ledger and parts
+    go (default ``runs/<manifest.run>``), ``tiles`` (city -> tile ids) limits the pass to those tiles
+    (`geolink-engine embed --points`: the tiles holding a point).
 
     ``imagery`` (city -> path, from the catalog) says where each city's raster is now, when it moved since prepare.
     ``on_city_done(city, committed, tiles_failed)`` is called once a city's last tile is in the ledger (``map``
@@ -134,7 +145,8 @@ def run_inference(workspace: str | os.PathLike[str], manifest: RunManifest, citi
     cfg = cfg or InferenceConfig()
     t0 = time.perf_counter()
     ws = Workspace.at(workspace)
-    run_path = ws.run(manifest.run).root
+    run_path = (run_folder or ws.run(manifest.run)).root
+    kind = getattr(actor, "parts", PREDICTION_PARTS)
     run_path.mkdir(parents=True, exist_ok=True)
     write_manifest(run_path, manifest)
     pairs, missing, total, per_city = [], {}, 0, {}
@@ -145,16 +157,25 @@ def run_inference(workspace: str | os.PathLike[str], manifest: RunManifest, citi
             missing[city] = f"no prepared tiles in {ws.city_tiles(city)}"
             continue
         for index in found:
+            only = ""
+            if tiles is not None:  # a pass over some tiles: the part's tiles among them, one per line (tile ids are slugs)
+                wanted = [t for t in pq.read_table(Workspace.fetch(index), columns=["tile_id"])["tile_id"].to_pylist() if t in tiles.get(city, ())]
+                if not wanted:
+                    continue
+                only, n = "\n".join(wanted), len(wanted)
+            else:
+                n = pq.read_metadata(Workspace.fetch(index)).num_rows
             pairs.append({"index": str(index), "graphs": str(Workspace.graphs_beside(index)), "city": city,
-                          "imagery": (imagery or {}).get(city) or ""})
-            n = pq.read_metadata(Workspace.fetch(index)).num_rows
+                          "imagery": (imagery or {}).get(city) or "", "only": only})
             total += n
             per_city[city] = per_city.get(city, 0) + n
     with Ledger(run_path) as ledger:
         # parts a killed driver never committed: adopted when they verify (finished work is kept), else removed
-        sweep = adopt_orphans(run_path, ledger, manifest.model_version)
+        sweep = adopt_orphans(run_path, ledger, manifest.model_version, kind)
         done_dir = RunFolder(run_path).done
         done = _write_done(ledger, [c for c in cities if c not in missing], manifest.model_version, done_dir)
+        if tiles is not None:  # counted among the pass's tiles only
+            done = {c: t.filter(pc.is_in(t["tile_id"], value_set=pa.array(sorted(tiles.get(c, ())), pa.string()))) for c, t in done.items()}
         done_counts = {city: table.num_rows for city, table in done.items()}
         skipped = sum(done_counts.values())
         pairs = _parts_with_work(pairs, done)
@@ -168,8 +189,8 @@ def run_inference(workspace: str | os.PathLike[str], manifest: RunManifest, citi
             ds = ds.map_batches(load_and_read, fn_kwargs={"done_dir": str(done_dir), "attempts": cfg.read_attempts}, batch_size=1,
                                 batch_format="pyarrow", num_cpus=cfg.cpus_per_read)
             # the actors predict and write their own parts: probabilities never travel back through the object store
-            ds = ds.map_batches(PredictAndWrite, fn_constructor_kwargs={"predictor": predictor, "predictor_kwargs": predictor_kwargs,
-                                                                        "run_path": str(run_path), "model_version": manifest.model_version},
+            ds = ds.map_batches(actor, fn_constructor_kwargs={"predictor": predictor, "predictor_kwargs": predictor_kwargs,
+                                                              "run_path": str(run_path), "model_version": manifest.model_version},
                                 batch_size=cfg.batch_size, batch_format="pyarrow", compute=ActorPoolStrategy(size=cfg.pool_size(cluster_cpus)),
                                 num_cpus=cfg.cpus_per_actor, **cfg.actor_resources())
             for batch in ds.iter_batches(batch_size=cfg.batch_size, batch_format="pyarrow"):
@@ -194,7 +215,7 @@ def run_inference(workspace: str | os.PathLike[str], manifest: RunManifest, citi
                     synced = time.monotonic()
         summary = ledger.summary()
         if pairs and total > skipped:
-            adopt_orphans(run_path, ledger, manifest.model_version)  # parts of batches redone after a lost node or actor
+            adopt_orphans(run_path, ledger, manifest.model_version, kind)  # parts of batches redone after a lost node or actor
     return InferenceResult(predicted=predicted, failed=failed, skipped=skipped, seconds=time.perf_counter() - t0,
                            cities={c: summary.get(c, {"ok": 0, "failed": 0}) for c in cities if c not in missing}, missing=missing,
                            adopted=sweep.adopted_tiles)

@@ -59,6 +59,10 @@ class TrainConfig:
         pretrain_on_test: pretraining only: the test cities' imagery and OSM join pretraining (no labels are read,
             so self-supervision may see every city to be mapped; it lifts the 10%-label results there,
             docs/EXPERIMENTS.md). Off, the test cities stay wholly unseen until evaluation.
+        with_location: build the model with the geolocation encoder (``GeoLinkConfig.with_location``): each tile
+            centre's lon/lat is contrasted with its image in pretraining and added to the tokens before fusion. With
+            ``init_from`` a bundle without it gains a fresh one (which adds nothing until trained); off, the
+            bundle's own setting is kept.
         max_failures: worker failures survived by resuming from the latest checkpoint.
     """
 
@@ -84,6 +88,7 @@ class TrainConfig:
     init_from: str | None = None
     backbone_lr_scale: float = 1.0
     pretrain_on_test: bool = False
+    with_location: bool = False
     seed: int = 0
     max_failures: int = 2
 
@@ -198,8 +203,9 @@ def run_training(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: Trai
     gsd = training_inputs(ws, {r["city"]: r["imagery"] for r in rows if r["city"] in train_cities + val_cities})
     # from a bundle (pretrained, imported): its config, whatever its size (the preset is ignored); classes and tile size follow the run
     init = ModelBundle.load(local_path(cfg.init_from)) if cfg.init_from else None
-    model_cfg = (replace(init.config, **{**cfg.model_overrides, "img_size": tile_size, "num_classes": len(classes)}) if init
-                 else create_config(cfg.preset, img_size=tile_size, num_classes=len(classes), **cfg.model_overrides))
+    overrides = {**cfg.model_overrides, **({"with_location": True} if cfg.with_location else {})}
+    model_cfg = (replace(init.config, **{**overrides, "img_size": tile_size, "num_classes": len(classes)}) if init
+                 else create_config(cfg.preset, img_size=tile_size, num_classes=len(classes), **overrides))
     norm = init.normalisation if init else NORMALISATION  # an imported encoder's pixel statistics, in training and inference alike
     workers = cfg.num_workers if isinstance(cfg.num_workers, int) else cfg.num_workers[1]
     steps_per_epoch = max(1, math.ceil(n_tiles * cfg.label_fraction / (cfg.batch_size * workers)))

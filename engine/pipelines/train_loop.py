@@ -21,7 +21,7 @@ import torch
 
 from engine import storage
 from engine.model_bundle import write_bundle
-from engine.pixels import NORMALISATION, collate
+from engine.pixels import NORMALISATION, collate, tile_lonlat
 from engine.training.augment import drop_images, photometric, zoom
 from engine.training.faults import maybe_fail
 from engine.training.metrics import confusion, scores, segmentation_loss
@@ -74,6 +74,7 @@ def train_loop_per_worker(config: dict) -> None:
     weights = torch.tensor(config["class_weights"], dtype=torch.float32, device=device) if config.get("class_weights") else None
     total = int(config["total_steps"])
     use_amp = device.type == "cuda"
+    with_location = _unwrap(model).cfg.with_location  # tile centres go to the model only when it reads them
     train = ray.train.get_dataset_shard("train")
 
     def report(metrics: dict, with_checkpoint: bool) -> None:
@@ -94,6 +95,7 @@ def train_loop_per_worker(config: dict) -> None:
         for batch in train.iter_batches(batch_size=int(config["batch_size"]), batch_format="pyarrow", drop_last=False):
             maybe_fail(step, rank)  # tests only (engine.training.faults): a no-op unless a test set the hook
             images, graphs, labels = collate(batch, device, _normalisation(config))
+            lonlat = tile_lonlat(batch, device) if with_location else None  # the tile's centre: zoom moves the view by less than a tile
             images, labels, graphs = zoom(images, labels, graphs, float(config.get("max_zoom", 1.0)))  # cities differ in pixel size
             if config.get("augment", True):  # cities differ in colour, haze, blur and noise: train across them
                 images = photometric(images)
@@ -102,10 +104,10 @@ def train_loop_per_worker(config: dict) -> None:
                 group["lr"] = lr_at(step, total, int(config["warmup_steps"]), float(config["lr"])) * group["lr_scale"]
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
                 if task == "pretrain":  # through the (DDP-wrapped) forward, so gradients are synchronised
-                    losses = model(images, graphs, "pretrain")
+                    losses = model(images, graphs, "pretrain", lonlat)
                     loss = losses["loss"]
                 else:
-                    logits = model(images if config["mode"] != "osm" else None, graphs, config["mode"])
+                    logits = model(images if config["mode"] != "osm" else None, graphs, config["mode"], lonlat)
                     loss = segmentation_loss(logits.float(), labels, weights)
                     losses = {"loss": loss}
             opt.zero_grad(set_to_none=True)
@@ -137,7 +139,8 @@ def _validate(model, shard, config: dict, classes: tuple[str, ...], device: torc
     with torch.no_grad():
         for batch in shard.iter_batches(batch_size=int(config["batch_size"]), batch_format="pyarrow"):
             images, graphs, labels = collate(batch, device, _normalisation(config))
-            logits = model(images if config["mode"] != "osm" else None, graphs, config["mode"])
+            lonlat = tile_lonlat(batch, device) if _unwrap(model).cfg.with_location else None
+            logits = model(images if config["mode"] != "osm" else None, graphs, config["mode"], lonlat)
             matrix += confusion(logits.float(), labels, n).to(device)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(matrix)

@@ -50,6 +50,7 @@ from engine.product_layout import (
     UV_PARQUET,
     city_cogs,
     city_folder,
+    embeddings_files,
     product_cities,
     read_city_stats,
     read_run,
@@ -85,8 +86,8 @@ def write_stac(products_dir: str | os.PathLike[str], run_title: str | None = Non
     Items carry the city's footprint and bbox in EPSG:4326 (from the COG bounds), ``proj:code/shape/transform/bbox``,
     the city's ``city_stats.csv`` row as ``geolink:*`` properties, and the COGs (plus ``preview.png`` when the page
     was written) as assets. The Collection's assets are the national files (GeoParquet, GeoPackage, stats CSV, and
-    ``index.html``/``overview.png``/``accuracy/*`` when present: call :func:`engine.products.page.write_page`
-    first to list them). Failed cities without COGs get no Item; their row stays in ``city_stats.csv``.
+    ``index.html``/``overview.png``/``accuracy/*``/``embeddings/*`` when present: call
+    :func:`engine.products.page.write_page` first to list them). Failed cities without COGs get no Item; their row stays in ``city_stats.csv``.
 
     Args:
         products_dir: the run's products folder (``products/<run>``).
@@ -146,6 +147,10 @@ def write_stac(products_dir: str | os.PathLike[str], run_title: str | None = Non
         for path in sorted(p for p in accuracy.glob("*") if p.is_file() and not p.name.startswith(".")):
             key = "accuracy_" + "_".join(path.relative_to(accuracy).with_suffix("").parts)
             collection.add_asset(key, _asset(path, stac_dir, ["metadata"], f"Accuracy assessment: {path.name}"))
+    for path in embeddings_files(products_dir):  # `geolink-engine embed`: <mode>_<level>.parquet
+        mode, _, level = path.stem.partition("_")
+        collection.add_asset(f"embeddings_{path.stem}", _asset(path, stac_dir, ["data"],
+                                                               f"Encodings (GeoParquet, EPSG:4326): mode {mode}, level {level}"))
 
     collection.add_items(items)
     collection.normalize_hrefs(str(stac_dir))

@@ -9,6 +9,9 @@ Layout of a city directory::
                                  shaped like a real building dataset: incomplete and slightly misregistered
     <out>/<city>/reference.parquet  land-use polygons with ``class`` (GeoParquet, EPSG:4326)
     <out>/<city>/meta.json       the parameters drawn and the realised statistics
+    <out>/<city>/population.tif  float32 residents per 100 m cell (the city's CRS, from the imagery's corner)
+    <out>/<city>/co2.tif         float32 t CO2/yr per 100 m cell, same grid (engine.synth.truth)
+    <out>/<city>/population_buildings.parquet  residents per building (building_id of the buildings file)
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from engine.synth.config import CityParams, SynthConfig, draw_city_params
 from engine.synth.layout import CityLayout, build_layout
 from engine.synth.osm import draw_osm
 from engine.synth.render import NODATA, render_city
+from engine.synth.truth import city_truth, write_city_truth
 
 
 @dataclass(frozen=True)
@@ -137,6 +141,8 @@ def generate_city(spec: CitySpec, cfg: SynthConfig, seed: int, out_dir: str | Pa
     }
     with atomic_path(city_dir / "meta.json") as tmp:
         tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False, sort_keys=True))
+    # regression truth last, from its own generators: the outputs above do not depend on it
+    truth_paths = write_city_truth(city_dir, city_truth(layout, osm, truth, local_transform, seed, spec.city), east, north, crs, kept)
     return {
         "city": spec.city,
         "region": spec.region,
@@ -145,6 +151,7 @@ def generate_city(spec: CitySpec, cfg: SynthConfig, seed: int, out_dir: str | Pa
         "buildings": str(city_dir / "buildings.parquet"),
         "aoi": shapely.to_wkt(aoi_wgs84, rounding_precision=7),
         "reference": str(city_dir / "reference.parquet"),
+        **truth_paths,
     }
 
 

@@ -76,7 +76,7 @@ def write_demo(workspace: Workspace | str | Path, n_cities: int = 12, cfg: Synth
                     on_city(row)
     for i, row in enumerate(rows):
         row["split"] = SPLIT_CYCLE[i % len(SPLIT_CYCLE)]
-        for key in ("imagery", "osm", "buildings", "reference"):  # relative to the catalog, so the workspace can move
+        for key in ("imagery", "osm", "buildings", "reference", "population", "co2"):  # relative to the catalog, so the workspace can move
             if row.get(key):
                 row[key] = os.path.relpath(row[key], workspace)
     catalog = write_catalog(rows, ws.demo_catalog)

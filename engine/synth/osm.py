@@ -69,6 +69,9 @@ BUILDING_TAGS: dict[str, list[tuple[str, float]]] = {
     "institutional": [("school", 3), ("university", 1), ("hospital", 1), ("public", 2), ("yes", 2)],
     "vacant": [("yes", 5), ("shed", 3), ("construction", 2)],
 }
+# highway classes of mapped roads and their shares: arterials, then local streets (the CO2 truth reads them too)
+ARTERIAL_HIGHWAYS: tuple[tuple[str, ...], tuple[float, ...]] = (("primary", "secondary", "trunk"), (0.5, 0.4, 0.1))
+LOCAL_HIGHWAYS: tuple[tuple[str, ...], tuple[float, ...]] = (("residential", "tertiary", "unclassified", "service"), (0.5, 0.25, 0.15, 0.1))
 VILLAGE_SYLLABLES = "石 牌 沙 河 冼 村 棠 下 岗 头 新 塘 杨 箕 猎 德 林 和 南 北 东 西 上 元 岗 龙 洞 黄 埔 棠".split()
 ESTATE_SUFFIX = ["花园", "小区", "家园", "新村", "公寓", "苑"]
 ROAD_SUFFIX = ["路", "大道", "街"]
@@ -100,7 +103,7 @@ def draw_osm(layout: CityLayout, params: CityParams, rng: np.random.Generator) -
     for line in shapely.intersection(layout.arterials, aoi):
         if not line.is_empty and rng.random() < 0.97:
             for part in shapely.get_parts(line):
-                tag = {"highway": str(rng.choice(["primary", "secondary", "trunk"], p=[0.5, 0.4, 0.1]))}
+                tag = {"highway": str(rng.choice(list(ARTERIAL_HIGHWAYS[0]), p=list(ARTERIAL_HIGHWAYS[1])))}
                 if rng.random() < 0.6:
                     tag["name"] = _name(rng, ROAD_SUFFIX)
                 if rng.random() < 0.4:
@@ -115,7 +118,7 @@ def draw_osm(layout: CityLayout, params: CityParams, rng: np.random.Generator) -
     for line in shapely.intersection(layout.local_streets, aoi):
         if not line.is_empty and rng.random() < 0.45 + 0.5 * c:
             for part in shapely.get_parts(line):
-                tag = {"highway": str(rng.choice(["residential", "tertiary", "unclassified", "service"], p=[0.5, 0.25, 0.15, 0.1]))}
+                tag = {"highway": str(rng.choice(list(LOCAL_HIGHWAYS[0]), p=list(LOCAL_HIGHWAYS[1])))}
                 if rng.random() < 0.3:
                     tag["name"] = _name(rng, ROAD_SUFFIX)
                 if rng.random() < 0.3:
