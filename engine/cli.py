@@ -306,13 +306,17 @@ def finetune(
     address: Annotated[str | None, _TRAIN_OPTIONS["address"]] = None,
     image_dropout: Annotated[float, typer.Option("--image-dropout", help="Fused mode: share of training samples with the image blanked (modality dropout).")] = 0.0,
     max_zoom: Annotated[float, _TRAIN_OPTIONS["max_zoom"]] = 1.0,
+    target: Annotated[str, typer.Option("--task", help="segmentation (UV and land use from reference polygons), or population / "
+                                        "co2: a tile-level regression on the catalog's truth raster of that name (MAE, RMSE, R2).")] = "segmentation",
+    log_target: Annotated[bool, typer.Option("--log-target/--linear-target", help="Regression on log1p of the quantity (default) "
+                                             "or on the quantity itself.")] = True,
     backbone_lr_scale: Annotated[float, typer.Option("--backbone-lr-scale", help="The pretrained encoders and fusion learn at this share of --lr (0 freezes them).")] = 1.0,
     with_location: Annotated[bool, _TRAIN_OPTIONS["with_location"]] = False,
 ) -> None:
     """Fine-tune for urban-village segmentation on the train split; IoU/F1/mIoU on the val split each epoch."""
     _train(ctx, "finetune", name, storage, address, workers, preset=preset, epochs=epochs, batch_size=batch_size, lr=lr, use_gpu=gpu,
            seed=seed, mode=mode, classes=classes, label_fraction=label_fraction, init_from=init_from, image_dropout=image_dropout,
-           max_zoom=max_zoom, backbone_lr_scale=backbone_lr_scale, with_location=with_location)
+           max_zoom=max_zoom, backbone_lr_scale=backbone_lr_scale, with_location=with_location, target=target, log_target=log_target)
 
 
 @app.command("import-weights")

@@ -58,6 +58,9 @@ def _what(train: dict, model: dict) -> list[str]:
             if {"embed_dim", "depth", "num_heads", "patch_size"} <= set(model) else "unrecorded")
     rows = [("task", task), ("image encoder", size), ("architecture", train.get("architecture") or "GeoLink"),
             ("mode", train.get("mode", "fused")), ("classes", _classes(train, model))]
+    if train.get("target") not in (None, "segmentation"):  # a tile-level regression (Rose's protocol)
+        rows.append(("regression target", f"{train['target']} per tile ({'log1p' if train.get('log_target', True) else 'linear'} "
+                                          "scale; MAE, RMSE and R2 in its units)"))
     return _table(("", ""), rows)
 
 

@@ -55,6 +55,8 @@ class GeoLinkConfig:
             to ``location_min_km``.
         inr: build GAIR's implicit-neural-representation lookup (:mod:`geolink_model.inr`), the embedding at any
             point of a tile from the patch grid, trained in pretraining (loss ``inr``).
+        regression_targets: build a tile-level regression head with this many outputs (Rose's population / CO2
+            protocol, :mod:`geolink_model.regression`); 0 = none.
     """
 
     img_size: int = 224
@@ -90,6 +92,7 @@ class GeoLinkConfig:
     location_min_km: float = 1.0
     location_max_km: float = 20000.0
     inr: bool = False
+    regression_targets: int = 0
 
     def __post_init__(self) -> None:
         if self.img_size % self.patch_size:
@@ -106,6 +109,8 @@ class GeoLinkConfig:
             raise ValueError(f"feature_layers={self.feature_layers} must index blocks 0..{self.depth - 1}")
         if not (0.0 < self.mask_ratio < 1.0 and 0.0 <= self.node_mask_ratio < 1.0):
             raise ValueError("mask_ratio must be in (0, 1) and node_mask_ratio in [0, 1)")
+        if self.regression_targets < 0:
+            raise ValueError(f"regression_targets={self.regression_targets}: must be >= 0")
         if self.pos_embed not in POS_EMBEDS:
             raise ValueError(f"pos_embed={self.pos_embed!r}: use one of {POS_EMBEDS}")
         if self.num_classes < 2:

@@ -24,6 +24,7 @@ from geolink_model.heads import GraphReadout, MaeDecoder, SegmentationDecoder, i
 from geolink_model.image_encoder import ImageEncoder
 from geolink_model.inr import InrLookup, inr_loss
 from geolink_model.location import LocationBranch
+from geolink_model.regression import RegressionHead
 from geolink_model.osm_encoder import OsmEncoder
 from geolink_model.osm_graph import NODE_TYPES, TileGraph, to_hetero_data
 from geolink_model.pos_embed import patch_centres, sincos_2d
@@ -57,6 +58,7 @@ class GeoLink(nn.Module):
         # same model, with the same state-dict keys, as before they existed
         self.location = LocationBranch(cfg) if cfg.with_location else None
         self.inr = InrLookup(cfg.embed_dim) if cfg.inr else None
+        self.regression_head = RegressionHead(cfg.embed_dim, cfg.regression_targets) if cfg.regression_targets else None
 
     # --- pretraining ---------------------------------------------------------------------------------------
     def pretrain_losses(self, images: torch.Tensor, graphs: Batch, generator: torch.Generator | None = None,
@@ -102,12 +104,15 @@ class GeoLink(nn.Module):
 
     # --- segmentation --------------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor | None, graphs: Batch | None, mode: str = "fused",
-                lonlat: torch.Tensor | None = None) -> torch.Tensor | dict[str, torch.Tensor]:
+                lonlat: torch.Tensor | None = None, head: str = "segment") -> torch.Tensor | dict[str, torch.Tensor]:
         """Per-pixel logits ``(B, num_classes, img_size, img_size)``; ``mode="pretrain"`` returns the losses instead
-        (so a DDP-wrapped model trains through its own forward). With ``with_location``, the location embedding of
-        ``lonlat`` is added to every top-level token before the fusion (:meth:`location_bias`)."""
+        and ``head="regress"`` the tile-level regression (:meth:`regress`), so a DDP-wrapped model trains through its
+        own forward. With ``with_location``, the location embedding of ``lonlat`` is added to every top-level token
+        before the fusion (:meth:`location_bias`)."""
         if mode == "pretrain":
             return self.pretrain_losses(images, graphs, lonlat=lonlat)
+        if head == "regress":
+            return self.regress(images, graphs, mode, lonlat=lonlat)
         if mode not in MODES:
             raise ValueError(f"mode {mode!r}: use one of {MODES} (or 'pretrain')")
         if mode in ("image", "fused") and images is None:
@@ -154,6 +159,15 @@ class GeoLink(nn.Module):
         finally:
             handle.remove()
         raise RuntimeError(f"forward in mode {mode!r} never reached the segmentation decoder")
+
+    def regress(self, images: torch.Tensor | None, graphs: Batch | None, mode: str = "fused",
+                lonlat: torch.Tensor | None = None) -> torch.Tensor:
+        """Tile-level regression ``(B, regression_targets)`` on the model's scale (``log1p`` of the quantity when
+        trained with a log target): the head over :meth:`encode`'s tokens, i.e. what the segmentation decoder reads."""
+        if self.regression_head is None:
+            raise ValueError("this model has no regression head (regression_targets=0): fine-tune one with "
+                             "`geolink-engine finetune --task population|co2`")
+        return self.regression_head(self.encode(images, graphs, mode, lonlat=lonlat))
 
     def location_bias(self, lonlat: torch.Tensor | None) -> torch.Tensor | float:
         """``(B, 1, D)`` added to every top-level image token, or 0 (no location encoder, or ``lonlat`` None).

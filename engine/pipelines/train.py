@@ -27,10 +27,13 @@ from engine.pipelines.prepare import read_marker
 from engine.storage import filesystem, is_remote, local_path, raster_env, uri_of
 from engine.training import faults
 from engine.training.samples import LABEL_SETS, add_pixels, load_part, part_pairs
+from engine.training.targets import add_targets
 from engine.workspace import Workspace, check_name
 from geolink_model.config import MODES, create_config
 
 TASKS = ("pretrain", "finetune")
+TARGETS = ("segmentation", "population", "co2")  # what fine-tuning learns: UV segmentation, or a tile-level quantity
+TARGET_SCALE = 1000.0  # a raw (not log) regression target is learnt divided by this: persons, t CO2 per tile
 # keys of train_config.json that TrainConfig no longer has, written as before so the file keeps its keys and bytes
 # (fault injection moved to a test hook, engine.training.faults)
 RETIRED_KEYS = {"fail_at_step": None}
@@ -63,6 +66,11 @@ class TrainConfig:
             centre's lon/lat is contrasted with its image in pretraining and added to the tokens before fusion. With
             ``init_from`` a bundle without it gains a fresh one (which adds nothing until trained); off, the
             bundle's own setting is kept.
+        target: ``segmentation`` (UV and land use from reference polygons), or ``population`` / ``co2``: a
+            tile-level regression head (Rose's protocol) on the catalog's truth raster of that name (the quantity
+            inside each tile's window, engine.training.targets); MAE, RMSE and R2 on the val cities.
+        log_target: regression on ``log1p`` of the quantity (tile populations span orders of magnitude); off, on the
+            quantity / TARGET_SCALE. Metrics are in the quantity's units either way.
         max_failures: worker failures survived by resuming from the latest checkpoint.
     """
 
@@ -89,6 +97,8 @@ class TrainConfig:
     backbone_lr_scale: float = 1.0
     pretrain_on_test: bool = False
     with_location: bool = False
+    target: str = "segmentation"
+    log_target: bool = True
     seed: int = 0
     max_failures: int = 2
 
@@ -97,6 +107,13 @@ class TrainConfig:
             raise ValueError(f"task {self.task!r}: use one of {TASKS}")
         if self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r}: use one of {MODES}")
+        if self.target not in TARGETS:
+            raise ValueError(f"task {self.target!r}: use one of {TARGETS}")
+        if self.target != "segmentation" and self.task != "finetune":
+            raise ValueError(f"--task {self.target} is a fine-tuning task (pretraining reads no targets)")
+        if self.target != "segmentation" and self.max_zoom != 1.0:
+            raise ValueError(f"--task {self.target} with --max-zoom {self.max_zoom}: zoom changes the area a tile shows, "
+                             "so its population or CO2 would no longer be the tile's; use --max-zoom 1")
         if self.classes not in LABEL_SETS:
             raise ValueError(f"classes {self.classes!r}: use one of {tuple(LABEL_SETS)}")
         if not 0.0 < self.label_fraction <= 1.0:
@@ -138,13 +155,16 @@ def _load_parts(pairs: pa.Table, fraction: float = 1.0, seed: int = 0) -> pa.Tab
 
 
 def sample_dataset(workspace: Workspace | str, cities: list[str], references: dict[str, str] | None, classes: tuple[str, ...],
-                   fraction: float = 1.0, seed: int = 0):
-    """Ray Dataset of training samples: graph + index rows per tile, then pixels (and labels) read by window."""
+                   fraction: float = 1.0, seed: int = 0, targets: dict[str, str] | None = None):
+    """Ray Dataset of training samples: graph + index rows per tile, then pixels (and labels) read by window; with
+    ``targets`` (a truth raster per city), each tile's regression ``target`` first (tiles without one dropped)."""
     import ray
 
     pairs = part_pairs(workspace, cities)
     ds = ray.data.from_items(pairs, override_num_blocks=max(1, len(pairs)))
     ds = ds.map_batches(_load_parts, fn_kwargs={"fraction": fraction, "seed": seed}, batch_size=1, batch_format="pyarrow")
+    if targets is not None:
+        ds = ds.map_batches(add_targets, fn_kwargs={"rasters": targets}, batch_size=64, batch_format="pyarrow")
     return ds.map_batches(add_pixels, fn_kwargs={"references": references, "classes": classes}, batch_size=16, batch_format="pyarrow")
 
 
@@ -192,9 +212,16 @@ def run_training(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: Trai
     rows = catalog.to_pylist()
     split = {r["city"]: (r.get("split") or "train") for r in rows}
     train_cities, val_cities = training_cities(split, cfg.task, cfg.pretrain_on_test)
-    references = None
+    references, targets = None, None
     classes = LABEL_SETS[cfg.classes]
-    if cfg.task == "finetune":
+    regression = cfg.target != "segmentation"
+    if regression:  # the truth raster of the quantity, for every train and val city (no reference polygons needed)
+        targets = {r["city"]: r.get(cfg.target) for r in rows if r["city"] in train_cities + val_cities}
+        missing = [c for c, path in targets.items() if not path]
+        if missing:
+            raise ValueError(f"fine-tuning --task {cfg.target} needs a '{cfg.target}' raster in the catalog; missing for "
+                             f"{', '.join(missing)}")
+    elif cfg.task == "finetune":
         references = {r["city"]: r.get("reference") for r in rows if r["city"] in train_cities + val_cities}
         missing = [c for c, ref in references.items() if not ref]
         if missing:
@@ -204,8 +231,8 @@ def run_training(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: Trai
     # from a bundle (pretrained, imported): its config, whatever its size (the preset is ignored); classes and tile size follow the run
     init = ModelBundle.load(local_path(cfg.init_from)) if cfg.init_from else None
     overrides = {**cfg.model_overrides, **({"with_location": True} if cfg.with_location else {})}
-    model_cfg = (replace(init.config, **{**overrides, "img_size": tile_size, "num_classes": len(classes)}) if init
-                 else create_config(cfg.preset, img_size=tile_size, num_classes=len(classes), **overrides))
+    heads = {"img_size": tile_size, "num_classes": len(classes), "regression_targets": 1 if regression else 0}
+    model_cfg = (replace(init.config, **{**overrides, **heads}) if init else create_config(cfg.preset, **{**overrides, **heads}))
     norm = init.normalisation if init else NORMALISATION  # an imported encoder's pixel statistics, in training and inference alike
     workers = cfg.num_workers if isinstance(cfg.num_workers, int) else cfg.num_workers[1]
     steps_per_epoch = max(1, math.ceil(n_tiles * cfg.label_fraction / (cfg.batch_size * workers)))
@@ -218,10 +245,11 @@ def run_training(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: Trai
         "backbone_lr_scale": cfg.backbone_lr_scale if cfg.task == "finetune" else 1.0,
         "max_zoom": cfg.max_zoom, "image_dropout": cfg.image_dropout if cfg.task == "finetune" and cfg.mode == "fused" else 0.0,
         "normalisation": [list(norm[0]), list(norm[1])],
+        "regression": cfg.target if regression else None, "log_target": cfg.log_target, "target_scale": TARGET_SCALE,
     }
-    datasets = {"train": sample_dataset(ws, train_cities, references, classes, cfg.label_fraction, cfg.seed)}
+    datasets = {"train": sample_dataset(ws, train_cities, references, classes, cfg.label_fraction, cfg.seed, targets)}
     if val_cities:
-        datasets["val"] = sample_dataset(ws, val_cities, references, classes)
+        datasets["val"] = sample_dataset(ws, val_cities, references, classes, targets=targets)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,

@@ -30,6 +30,7 @@ from engine.training.schedule import lr_at, param_groups
 from geolink_model.checkpoint import load_init, load_model
 from geolink_model.config import GeoLinkConfig
 from geolink_model.model import GeoLink, build_model
+from geolink_model.regression import from_model_scale, regression_loss, regression_metrics, regression_sums
 
 STATE_JSON, HISTORY = "trainer_state.json", "metrics.jsonl"
 
@@ -106,6 +107,11 @@ def train_loop_per_worker(config: dict) -> None:
                 if task == "pretrain":  # through the (DDP-wrapped) forward, so gradients are synchronised
                     losses = model(images, graphs, "pretrain", lonlat)
                     loss = losses["loss"]
+                elif config.get("regression"):  # a tile-level quantity (population, CO2) through the forward, as above
+                    pred = model(images if config["mode"] != "osm" else None, graphs, config["mode"], lonlat, "regress")
+                    loss = regression_loss(pred.float(), _targets(batch, device), bool(config.get("log_target", True)),
+                                           float(config.get("target_scale", 1.0)))
+                    losses = {"loss": loss}
                 else:
                     logits = model(images if config["mode"] != "osm" else None, graphs, config["mode"], lonlat)
                     loss = segmentation_loss(logits.float(), labels, weights)
@@ -132,7 +138,9 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 def _validate(model, shard, config: dict, classes: tuple[str, ...], device: torch.device) -> dict:
-    """IoU/F1 per class and mIoU on the val split, summed over all workers."""
+    """IoU/F1 per class and mIoU on the val split, summed over all workers (MAE, RMSE and R2 for a regression)."""
+    if config.get("regression"):
+        return _validate_regression(model, shard, config, device)
     model.eval()
     n = len(classes)
     matrix = torch.zeros(n, n, dtype=torch.long, device=device)
@@ -145,6 +153,27 @@ def _validate(model, shard, config: dict, classes: tuple[str, ...], device: torc
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(matrix)
     return {f"val_{k}": v for k, v in scores(matrix.cpu().numpy(), classes).items()}
+
+
+def _targets(batch, device: torch.device) -> torch.Tensor:
+    """The batch's regression targets (engine.training.targets: the quantity inside each tile's window)."""
+    return torch.as_tensor(batch["target"].to_numpy(), dtype=torch.float32, device=device)
+
+
+def _validate_regression(model, shard, config: dict, device: torch.device) -> dict:
+    """MAE, RMSE and R2 of the val tiles in the quantity's units (persons, t CO2), summed over all workers."""
+    model.eval()
+    log, scale = bool(config.get("log_target", True)), float(config.get("target_scale", 1.0))
+    sums = torch.zeros(5, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        for batch in shard.iter_batches(batch_size=int(config["batch_size"]), batch_format="pyarrow"):
+            images, graphs, _ = collate(batch, device, _normalisation(config))
+            lonlat = tile_lonlat(batch, device) if _unwrap(model).cfg.with_location else None
+            pred = model(images if config["mode"] != "osm" else None, graphs, config["mode"], lonlat, "regress")
+            sums += regression_sums(from_model_scale(pred.float(), log, scale), _targets(batch, device)).to(device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(sums)
+    return {f"val_{k}": v for k, v in regression_metrics(sums.cpu()).items() if k != "n"}
 
 
 def _normalisation(config: dict) -> tuple[tuple[float, ...], tuple[float, ...]]:
