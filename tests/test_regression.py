@@ -100,3 +100,16 @@ def test_finetune_population_reports_mae_rmse_r2_on_held_out_cities(prepared_dem
     bundle = ModelBundle.load(out)
     assert bundle.config.regression_targets == 1 and bundle.train["target"] == "population"
     assert "population" in (out / "MODEL_CARD.md").read_text()
+
+
+def test_a_regression_model_given_to_map_is_one_line(random_model, tmp_path):
+    import shutil as sh
+
+    from engine.model_bundle import BundleError
+    from engine.pipelines.map import MapConfig, check_model
+
+    model = tmp_path / "models" / "pop"
+    sh.copytree(random_model, model)
+    (model / "train_config.json").write_text(json.dumps({"task": "finetune", "target": "population", "classes": "binary"}))
+    with pytest.raises(BundleError, match=r"pop is a population regression model \(finetune --task population\); map needs a segmentation"):
+        check_model(MapConfig(model_dir=str(model)), tmp_path / "ws")

@@ -33,7 +33,7 @@ from engine.imagery import (
 )
 from engine.mapping.predict import ModelPredictor, OraclePredictor, Predictor
 from engine.mapping.store import RunManifest
-from engine.model_bundle import ModelBundle
+from engine.model_bundle import BundleError, ModelBundle
 from engine.model_input import InputPlan, InputSpec, Radiometry, parse_bands, resolve_catalog
 from engine.pipelines.assess import assess
 from engine.pipelines.infer import InferenceConfig, InferenceResult, run_inference
@@ -153,10 +153,20 @@ def check_model(cfg: MapConfig, workspace: str | os.PathLike[str]) -> ModelBundl
     if cfg.model_dir == REFERENCE_MODEL:
         return None
     if cfg.model_dir:
-        return ModelBundle.load(storage.local_path(cfg.model_dir))
+        return _segmentation_bundle(ModelBundle.load(storage.local_path(cfg.model_dir)))
     ws = Workspace.at(workspace)
     default = ws.fetch(ws.model(DEFAULT_MODEL))
-    return ModelBundle.load(default) if (default / "model.safetensors").is_file() or (default / "config.json").is_file() else None
+    return _segmentation_bundle(ModelBundle.load(default)) if (default / "model.safetensors").is_file() or (default / "config.json").is_file() else None
+
+
+def _segmentation_bundle(bundle: ModelBundle) -> ModelBundle:
+    """``bundle`` when it maps urban villages; a regression model (``finetune --task population|co2``: its
+    segmentation head was never trained) is one line, before any stage."""
+    target = bundle.train.get("target")
+    if target not in (None, "segmentation"):
+        raise BundleError(f"model bundle {bundle.path} is a {target} regression model (finetune --task {target}); "
+                          f"map needs a segmentation model (finetune without --task)")
+    return bundle
 
 
 def map_catalog(workspace: Workspace | str | os.PathLike[str], catalog: str | os.PathLike[str] | None = None, cities: str = "all",
