@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
-import rasterio
 
 from engine import storage
 from engine.catalog import check_city_names
@@ -29,7 +28,6 @@ from engine.imagery import (
     ImageryFacts,
     format_gsd,
     gsd_ratio,
-    inspect_imagery,
 )
 from engine.mapping.predict import ModelPredictor, OraclePredictor, Predictor
 from engine.mapping.store import RunManifest
@@ -206,29 +204,6 @@ def _count(on_done: Callable[[int, int], None], total: int) -> Callable[[dict], 
     return on_item
 
 
-def check_imagery(rows: dict[str, dict]) -> tuple[dict[str, ImageryFacts], dict[str, str]]:
-    """Each city's imagery facts, and the cities whose imagery the model cannot take or GDAL cannot read, with why.
-
-    Reads the header, the smallest overview and the first and last block of each band (:func:`probe_blocks`): a
-    truncated file fails its city here in one line instead of failing its tiles one by one. A raster that cannot be
-    opened at all is left to ``prepare``, which reports it with GDAL's error.
-    """
-    facts, refused = {}, {}
-    with storage.raster_env():
-        for city, row in rows.items():
-            try:
-                with rasterio.open(row["imagery"]) as src:
-                    if src.crs is None:
-                        continue  # prepare says how to assign one
-                    facts[city], problem, damage = inspect_imagery(src, row["imagery"])
-                    problem = problem or (damage and f"imagery {damage}")
-            except Exception:  # noqa: BLE001 (prepare names the file and the error)
-                continue
-            if problem:
-                refused[city] = f"city {city}: {problem}"
-    return facts, refused
-
-
 def summarise_inputs(plans: dict[str, InputPlan]) -> str:
     """One line on what the model input changed, e.g. ``of 12 cities read, 3 resampled to 0.50 m, 1 stretched to
     8-bit (percentile:2,98) on read``; empty when every city is read as it is. Per city: the tiles' marker (``input``)."""
@@ -250,10 +225,10 @@ def summarise_inputs(plans: dict[str, InputPlan]) -> str:
     return f"of {len(plans)} cities read, " + ", ".join(parts) + " on read (a VRT per city in imagery/<city>/)"
 
 
-def check_gsd(facts: dict[str, ImageryFacts], trained_m: tuple[float, float], allow_mismatch: bool,
+def check_gsd(facts: dict[str, ImageryFacts | InputPlan], trained_m: tuple[float, float], allow_mismatch: bool,
               model: str) -> tuple[dict[str, str], list[str]]:
-    """Cities refused for a ground GSD more than ``GSD_REFUSE_RATIO`` outside the model's training range (unless
-    ``allow_mismatch``), and warnings for those beyond ``GSD_WARN_RATIO``.
+    """Cities refused for a ground GSD (``gsd_m``: as the model reads it) more than ``GSD_REFUSE_RATIO`` outside the
+    model's training range (unless ``allow_mismatch``), and warnings for those beyond ``GSD_WARN_RATIO``.
 
     Why: the model's receptive field is in pixels; at another ground resolution a village is another size in
     pixels, and the model answers with confidence anyway (a 10 m scene gave 49.6 ha of villages on a glacier).
@@ -281,8 +256,9 @@ def run_map(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: MapConfig
     """Run every stage for ``catalog`` and return the per-city report (products under ``products/<run>/``).
 
     Before anything runs, the model bundle is checked (a broken one raises :class:`BundleError`) and each city's
-    imagery header is read: imagery that is not 3+ bands of uint8, or whose ground GSD lies more than 3x outside
-    the model's training GSD, fails its city with one line (never rescaled, never mapped blind).
+    imagery is resolved to what the model reads (engine.model_input: form, bands, 8-bit stretch, resampling; its
+    header and a block probe): unreadable, damaged or contradictory imagery, or imagery whose ground GSD lies more
+    than 3x outside the model's training GSD, fails its city with one line (never mapped blind).
     ``ensure_model(prepared_catalog) -> model_dir`` is called when ``cfg.model_dir`` is None (the CLI trains the
     default quick model there). Ray is started (``address``, see :func:`init_ray`) unless it already is.
     """
@@ -305,9 +281,6 @@ def run_map(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: MapConfig
         failures[city] = ("imagery", why)
     if summary := summarise_inputs(plans):
         say(f"imagery: {summary}")
-    facts, refused = check_imagery({c: r for c, r in rows.items() if c not in failures})
-    for city, why in refused.items():
-        failures[city] = ("imagery", why)
     init_ray(address)
     tile_size = bundle.tile_size_px if model_dir else cfg.tile_size_px
     prepare_cfg = PrepareConfig(grid=TileGridConfig(tile_size_px=tile_size, overlap_px=cfg.overlap_px))
@@ -340,7 +313,7 @@ def run_map(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: MapConfig
             warnings.append(f"model {model_dir} does not record the ground GSD it was trained at (a bundle from before "
                             f"GSDs were recorded): the cities' GSD was not checked")
         else:
-            gsd_refused, gsd_warnings = check_gsd({c: facts[c] for c in ok_cities if c in facts}, trained,
+            gsd_refused, gsd_warnings = check_gsd({c: plans[c] for c in ok_cities if c in plans}, trained,
                                                   cfg.allow_gsd_mismatch, Path(model_dir).name)
             warnings += gsd_warnings
             for city, why in gsd_refused.items():
