@@ -30,6 +30,7 @@ only when the content changes, so a rerun leaves the same bytes and the same mod
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import math
@@ -201,11 +202,9 @@ def check_vrt_sources(path: str | os.PathLike[str], _seen: frozenset[str] = froz
 def write_if_changed(path: Path, text: str) -> Path:
     """Write ``text`` to ``path`` atomically unless it already holds exactly that (its mtime then stays)."""
     path = Path(path)
-    try:
+    with contextlib.suppress(OSError, UnicodeDecodeError):  # absent or unreadable: written below
         if path.read_text() == text:
             return path
-    except (OSError, UnicodeDecodeError):
-        pass
     with atomic_path(path) as tmp:
         tmp.write_text(text)
     return path

@@ -44,9 +44,9 @@ import rasterio
 from pyproj import CRS
 
 from engine import storage
-from engine.atomic import atomic_path
 from engine.errors import describe_error
 from engine.imagery import GSD_REFUSE_RATIO, GSD_WARN_RATIO, format_gsd, ground_gsd_m, probe_blocks
+from engine.imagery_sources import ImagerySourceError, resolve_imagery, write_if_changed
 
 RADIOMETRY_METHODS = ("auto", "uint8", "percentile", "range")
 DEFAULT_PERCENTILES = (2.0, 98.0)
@@ -350,12 +350,7 @@ def write_input_vrt(plan: InputPlan, src: rasterio.io.DatasetReader, out: Path) 
         _source_rect(el, source, f"mask,{plan.bands[0]}", src, extent)
     ET.indent(root)
     text = ET.tostring(root, encoding="unicode") + "\n"
-    if out.is_file() and out.read_text() == text:
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp:
-        tmp.write_text(text)
-    return out
+    return write_if_changed(out, text)
 
 
 def _source_rect(el: ET.Element, source: str, band: str, src, extent: tuple[float, float]) -> None:
@@ -396,8 +391,6 @@ def resolve_city_imagery(row: dict, spec: InputSpec, out_dir: Path) -> tuple[dic
     Raises:
         ModelInputError / ImagerySourceError: one line naming the city, the file and what is wrong.
     """
-    from engine.imagery_sources import ImagerySourceError, resolve_imagery
-
     city = row.get("city") or "?"
     try:
         source = resolve_imagery(row["imagery"], zoom=row.get("zoom"), asset=row.get("asset"), out_dir=out_dir)
