@@ -52,6 +52,7 @@ def stitch_run(workspace: Workspace | str | os.PathLike[str], run: str, catalog:
 
         results = stitch_run("geolink-data", "default", load_catalog("geolink-data/catalog.yaml"))
     """
+    catalog = prepared_imagery(catalog, workspace)  # the rasters prepare read (model VRTs), as `map` saw them
     return StreamingStitch(workspace, run, catalog, cfg).finish(on_city)
 
 
@@ -72,7 +73,7 @@ class StreamingStitch:
         if UV_CLASS not in self.manifest.classes:
             raise ValueError(f"run {run}: classes {list(self.manifest.classes)} have no {UV_CLASS!r}; nothing to map")
         self.cfg = cfg
-        self.rows = prepared_imagery(catalog, self.workspace).to_pylist()  # the rasters prepare read, as `map` saw them
+        self.rows = catalog.to_pylist()  # imagery as prepare read it: run_map's resolved catalog, or prepared_imagery's
         self.by_city = {r.get("city") or "": r for r in self.rows}
         self.out_dir = self.workspace.products(run)
         self.con = connect()
