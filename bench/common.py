@@ -1,9 +1,10 @@
-"""Shared helpers for benchmarks: machine description and the results file format."""
+"""Shared helpers for benchmarks: machine description, the results file format, and running a measured child."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import subprocess
 import os
 import platform
 from pathlib import Path
@@ -45,3 +46,12 @@ def merge_results(bench: str, metrics: dict, extra: dict | None = None) -> Path:
         sections["kept"] = {"machine": before.get("machine", old.get("machine")), "date": before.get("date", old.get("date")),
                             "metrics": kept}
     return write_results(bench, {**old.get("metrics", {}), **metrics}, {**sections, **(extra or {})})
+
+
+def run_json_child(command: list[str], env: dict[str, str] | None = None) -> dict:
+    """Run a bench child process (a fresh interpreter: its timing and peak RSS are its own) and return the JSON
+    object it printed last; a failed child is one error with the end of its stderr."""
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode:
+        raise RuntimeError(f"bench child {' '.join(command[:3])} ... failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])

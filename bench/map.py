@@ -22,9 +22,7 @@ Writes bench/results/map.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import write_results  # noqa: E402
+from common import run_json_child, write_results  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
@@ -97,11 +95,8 @@ print(json.dumps({"cities": len(prepared), "tiles": result.predicted, "failed": 
 
 
 def child(catalog: Path, workspace: Path, model: Path, batch_size: int, devices: int = 0) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, str(catalog), str(workspace), str(model), str(batch_size), str(devices)], capture_output=True,
-                         text=True, env={**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"})
-    if out.returncode:
-        raise RuntimeError(f"bench child failed:\n{out.stderr[-4000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_json_child([sys.executable, "-c", CHILD, str(catalog), str(workspace), str(model), str(batch_size), str(devices)],
+                          env={**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"})
 
 
 def model_only(workspace: Path, model: Path, batch_size: int, n_tiles: int, device: str = "cpu") -> dict:

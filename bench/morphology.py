@@ -19,7 +19,6 @@ import argparse
 import json
 import math
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from common import write_results  # noqa: E402
+from common import run_json_child, write_results  # noqa: E402
 
 console = Console(width=150)
 CELL_M = 150.0
@@ -109,9 +108,7 @@ def stream(cities: int, city_buildings: int) -> dict:
 
 def child(cities: int, city_buildings: int) -> dict:
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, __file__, "--child", str(cities), "--city-buildings", str(city_buildings)],
-                         capture_output=True, text=True, check=True)
-    doc = json.loads(out.stdout.strip().splitlines()[-1])
+    doc = run_json_child([sys.executable, __file__, "--child", str(cities), "--city-buildings", str(city_buildings)])
     doc["process_wall_s"] = time.perf_counter() - t0
     return doc
 

@@ -22,7 +22,6 @@ import argparse
 import json
 import math
 import resource
-import subprocess
 import sys
 import tempfile
 import threading
@@ -35,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from common import write_results  # noqa: E402
+from common import run_json_child, write_results  # noqa: E402
 
 console = Console(width=160)
 SPACING_DEG = 0.25
@@ -162,17 +161,10 @@ def ingest(pbf: str, out: str, flush_rows: int) -> dict:
             "peak_rss_file_mib": peaks.get("RssFile", 0) / 1024}
 
 
-def _run(command: list[str]) -> dict:
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def child(pbf: Path, out: Path, flush_rows: int) -> dict:
     """One ingest in a fresh process; the parent stays small, so the child's ``ru_maxrss`` is its own."""
     t0 = time.perf_counter()
-    doc = _run([sys.executable, __file__, "--child", str(pbf), str(out), "--flush-rows", str(flush_rows)])
+    doc = run_json_child([sys.executable, __file__, "--child", str(pbf), str(out), "--flush-rows", str(flush_rows)])
     doc["process_wall_s"] = time.perf_counter() - t0
     doc["dataset_mib"] = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20
     return doc
@@ -198,7 +190,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="osm-ingest-bench-") as tmp:
         for n in (args.cities, args.cities * args.scale):  # the smaller first: RUSAGE_CHILDREN keeps the maximum
             pbf = Path(tmp) / f"country-{n}.osm.pbf"
-            written = _run([sys.executable, __file__, "--write", str(pbf), str(n), "--city-km", str(args.city_km)])
+            written = run_json_child([sys.executable, __file__, "--write", str(pbf), str(n), "--city-km", str(args.city_km)])
             run = child(pbf, Path(tmp) / f"dataset-{n}", args.flush_rows)
             runs.append({"cities": n, **written, **run})
             pbf.unlink()

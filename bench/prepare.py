@@ -21,9 +21,7 @@ Writes bench/results/prepare.json (merged: metrics of the parts not run are kept
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +35,7 @@ import shapely  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from common import merge_results  # noqa: E402
+from common import merge_results, run_json_child  # noqa: E402
 from geolink_model.osm_graph import EDGE_TYPES, OsmGraphConfig, build_tile_graphs  # noqa: E402
 
 console = Console()
@@ -197,9 +195,7 @@ print(json.dumps({"cities": len(results), "failed": sum(r.status == "failed" for
 
 
 def run_prepare_child(catalog: Path, workspace: Path) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, str(catalog), str(workspace)], capture_output=True, text=True, check=True,
-                         env={**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"})
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_json_child([sys.executable, "-c", CHILD, str(catalog), str(workspace)], env={**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"})
 
 
 # --- 3. imagery forms ----------------------------------------------------------------------------------------
@@ -324,9 +320,7 @@ def time_imagery_reads(forms: dict[str, str], repeats: int = 5) -> dict:
 
 def _read_child(path: str) -> dict:
     args = [path, str(IMAGERY_SIDE_PX), str(WINDOW_PX), str(STRIDE_PX), str(IMAGERY_SIDE_PX // 4)]
-    out = subprocess.run([sys.executable, "-c", READ_CHILD, *args], capture_output=True, text=True, check=True,
-                         env={**os.environ, "GDAL_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"})
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_json_child([sys.executable, "-c", READ_CHILD, *args], env={**os.environ, "GDAL_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"})
 
 
 MAP_READ_CHILD = r"""
@@ -366,11 +360,9 @@ def time_map_read_path(path: str, repeats: int = 5) -> dict:
     best of ``repeats`` fresh processes, all three measured in each process."""
     runs = []
     for _ in range(repeats):
-        out = subprocess.run([sys.executable, "-c", MAP_READ_CHILD, path, str(WINDOW_PX), str(STRIDE_PX), str((WINDOW_PX - STRIDE_PX) // 2)],
-                             capture_output=True, text=True, check=True,
-                             env={**os.environ, "GDAL_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
-                                  "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
-        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        runs.append(run_json_child([sys.executable, "-c", MAP_READ_CHILD, path, str(WINDOW_PX), str(STRIDE_PX), str((WINDOW_PX - STRIDE_PX) // 2)],
+                                   env={**os.environ, "GDAL_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
+                                        "PYTHONPATH": str(Path(__file__).resolve().parents[1])}))
     n, inner = runs[0]["windows"], runs[0]["inner"]
     rate = {k: (inner if k == "plain_s" else n) / min(r[k] for r in runs) for k in ("map_s", "plain_s", "boundless_s")}
     return {"windows": n, "inner_windows": inner, "map_per_s": rate["map_s"], "plain_inner_per_s": rate["plain_s"],
