@@ -92,23 +92,40 @@ def _fail(message: str, code: int = 2) -> NoReturn:
 def demo_data(
     ctx: typer.Context,
     cities: Annotated[int, typer.Option("--cities", "-n", min=1, help="Number of synthetic cities.")] = 12,
-    size_km: Annotated[float, typer.Option("--size-km", help="Side of each city's square extent in km.")] = 1.0,
+    size_km: Annotated[float | None, typer.Option("--size-km", help="Side of each city's square extent in km (default 1; "
+                                                  "0.8 with --benchmark).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Random seed; the same seed writes the same bytes.")] = 0,
     preview: Annotated[bool, typer.Option("--preview", help="Also write preview/<city>.png (imagery with OSM and reference).")] = False,
     workers: Annotated[int | None, typer.Option("--workers", min=1, help="Processes (default: all cores).")] = None,
+    benchmark: Annotated[bool, typer.Option("--benchmark", help="Write the held-out benchmark instead (engine/synth/benchmark.py, "
+                                            "docs/synth.md): --per-region cities in each of the 7 regions, fixed splits and a "
+                                            "region-held-out region_split; --cities is then ignored.")] = False,
+    per_region: Annotated[int, typer.Option("--per-region", min=2, help="With --benchmark: cities per region.")] = 10,
 ) -> None:
     """Write the embedded default: synthetic cities at real Chinese city locations plus their catalog."""
     from engine.synth.config import SynthConfig
     from engine.synth.demo import write_demo
 
     settings: Settings = ctx.obj
-    try:
-        cfg = SynthConfig(size_km=size_km)
-    except ValueError as exc:
-        _fail(str(exc))
-    with _progress() as progress:
-        task = progress.add_task("generating cities", total=cities)
-        path = write_demo(settings.workspace, cities, cfg, seed=seed, workers=workers, on_city=lambda row: progress.advance(task))
+    if benchmark:
+        from engine.synth.benchmark import REGIONS, benchmark_config, write_benchmark
+
+        try:
+            cfg = benchmark_config() if size_km is None else benchmark_config(size_km)
+        except ValueError as exc:
+            _fail(str(exc))
+        cities = per_region * len(REGIONS)
+        with _progress() as progress:
+            task = progress.add_task("generating benchmark cities", total=cities)
+            path = write_benchmark(settings.workspace, per_region, cfg, seed=seed, workers=workers, on_city=lambda row: progress.advance(task))
+    else:
+        try:
+            cfg = SynthConfig(size_km=1.0 if size_km is None else size_km)
+        except ValueError as exc:
+            _fail(str(exc))
+        with _progress() as progress:
+            task = progress.add_task("generating cities", total=cities)
+            path = write_demo(settings.workspace, cities, cfg, seed=seed, workers=workers, on_city=lambda row: progress.advance(task))
     console.print(f"wrote {cities} cities and [bold]{path}[/]")
     if preview:
         from engine.preview import render_preview
@@ -371,6 +388,9 @@ def map_command(
     gsd: Annotated[float | None, _INPUT_OPTIONS["gsd"]] = None,
     bands: Annotated[str | None, _INPUT_OPTIONS["bands"]] = None,
     radiometry: Annotated[str | None, _INPUT_OPTIONS["radiometry"]] = None,
+    population_model: Annotated[str | None, typer.Option("--population-model", help="A population model (finetune --task population, "
+                                                         "same tile size): residents per 100 m cell, per UV polygon, and per city "
+                                                         "and region with 95% intervals (population.csv).")] = None,
 ) -> None:
     """The main job: prepare -> fused inference -> stitch -> products, for the catalog's cities (demo cities if none)."""
     from engine.pipelines.infer import InferenceConfig
@@ -382,7 +402,7 @@ def map_command(
         with _Bars() as bars:
             _, table = map_catalog(settings.workspace, settings.catalog, cities, say=say, on_demo_city=bars.counter("generating demo cities"))
         cfg = MapConfig(run=run, model_dir=model, mode=mode, min_area_m2=min_area, allow_gsd_mismatch=allow_gsd_mismatch,
-                        gsd_m=gsd, bands=bands, radiometry=radiometry,
+                        gsd_m=gsd, bands=bands, radiometry=radiometry, population_model=population_model,
                         inference=InferenceConfig(batch_size=batch_size, gpus=devices, actors=actors, actors_per_gpu=actors_per_gpu))
     except (CatalogError, ValueError) as exc:
         _fail(str(exc))
@@ -395,12 +415,42 @@ def map_command(
     _print_city_report(report.cities, f"map run {report.run} (model {report.model_version})")
     if report.assessment is not None:
         _print_assessment(report.assessment)
+    if report.population is not None:
+        _print_population(report.population)
     timing = ", ".join(f"{k} {v:.1f} s" for k, v in report.seconds.items())
     console.print(f"products in [bold]{report.products}[/] (open {report.products / 'index.html'}); {timing}", soft_wrap=True)
-    if report.failed or report.assessment_failed:
+    population_failed = isinstance(report.population, str)
+    if report.failed or report.assessment_failed or population_failed:
         cities = ", ".join(f"{c.city} ({c.stage})" for c in report.failed)
         _fail(f"{len(report.failed)} of {len(report.cities)} cities failed or are incomplete" + (f": {cities}" if cities else "")
-              + ("; the accuracy assessment failed" if report.assessment_failed else ""), code=1)
+              + ("; the accuracy assessment failed" if report.assessment_failed else "")
+              + ("; the population products failed" if population_failed else ""), code=1)
+
+
+def _print_population(population) -> None:
+    """Residents per region and nationally, with their intervals (population.csv holds every city)."""
+    if isinstance(population, str):
+        console.print(f"[red]population {escape(population)}[/]", soft_wrap=True)
+        return
+    if population.products is None:
+        return
+    table = Table(title=f"population (model {population.model_version}; 95% prediction intervals)")
+    for name in ("", "cities", "residents", "in urban villages", "UV share"):
+        table.add_column(name, justify="left" if not name else "right")
+
+    def span(value, lo, hi, fmt):
+        inside = "" if lo is None or hi is None or lo != lo or hi != hi else f" [{fmt.format(lo)}, {fmt.format(hi)}]"
+        return fmt.format(value) + inside if value == value else ""
+
+    for r in population.products.rows:
+        if r["level"] == "city":
+            continue
+        table.add_row(r["name"], str(r["cities"]), span(r["population"], r["population_lo"], r["population_hi"], "{:,.0f}"),
+                      span(r["uv_population"], r["uv_population_lo"], r["uv_population_hi"], "{:,.0f}"),
+                      span(r["uv_share"], r["uv_share_lo"], r["uv_share_hi"], "{:.1%}"))
+    console.print(table)
+    note = next((r["interval"] for r in population.products.rows if r["level"] == "national"), "")
+    console.print(f"intervals: {escape(note)}; per city: {population.products.csv}", soft_wrap=True, highlight=False)
 
 
 @app.command("embed")

@@ -143,6 +143,9 @@ def _limits(train: dict, splits: dict | None, regions: dict | None) -> list[str]
                    "holds the published weights; the OSM encoder, fusion and decoders are freshly initialised.")
     else:
         out.append("- Urban-village mapping with `geolink-engine map` on imagery like its training imagery.")
+    if train.get("target") not in (None, "segmentation") and splits:
+        out.append(f"- Summed {train['target']} totals take their intervals from the val cities' true and predicted totals in "
+                   "`calibration.json` (held-out city ratios; no interval with fewer than 2 val cities).")
     span = train.get("gsd_range_m")
     if span:
         out.append(f"- Ground sample distance {span[0]:g}-{span[1]:g} m: `map` warns beyond 1.5x outside this range and refuses "

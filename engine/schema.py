@@ -368,3 +368,21 @@ URBAN_VILLAGES_SCHEMA = pa.schema([
 ])
 CITY_STATS_COLUMNS = ("city", "region", "uv_area_m2", "built_up_area_m2", "uv_share", "buildings_source", "buildings", "buildings_note",
                       "polygons", "tiles_ok", "tiles_failed", "status")
+
+# --- population products (`map --population-model`: engine.products.population) ---------------------------------
+UV_POPULATION_SCHEMA = pa.schema([
+    pa.field("uv_id", pa.string(), nullable=False),  # the village's id in urban_villages.parquet
+    pa.field("city", pa.string(), nullable=False),
+    pa.field("region", pa.string(), nullable=False),
+    pa.field("area_m2", pa.float64(), nullable=False),  # as in urban_villages.parquet (EPSG:6933)
+    pa.field("population", pa.float64(), nullable=False),  # residents allocated to the village's pixels
+    pa.field("population_per_ha", pa.float64(), nullable=False),  # population / (area_m2 / 10 000)
+    pa.field("complete", pa.bool_(), nullable=False),  # false: a tile under the village has no population prediction
+    pa.field("model_version", pa.string(), nullable=False),  # the population model's version
+    pa.field("geometry", pa.binary(), nullable=False),  # WKB, EPSG:4326 (lon, lat)
+])
+# one row per city, per region and for the nation; *_lo/*_hi: the 95 % prediction interval (docs/PRODUCTS.md)
+POPULATION_COLUMNS = ("level", "name", "region", "cities", "tiles_ok", "tiles_failed", "population", "population_lo", "population_hi",
+                      "uv_population", "uv_population_lo", "uv_population_hi", "uv_share", "uv_share_lo", "uv_share_hi",
+                      "density_uv_per_ha", "density_built_up_per_ha", "density_other_per_ha", "calibration_factor", "held_out_cities", "interval",
+                      "model_version")

@@ -239,6 +239,11 @@ class Workspace:
         own (manifest, ledger, parts, ``_done``) beside the map run's files, so it resumes exactly as `map` does."""
         return RunFolder(self.run(run).root / "embeddings" / f"{check_name('mode', mode)}_{check_name('level', level)}")
 
+    def population_run(self, run: str) -> RunFolder:
+        """``runs/<run>/population/``: the tile population pass of ``map --population-model`` (a regression model's
+        value per tile), a run folder of its own beside the map run's, so it resumes exactly as `map` does."""
+        return RunFolder(self.run(run).root / "population")
+
     @property
     def train_runs(self) -> Path:
         """Ray Train's storage for training runs (checkpoints, results): ``runs/train``."""

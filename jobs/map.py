@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gsd", type=float, default=None, help="resample every city on read to this ground GSD (m); default: into the model's range")
     parser.add_argument("--bands", default=None, help="source bands read as R,G,B, e.g. 3,2,1 (a catalog 'bands' cell overrides it)")
     parser.add_argument("--radiometry", default=None, help="auto | uint8 | percentile:LO,HI | range:MIN,MAX (a catalog cell overrides it)")
+    parser.add_argument("--population-model", default=None, help="population model (finetune --task population): residents per "
+                                                                  "100 m cell, per UV polygon, per city and region (population.csv)")
     parser.add_argument("--address", default="auto", help="'auto' (RAY_ADDRESS or the local cluster), ray://host:10001, or 'local'")
     return parser
 
@@ -58,7 +60,7 @@ def main() -> int:
         _, catalog = map_catalog(workspace, args.catalog, args.cities, say=lambda msg: print(msg, flush=True))
         cfg = MapConfig(run=args.run, model_dir=args.model, mode=args.mode, tile_size_px=args.tile_size,
                         allow_gsd_mismatch=args.allow_gsd_mismatch, gsd_m=args.gsd, bands=args.bands, radiometry=args.radiometry,
-                        inference=InferenceConfig(batch_size=args.batch_size, gpus=args.devices, actors=args.actors,
+                        population_model=args.population_model, inference=InferenceConfig(batch_size=args.batch_size, gpus=args.devices, actors=args.actors,
                                                   actors_per_gpu=args.actors_per_gpu))
         report = run_map(catalog, workspace, cfg,
                          ensure_model=lambda cat: default_model(workspace, cat, use_gpu=args.devices > 0, say=print),
@@ -70,8 +72,10 @@ def main() -> int:
         print(f"{c.city}\t{c.status}\t{c.tiles_ok}\t{c.tiles_failed}\t{c.polygons}\t{c.uv_area_m2:.0f}\t{c.stage}\t{c.error}")
     if report.assessment_failed:
         print(f"assessment {report.assessment}")
+    if isinstance(report.population, str):
+        print(f"population {report.population}")
     print(f"products: {report.products}")
-    return 1 if report.failed or report.assessment_failed else 0
+    return 1 if report.failed or report.assessment_failed or isinstance(report.population, str) else 0
 
 
 if __name__ == "__main__":

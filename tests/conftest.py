@@ -8,6 +8,7 @@ Session fixtures are shared by every test that asks for them: a test that writes
 from __future__ import annotations
 
 import contextlib
+import shutil
 import os
 import socket
 import subprocess
@@ -146,3 +147,17 @@ def ray_session(s3_endpoint):
     ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def population_model(prepared_demo, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A population regression bundle (``finetune --task population``, ``test`` preset, 2 epochs, 128 px) fine-tuned
+    on the prepared demo cities, with its held-out calibration. Shared and read-only: copy it where a test writes."""
+    from engine.pipelines.train import TrainConfig, run_training
+
+    src, catalog = prepared_demo
+    ws = tmp_path_factory.mktemp("population-train") / "ws"
+    shutil.copytree(src, ws)
+    cfg = TrainConfig(task="finetune", target="population", preset="test", epochs=2, batch_size=8, cpus_per_worker=0.5,
+                      augment=False, mode="fused")
+    return run_training(catalog, ws, cfg, name="population-test")

@@ -8,7 +8,7 @@ import pytest
 
 from engine.morphology import ROW_KEYS
 from engine.products.regions import REGION_COLUMNS
-from engine.schema import CITY_STATS_COLUMNS, URBAN_VILLAGES_SCHEMA, embeddings_schema
+from engine.schema import CITY_STATS_COLUMNS, POPULATION_COLUMNS, URBAN_VILLAGES_SCHEMA, UV_POPULATION_SCHEMA, embeddings_schema
 
 DOC = (Path(__file__).resolve().parents[1] / "docs" / "PRODUCTS.md").read_text()
 
@@ -25,6 +25,8 @@ def _section(title: str) -> str:
     ("## `morphology.csv`", ROW_KEYS),
     ("## `regions.csv`", REGION_COLUMNS),
     *[("## `embeddings/<mode>_<level>.parquet`", embeddings_schema(8, level).names) for level in ("tile", "patch", "points")],
+    ("## Population (`map --population-model DIR`)", POPULATION_COLUMNS),
+    ("## Population (`map --population-model DIR`)", UV_POPULATION_SCHEMA.names),
 ])
 def test_every_product_column_is_in_the_dictionary(title, columns):
     section = _section(title)

@@ -5,7 +5,6 @@ and reports MAE, RMSE and R2 on the held-out cities."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -83,23 +82,29 @@ def test_tile_targets_split_cells_by_area_and_add_up(prepared_demo):
 
 
 @pytest.mark.slow
-def test_finetune_population_reports_mae_rmse_r2_on_held_out_cities(prepared_demo, tmp_path):
+def test_finetune_population_reports_mae_rmse_r2_on_held_out_cities(population_model):
     from engine.model_bundle import ModelBundle
-    from engine.pipelines.train import TrainConfig, run_training
 
-    src, catalog = prepared_demo
-    ws = tmp_path / "ws"
-    shutil.copytree(src, ws)  # the shared fixture stays read-only
-    cfg = TrainConfig(task="finetune", target="population", preset="test", epochs=2, batch_size=8, cpus_per_worker=0.5,
-                      augment=False, mode="fused")
-    out = run_training(catalog, ws, cfg, name="population-test")
+    out = population_model  # conftest: `finetune --task population` on the prepared demo, shared with test_population
     last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     for key in ("val_mae", "val_rmse", "val_r2"):
         assert np.isfinite(last[key]), last
     assert last["val_mae"] > 0 and last["val_rmse"] >= last["val_mae"]
     bundle = ModelBundle.load(out)
     assert bundle.config.regression_targets == 1 and bundle.train["target"] == "population"
-    assert "population" in (out / "MODEL_CARD.md").read_text()
+    assert "population" in (out / "MODEL_CARD.md").read_text() and "calibration.json" in (out / "MODEL_CARD.md").read_text()
+    # the held-out record (engine.training.calibration) is published with the bundle: one row per val city
+    from engine.training.calibration import prediction_factors, read_calibration
+
+    doc = read_calibration(out)
+    val = json.loads((out / "splits.json").read_text())["val"]
+    assert doc["target"] == "population" and doc["units"] == "residents" and doc["model_version"] == bundle.version
+    assert [c["city"] for c in doc["cities"]] == val and val
+    for city in doc["cities"]:
+        assert city["tiles"] > 0 and city["truth"] > 0 and city["pred"] > 0, city
+    assert bundle.train["target_scale"] == 1000.0
+    if len(val) < 2:  # the demo has one val city: no interval can be honest
+        assert prediction_factors(doc) is None
 
 
 def test_a_regression_model_given_to_map_is_one_line(random_model, tmp_path):

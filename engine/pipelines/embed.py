@@ -128,7 +128,7 @@ def embedding_model(workspace: Workspace, run: str, model_dir: str | None) -> Mo
     raise BundleError(f"no model to encode with: run {run} has no model of its own and {default} holds none; pass --model DIR")
 
 
-def _prepared_grid(workspace: Workspace, cities: list[str], tile_size_px: int) -> tuple[dict[str, pa.Table], dict[str, str], int]:
+def prepared_grid(workspace: Workspace, cities: list[str], tile_size_px: int) -> tuple[dict[str, pa.Table], dict[str, str], int]:
     """Per prepared city its tile index (:data:`INDEX_COLUMNS`), the cities without prepared tiles (with why), and
     the grid's overlap. A city prepared at another tile size than the model's is an error (one line)."""
     index, missing, overlaps = {}, {}, set()
@@ -167,7 +167,7 @@ def run_embed(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: EmbedCo
     mode = cfg.mode or bundle.mode
     bundle.check_encodable(mode)
     cities = catalog["city"].to_pylist()
-    index, missing, overlap = _prepared_grid(ws, cities, bundle.tile_size_px)
+    index, missing, overlap = prepared_grid(ws, cities, bundle.tile_size_px)
     if not index:
         raise ValueError(f"none of the {len(cities)} cities has prepared tiles: run `geolink-engine prepare --tile-size "
                          f"{bundle.tile_size_px}` first ({next(iter(missing.values()))})")

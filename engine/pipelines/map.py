@@ -35,6 +35,7 @@ from engine.model_bundle import BundleError, ModelBundle
 from engine.model_input import InputPlan, InputSpec, Radiometry, parse_bands, resolve_catalog
 from engine.pipelines.assess import assess
 from engine.pipelines.infer import InferenceConfig, InferenceResult, run_inference
+from engine.pipelines.population import PopulationReport, population_bundle, run_population
 from engine.pipelines.prepare import CityResult, run_prepare
 from engine.pipelines.publish import publish_products
 from engine.pipelines.report import CityReport
@@ -81,6 +82,9 @@ class MapConfig:
         bands, radiometry: the model input's band order and 8-bit conversion for every city without its own catalog
             ``bands``/``radiometry`` (engine.model_input); default: bands 1,2,3, and the bundle's radiometry for
             sources that are not 8-bit (8-bit sources are read as they are unless ``radiometry`` says otherwise).
+        population_model: a population regression bundle (``finetune --task population``, same tile size): after
+            stitching, residents per tile are predicted and spread over the map (engine.pipelines.population):
+            ``cities/<city>/population_100m.tif``, ``uv_population.parquet``, ``population.csv``.
     """
 
     run: str = "default"
@@ -96,6 +100,7 @@ class MapConfig:
     gsd_m: float | None = None
     bands: str | None = None
     radiometry: str | None = None
+    population_model: str | None = None
 
     def __post_init__(self) -> None:
         check_name("run", self.run)  # the run name becomes a folder: refuse a bad one before any work
@@ -121,6 +126,7 @@ class MapReport:
     inference: InferenceResult | None
     seconds: dict[str, float]
     assessment: AssessReport | str | None = None  # "failed: ..." when the assessment could not run
+    population: PopulationReport | str | None = None  # `--population-model`; "failed: ..." when the pass could not run
     warnings: tuple[str, ...] = ()  # things the user should know that failed nothing (a GSD near the limit, ...)
 
     @property
@@ -274,6 +280,7 @@ def run_map(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: MapConfig
 
     oracle = cfg.model_dir == REFERENCE_MODEL
     bundle = check_model(cfg, workspace)
+    people = population_bundle(cfg.population_model) if cfg.population_model else None  # checked before any stage
     model_dir = str(storage.local_path(cfg.model_dir)) if cfg.model_dir and not oracle else None
     catalog, plans, unreadable = resolve_catalog(catalog, workspace.city_imagery, cfg.input_spec(bundle))
     rows = {r["city"]: r for r in catalog.to_pylist()}  # imagery: what the model reads (a model VRT where needed)
@@ -283,6 +290,9 @@ def run_map(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: MapConfig
         say(f"imagery: {summary}")
     init_ray(address)
     tile_size = bundle.tile_size_px if model_dir else cfg.tile_size_px
+    if people is not None and people.tile_size_px != tile_size:
+        raise BundleError(f"--population-model {cfg.population_model} takes {people.tile_size_px} px tiles but this run maps "
+                          f"{tile_size} px tiles; fine-tune the population model at {tile_size} px")
     prepare_cfg = PrepareConfig(grid=TileGridConfig(tile_size_px=tile_size, overlap_px=cfg.overlap_px))
     to_prepare = catalog.filter(pa.array([c not in failures for c in catalog["city"].to_pylist()]))
     say(f"prepare: {to_prepare.num_rows} cities ({tile_size} px tiles, {cfg.overlap_px} px overlap)")
@@ -344,6 +354,9 @@ def run_map(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: MapConfig
         failures[city] = ("inference", why)
     say("stitch: the cities not stitched during inference, then the run-wide products")
     report = stitch_products(workspace, cfg.run, catalog, cfg.min_area_m2, failures, say, seconds, publish=False, stitcher=stitcher)
+    population = None
+    if people is not None:
+        population = _population(workspace, cfg, people, [c.city for c in report if c.status in ("ok", "partial")], rows, say, seconds)
     assessment = None
     if cfg.assess:
         say("assess: stratified sample, design-based accuracy and area estimates")
@@ -360,7 +373,27 @@ def run_map(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: MapConfig
     publish_products(workspace.products(cfg.run), catalog)
     seconds["publish"] = time.perf_counter() - t0
     return MapReport(run=cfg.run, model_version=manifest.model_version, products=workspace.products(cfg.run),
-                     cities=report, inference=inference, seconds=seconds, assessment=assessment, warnings=tuple(warnings))
+                     cities=report, inference=inference, seconds=seconds, assessment=assessment, warnings=tuple(warnings),
+                     population=population)
+
+
+def _population(workspace: Workspace, cfg: MapConfig, bundle: ModelBundle, cities: list[str], rows: dict[str, dict],
+                say: Callable[[str], None], seconds: dict[str, float]) -> PopulationReport | str:
+    """The population pass on the stitched cities; a pass that cannot run never takes the map products down."""
+    t0 = time.perf_counter()
+    try:
+        result = run_population(workspace, cfg.run, cities, bundle, {c: rows[c]["imagery"] for c in cities},
+                                {c: rows[c].get("region") or "" for c in cities}, cfg.inference, say)
+    except Exception as exc:  # reported in the console and the exit code, like a failed assessment
+        say(f"population failed: {describe_error(exc)}")
+        return f"failed: {describe_error(exc)}"
+    finally:
+        seconds["population"] = time.perf_counter() - t0
+    national = next((r for r in result.products.rows if r["level"] == "national"), None) if result.products else None
+    if national:
+        say(f"population: {national['population']:,.0f} residents, {national['uv_population']:,.0f} in urban villages "
+            f"({national['uv_share']:.1%}); {result.inference.failed} tiles failed")
+    return result
 
 
 def _unassessed(city: CityReport, why: str | None) -> CityReport:

@@ -26,6 +26,7 @@ from engine.pixels import NORMALISATION
 from engine.pipelines.prepare import read_marker
 from engine.storage import filesystem, is_remote, local_path, raster_env, uri_of
 from engine.training import faults
+from engine.training.calibration import heldout_calibration, write_calibration
 from engine.training.samples import LABEL_SETS, add_pixels, load_part, part_pairs
 from engine.training.targets import add_targets
 from engine.workspace import Workspace, check_name
@@ -269,9 +270,15 @@ def run_training(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: Trai
         train = {**asdict(cfg), **RETIRED_KEYS, "model": json.loads(model_cfg.to_json()), **gsd}
         if norm != NORMALISATION:
             train["normalisation"] = {"mean": list(norm[0]), "std": list(norm[1])}
+        if regression:  # what the head's raw (not log) outputs are multiplied by, for every reader of the bundle
+            train["target_scale"] = TARGET_SCALE
         write_bundle(tmp, copy_from=d, train=train)
         for f in ("metrics.jsonl", "trainer_state.json"):
             shutil.copy2(Path(d) / f, tmp / f)
+        if regression and val_cities:  # the held-out cities' totals, for the intervals of map's summed totals
+            write_calibration(tmp, heldout_calibration(tmp, ws, val_cities, {c: targets[c] for c in val_cities},
+                                                       {r["city"]: r.get("reference") for r in rows},
+                                                       {r["city"]: r.get("region") for r in rows}, name=name))
         splits = {"train": train_cities, "val": val_cities, "test": [c for c, s in split.items() if s == "test"]}
         (tmp / "splits.json").write_text(json.dumps(splits, indent=2))
         write_model_card(tmp, name, train, splits=splits, regions={r["city"]: r.get("region") for r in rows},

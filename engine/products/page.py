@@ -29,6 +29,8 @@ from engine.product_layout import (
     MORPHOLOGY_CSV,
     MORPHOLOGY_PNG,
     OVERVIEW_PNG,
+    POPULATION_CSV,
+    POPULATION_PNG,
     PREVIEW_PNG,
     PROB_NODATA,
     PROB_SCALE,
@@ -37,6 +39,7 @@ from engine.product_layout import (
     STAC_DIR,
     UV_GPKG,
     UV_PARQUET,
+    UV_POPULATION_PARQUET,
     city_cogs,
     city_folder,
     product_cities,
@@ -267,7 +270,8 @@ def _page_html(products_dir: Path, run: dict, stats: list[dict], cities: list[st
          f"{e(str(run.get('overlap_px', '?')))} px overlap, classes {e(', '.join(run.get('classes', [])))}. "
          f"{len(cities)} cities, {len(failed)} failed{': ' + e(', '.join(failed)) if failed else ''}.</p>"),
     ]
-    links = [(name, name) for name in (UV_PARQUET, UV_GPKG, CITY_STATS, REGIONS_CSV, MORPHOLOGY_CSV) if (products_dir / name).is_file()]
+    links = [(name, name) for name in (UV_PARQUET, UV_GPKG, CITY_STATS, REGIONS_CSV, MORPHOLOGY_CSV, POPULATION_CSV, UV_POPULATION_PARQUET)
+             if (products_dir / name).is_file()]
     if link_stac:
         links.append((f"{STAC_DIR}/collection.json", "STAC collection"))
     accuracy = products_dir / ACCURACY_DIR
@@ -285,6 +289,10 @@ def _page_html(products_dir: Path, run: dict, stats: list[dict], cities: list[st
         out.append(f'<h2>Building morphology</h2><p>Urban villages against formal residential land, per region '
                    f'(<a href="{MORPHOLOGY_CSV}">{MORPHOLOGY_CSV}</a>; per village in {UV_PARQUET}).</p>'
                    f'<img src="{MORPHOLOGY_PNG}" alt="building morphology by region">')
+    if (products_dir / POPULATION_PNG).is_file():  # `map --population-model`
+        out.append(f'<h2>Population</h2><p>Residents per region and their share living in urban villages, with 95% '
+                   f'prediction intervals from the population model\'s held-out cities (<a href="{POPULATION_CSV}">{POPULATION_CSV}</a>; '
+                   f'per village in {UV_POPULATION_PARQUET}).</p><img src="{POPULATION_PNG}" alt="population by region">')
     charts = sorted(accuracy.glob("*.png")) if accuracy.is_dir() else []
     if charts:  # the accuracy assessment's pictures, when `assess` has run
         out.append('<h2>Accuracy</h2><p>Design-based estimates with 95% confidence intervals: see '

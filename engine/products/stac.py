@@ -41,6 +41,8 @@ from engine.product_layout import (
     MORPHOLOGY_CSV,
     MORPHOLOGY_PNG,
     OVERVIEW_PNG,
+    POPULATION_CSV,
+    POPULATION_PNG,
     PREVIEW_PNG,
     PROB_SCALE,
     REGIONS_CSV,
@@ -48,6 +50,7 @@ from engine.product_layout import (
     STAC_DIR,
     UV_GPKG,
     UV_PARQUET,
+    UV_POPULATION_PARQUET,
     city_cogs,
     city_folder,
     embeddings_files,
@@ -139,6 +142,9 @@ def write_stac(products_dir: str | os.PathLike[str], run_title: str | None = Non
         ("regions_chart", REGIONS_PNG, ["overview"], "UV share of built-up land by region with 95% confidence intervals"),
         ("morphology", MORPHOLOGY_CSV, ["metadata"], "Building morphology per city, region and nation (UV, formal residential, built-up)"),
         ("morphology_chart", MORPHOLOGY_PNG, ["overview"], "Building morphology by region: UV against formal residential"),
+        ("population", POPULATION_CSV, ["metadata"], "Residents, UV residents and UV share per city, region and nation, 95% intervals"),
+        ("uv_population", UV_POPULATION_PARQUET, ["data"], "Residents per UV polygon (GeoParquet 1.1, EPSG:4326)"),
+        ("population_chart", POPULATION_PNG, ["overview"], "Residents and their share in urban villages by region, 95% intervals"),
     ):
         if (products_dir / name).is_file():
             collection.add_asset(key, _asset(products_dir / name, stac_dir, roles, title))
@@ -190,7 +196,8 @@ def _city_item(products_dir: Path, city: str, stats: dict | None, run: dict, sta
 
     json_dir = products_dir / STAC_DIR / city
     titles = {"uv_prob": f"UV probability (uint8 = round(p*{PROB_SCALE}), nodata 255)",
-              "class": f"Class index (uint8, nodata 255; classes: {', '.join(run.get('classes', []))})"}
+              "class": f"Class index (uint8, nodata 255; classes: {', '.join(run.get('classes', []))})",
+              "population": "Residents per 100 m cell (float32, nodata -1; `map --population-model`)"}
     for key, path in cogs.items():
         item.add_asset(key, _asset(path, json_dir, ["data"], titles[key]))
         other_crs, other_bounds, other_transform, other_shape = grids[key]
