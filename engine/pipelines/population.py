@@ -94,12 +94,14 @@ def run_population(workspace: Workspace, run: str, cities: list[str], bundle: Mo
     Workspace.fetch(products)
     try:
         written = write_population(products, index, values, read_run(products), regions, bundle.version,
-                                   read_calibration(bundle.path), say)
+                                   read_calibration(bundle.path))
     except ValueError as exc:  # no stitched city with values: said, the run's other products stand
         say(f"population: {exc}")
         written = None
     seconds["population_products"] = time.perf_counter() - t0
     if written is not None:
+        for why in written.skipped.values():
+            say(f"population: {why}")
         for path in (written.csv, written.uv_parquet, *written.cogs.values()):
             Workspace.publish(path)
     return PopulationReport(model_version=bundle.version, inference=result, products=written, failures=failures, seconds=seconds)

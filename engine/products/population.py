@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -254,14 +253,13 @@ class PopulationProducts:
 
 
 def write_population(products_dir: Path, tiles: dict[str, pa.Table], values: dict[str, dict[str, float]], run: dict,
-                     regions: dict[str, str], model_version: str, calibration: dict | None,
-                     say: Callable[[str], None] | None = None) -> PopulationProducts:
+                     regions: dict[str, str], model_version: str, calibration: dict | None) -> PopulationProducts:
     """The population products of a stitched run: ``tiles`` (city -> its tile index), ``values`` (city -> tile id ->
     residents), ``run`` (``run.json``: classes and built-up definition), ``calibration`` (the model's held-out record,
     engine.training.calibration; None: no interval, said in the ``interval`` column)."""
     lut = group_lut(run["classes"], (run.get("built_up") or {}).get("classes") or [c for c in run["classes"] if c != "other"])
     skipped: dict[str, str] = {}
-    counts, targets, areas = [], [], []
+    counts, targets = [], []
     cities = []
     for city in sorted(tiles):
         class_tif = city_folder(products_dir, city) / COGS["class"]
@@ -275,15 +273,13 @@ def write_population(products_dir: Path, tiles: dict[str, pa.Table], values: dic
         ids = tiles[city]["tile_id"].to_pylist()
         n = city_counts(class_tif, tiles[city], lut)
         have = [i for i, t in enumerate(ids) if t in values[city]]
-        counts.append(n[have])
+        counts.append(n[have] * pixel_area(class_tif)[0])  # m2 of each group: cities' pixels may differ in size
         targets.append(np.array([values[city][ids[i]] for i in have]))
-        areas.append(pixel_area(class_tif)[0])
     if not cities:
         raise ValueError("no stitched city has tile population values: " + "; ".join(skipped.values()))
     factor = calibration_factor(calibration)  # the held-out bias, corrected in every product (intervals centre on it)
     values = {city: {t: v * factor for t, v in per_tile.items()} for city, per_tile in values.items()}
-    pixel_m2 = float(np.median(areas))
-    densities = fit_densities(np.concatenate(counts), np.concatenate(targets), pixel_m2)
+    densities = fit_densities(np.concatenate(counts), np.concatenate(targets), 1.0)
     results: dict[str, CityPopulation] = {}
     uv_rows: list[dict] = []
     uv_table = pq.read_table(products_dir / UV_PARQUET, columns=["uv_id", "city", "region", "area_m2", "geometry"]) \
@@ -296,8 +292,6 @@ def write_population(products_dir: Path, tiles: dict[str, pa.Table], values: dic
         res = allocate_city(city, class_tif, tiles[city], values[city], lut, densities, villages,
                             city_folder(products_dir, city) / COGS["population"], model_version)
         results[city] = res
-        if say:
-            say(f"population: {city}: {res.population:,.0f} residents, {res.uv_population:,.0f} in {len(villages)} urban villages")
     if uv_table is not None:
         uv_table = uv_table.filter(pc.is_in(uv_table["city"], value_set=pa.array(cities, pa.string())))
         for row in uv_table.to_pylist():
