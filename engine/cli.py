@@ -6,11 +6,12 @@ Expected failures (bad catalog, bad arguments) print one clear message and exit 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sys
-import warnings
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,7 @@ class Settings:
 
     workspace: Workspace
     catalog: Path | None
+    verbosity: int = 0  # -v: each stage's details and the engine's debug log; -vv: everything on the console
 
     def catalog_path(self) -> Path:
         return self.catalog if self.catalog is not None else find_catalog(self.workspace)
@@ -68,19 +70,19 @@ def _main(
     workspace: Annotated[str, typer.Option("--workspace", "-w", help="Root of all stage outputs: a folder, or s3://bucket/prefix (gs://) shared by a cluster.",
                                            envvar="GEOLINK_WORKSPACE")] = "geolink-data",
     catalog: Annotated[str | None, typer.Option("--catalog", help="Catalog file (YAML, CSV or Parquet; path or URI); default: the workspace's catalog.*")] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug messages.")] = False,
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="-v: each stage's details and debug messages; -vv: "
+                                         "everything on the console as it comes (Ray, Ray Data, Ray Train, torch, GDAL), no live "
+                                         "display. By default `map` shows its stages and keeps the rest in runs/<run>/logs/.")] = 0,
 ) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", datefmt="[%X]",
+    logging.basicConfig(level=logging.DEBUG if verbose >= 2 else logging.INFO, format="%(message)s", datefmt="[%X]",
                         handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=False)], force=True)
+    for name in ("geolink", "engine"):  # -v: the engine's own debug messages, not every library's
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.NOTSET)
     # GDAL's errors reach us as exceptions (their causes are in every message); its log lines would be a wall
     for name in ("rasterio", "pyogrio", "botocore", "boto3"):
-        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
-    if not verbose:  # polygons are traced in pixel space on purpose (an identity transform is no mistake there)
-        from rasterio.errors import NotGeoreferencedWarning
-
-        warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)
     storage.configure_process()
-    ctx.obj = Settings(workspace=Workspace.at(workspace), catalog=storage.local_path(catalog) if catalog else None)
+    ctx.obj = Settings(workspace=Workspace.at(workspace), catalog=storage.local_path(catalog) if catalog else None, verbosity=verbose)
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:
@@ -392,26 +394,69 @@ def map_command(
                                                          "same tile size): residents per 100 m cell, per UV polygon, and per city "
                                                          "and region with 95% intervals (population.csv).")] = None,
 ) -> None:
-    """The main job: prepare -> fused inference -> stitch -> products, for the catalog's cities (demo cities if none)."""
+    """The main job: prepare -> fused inference -> stitch -> products, for the catalog's cities (demo cities if none).
+
+    The console shows a line per stage, then the tables; Ray's, torch's and GDAL's output goes to runs/<run>/logs/
+    (-v: each stage's details too; -vv: everything on the console, as it comes)."""
+    from engine.console import CapturedOutput, StageDisplay
+    from engine.errors import describe_error
     from engine.pipelines.infer import InferenceConfig
     from engine.pipelines.map import MapConfig, default_model, map_catalog, run_map
+    from engine.pipelines.runtime import quiet_driver, ray_log_dir, shutdown_ray
 
     settings: Settings = ctx.obj
-    say = lambda msg: console.print(f"[bold]>[/] {escape(msg)}", soft_wrap=True)  # noqa: E731
+    everything = settings.verbosity >= 2
     try:
-        with _Bars() as bars:
-            _, table = map_catalog(settings.workspace, settings.catalog, cities, say=say, on_demo_city=bars.counter("generating demo cities"))
-        cfg = MapConfig(run=run, model_dir=model, mode=mode, min_area_m2=min_area, allow_gsd_mismatch=allow_gsd_mismatch,
-                        gsd_m=gsd, bands=bands, radiometry=radiometry, population_model=population_model,
-                        inference=InferenceConfig(batch_size=batch_size, gpus=devices, actors=actors, actors_per_gpu=actors_per_gpu))
-    except (CatalogError, ValueError) as exc:
+        logs = settings.workspace.run(run).root / "logs"  # the run name is checked here, before anything is written
+    except ValueError as exc:
         _fail(str(exc))
-    with _Bars() as bars:
+    capture = contextlib.nullcontext() if everything else CapturedOutput(logs / "map.log", console)
+    error: tuple[str, int] | None = None
+    with capture as captured, StageDisplay(console) as display:
+        shown: list[bool] = []
+
+        def show_logs() -> None:  # once, when the first stage starts: a run refused by its checks is its one error line
+            if captured is not None and not shown:
+                shown.append(True)
+                console.print(f"logs: {escape(str(logs))}/ (this run's Ray, torch and GDAL output: map.log; Ray's workers: "
+                              f"{escape(str(ray_log_dir() or 'the Ray session folder, linked as ray-session/ once Ray starts'))})",
+                              soft_wrap=True, highlight=False)
+
+        def say(msg: str) -> None:  # a stage's details: in the log; on the console with -v, and warnings and input changes always
+            if captured is not None:
+                captured.write(f"> {msg}")
+            if captured is None or settings.verbosity >= 1 or msg.startswith(("warning", "imagery:")):
+                show_logs()
+                console.print(f"[bold]>[/] {escape(msg)}", soft_wrap=True)
+
+        def step(*args, **kwargs) -> None:
+            show_logs()
+            display.step(*args, **kwargs)
+
+        if captured is not None:
+            quiet_driver()
         try:
+            _, table = map_catalog(settings.workspace, settings.catalog, cities, say=say,
+                                   on_demo_city=None if everything else display.counter("demo data"))
+            cfg = MapConfig(run=run, model_dir=model, mode=mode, min_area_m2=min_area, allow_gsd_mismatch=allow_gsd_mismatch,
+                            gsd_m=gsd, bands=bands, radiometry=radiometry, population_model=population_model,
+                            inference=InferenceConfig(batch_size=batch_size, gpus=devices, actors=actors, actors_per_gpu=actors_per_gpu))
             report = run_map(table, settings.workspace, cfg, ensure_model=lambda cat: default_model(settings.workspace, cat, use_gpu=devices > 0, say=say),
-                             on_stage=say, on_commit=bars.adder("tiles predicted"), address=address)
-        except (ValueError, FileNotFoundError) as exc:  # a broken model bundle, a bad option: one line, before any stage
-            _fail(str(exc))
+                             on_stage=say, address=address, on_step=None if everything else step)
+        except (CatalogError, ValueError, FileNotFoundError) as exc:  # a bad catalog or model bundle, a bad option: one line
+            error = str(exc), 2
+        except Exception as exc:  # anything else: one line here, its traceback in the log (-vv: the traceback here)
+            if captured is None:
+                raise
+            traceback.print_exc(file=captured.log)
+            error = f"{describe_error(exc)} (traceback in {captured.path})", 1
+        if captured is not None:
+            if ray_logs := ray_log_dir():
+                captured.write(f"Ray session logs (every worker's output): {ray_logs}")
+                _link_ray_logs(logs, ray_logs)
+            shutdown_ray()  # a Ray this command started: its shutdown messages go to the log too
+    if error is not None:
+        _fail(*error)
     _print_city_report(report.cities, f"map run {report.run} (model {report.model_version})")
     if report.assessment is not None:
         _print_assessment(report.assessment)
@@ -425,6 +470,19 @@ def map_command(
         _fail(f"{len(report.failed)} of {len(report.cities)} cities failed or are incomplete" + (f": {cities}" if cities else "")
               + ("; the accuracy assessment failed" if report.assessment_failed else "")
               + ("; the population products failed" if population_failed else ""), code=1)
+
+
+def _link_ray_logs(logs: Path, ray_logs: Path | None) -> None:
+    """``logs/ray-session``: a link to the Ray session's log folder (every worker's output), when it is on this machine."""
+    if ray_logs is None or not ray_logs.is_dir():
+        return
+    link = logs / "ray-session"
+    try:
+        if link.is_symlink():
+            link.unlink()
+        link.symlink_to(ray_logs, target_is_directory=True)
+    except OSError:  # a file system without links: the path is in map.log's header anyway
+        pass
 
 
 def _print_population(population) -> None:
@@ -524,6 +582,46 @@ def stitch_command(
     failed = [c for c in report if c.status != "ok"]
     if failed:
         _fail(f"{len(failed)} of {len(report)} cities failed or are incomplete: " + ", ".join(f"{c.city} ({c.stage})" for c in failed), code=1)
+
+
+@app.command("status")
+def status_command(
+    ctx: typer.Context,
+    run: Annotated[str, typer.Option("--run", help="The mapping run to report on.")] = "default",
+) -> None:
+    """A map run's progress, while it runs or after: per city tiles done of planned, failures, stage; rate and ETA.
+
+    Reads runs/<run>/status.json (written by the running map) and, when no process holds it, a copy of the ledger:
+    it never opens a running map's ledger, so it neither blocks nor disturbs the run."""
+    import time
+
+    from engine.mapping.status import NoSuchRun, read_status, summary_line
+    from engine.workspace import BadName
+
+    settings: Settings = ctx.obj
+    try:
+        status = read_status(settings.workspace, run)
+    except (NoSuchRun, BadName) as exc:
+        _fail(str(exc))
+    now = time.time()
+    view = Table(title=f"run {run} ({status.source})")
+    errors = any(c.errors for c in status.cities)
+    for name in ["city", "stage", "tiles ok / planned", "failed"] + (["first error"] if errors else []):
+        view.add_column(name, overflow="fold", no_wrap=name != "first error")
+    for c in status.cities:
+        colour = {"stitched": "green", "inferred": "green", "inferring": "cyan", "failed": "red"}.get(c.stage, "white")
+        cells = [c.city, f"[{colour}]{escape(c.stage)}[/]", f"{c.ok} / {c.planned}", str(c.failed)]
+        if errors:
+            first = c.errors[0] if c.errors else None
+            more = f" (+{c.failed - 1} more)" if c.failed > 1 else ""
+            cells.append(escape(f"{first[0] + ': ' if first[0] else ''}{first[1]}{more}") if first else "")
+        view.add_row(*cells)
+    if status.cities:
+        console.print(view)
+    for note in status.notes:
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
+    colour = {"live": "cyan", "finished": "green"}.get(status.state, "yellow")
+    console.print(f"[{colour}]{escape(summary_line(status, now))}[/]", highlight=False, soft_wrap=True)
 
 
 @app.command("merge-runs")

@@ -94,9 +94,16 @@ def tile_lonlat(batch: pa.Table, device: torch.device | str = "cpu") -> torch.Te
 
 
 def tensor_column(batch: pa.Table, name: str) -> np.ndarray:
-    """A tensor column of a pyarrow batch as one numpy array (chunks concatenated)."""
+    """A tensor column of a pyarrow batch as one writable numpy array (chunks concatenated).
+
+    Why writable: one chunk's array is a read-only view of Arrow's buffer, and a torch tensor made from it would be
+    too (torch warns that writing to it is undefined behaviour); the copy is of uint8 pixels or labels, a fraction
+    of the float tensors the model makes of them anyway."""
     column = batch[name]
-    return np.concatenate([chunk.to_numpy() for chunk in column.chunks]) if column.num_chunks != 1 else column.chunk(0).to_numpy()
+    if column.num_chunks != 1:
+        return np.concatenate([chunk.to_numpy() for chunk in column.chunks])
+    array = column.chunk(0).to_numpy()
+    return array if array.flags.writeable else array.copy()
 
 
 @functools.lru_cache(maxsize=8)

@@ -30,7 +30,9 @@ STAC_DIR = "stac"
 CITIES_DIR = "cities"
 ACCURACY_DIR = "accuracy"
 PREVIEW_PNG = "preview.png"
-COGS = {"uv_prob": "uv_prob.tif", "class": "class.tif", "population": "population_100m.tif"}  # population: --population-model
+COGS = {"uv_prob": "uv_prob.tif", "class": "class.tif"}  # every mapped city's
+POPULATION_COG = "population_100m.tif"  # `map --population-model`: residents per 100 m cell
+CITY_COGS = {**COGS, "population": POPULATION_COG}  # every COG a city may hold, by STAC asset key
 UV_POPULATION_PARQUET = "uv_population.parquet"  # `map --population-model`: residents per UV polygon
 POPULATION_CSV = "population.csv"  # residents, UV residents and UV share per city, region and nation, with intervals
 POPULATION_PNG = "population.png"  # residents and their UV share by region, with the intervals
@@ -105,9 +107,9 @@ def city_folder(products_dir: str | os.PathLike[str], city: str) -> Path:
 
 
 def city_cogs(products_dir: str | os.PathLike[str], city: str) -> dict[str, Path]:
-    """The COGs of a city that exist, by asset key (``uv_prob``, ``class``); empty for a failed city."""
+    """The COGs of a city that exist, by asset key (``uv_prob``, ``class``, ``population``); empty for a failed city."""
     folder = city_folder(products_dir, city)
-    return {key: folder / name for key, name in COGS.items() if (folder / name).is_file()}
+    return {key: folder / name for key, name in CITY_COGS.items() if (folder / name).is_file()}
 
 
 def embeddings_file(products_dir: str | os.PathLike[str], mode: str, level: str) -> Path:

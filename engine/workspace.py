@@ -16,7 +16,7 @@ Layout (unchanged by this module; ``docs/ARCHITECTURE.md`` "Workspace layout")::
     tiles/_state/<city>.json                   completion marker (written last)
     tiles/_staging/<city>/                     a city being prepared
     models/<name>/                             model bundles (``engine.model_bundle``)
-    runs/<run>/                                run.json, ledger.duckdb, predictions/city=<city>/, _done/
+    runs/<run>/                                run.json, ledger.duckdb, status.json, predictions/city=<city>/, _done/
     runs/<run>/embeddings/<mode>_<level>/      an embedding pass: the same files (its parts hold vectors)
     runs/train/                                Ray Train's storage (checkpoints of training runs)
     products/<run>/                            products (files inside: ``engine.product_layout``)
@@ -92,6 +92,12 @@ class RunFolder:
 
     def predictions_city(self, city: str) -> Path:
         return self.predictions / f"city={check_name('city', city)}"
+
+    @property
+    def status(self) -> Path:
+        """The driver's progress report (``engine.mapping.status``): read by `geolink-engine status` while the ledger
+        is held by the running map."""
+        return self.root / "status.json"
 
     @property
     def done(self) -> Path:

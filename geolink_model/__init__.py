@@ -11,6 +11,13 @@ Example:
 from __future__ import annotations
 
 import importlib
+import warnings
+
+# Filtered, not fixed: torch_geometric (2.8, imported by the model modules) calls torch.jit.script on two of its own
+# NamedTuples when imported (torch_geometric/nn/pool/{connect,select}/base.py), and torch 2.10+ deprecates
+# torch.jit.script with a FutureWarning, in every process that builds a model (the CLI, each Ray worker). Nothing
+# here calls torch.jit.script; only that message, from torch's jit module, is ignored.
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning, module=r"torch\.jit\._script")
 
 _EXPORTS = {
     "PRESETS": "geolink_model.config",

@@ -21,7 +21,7 @@ LAYERS: dict[str, int] = {
     "stitch": 5,
     **dict.fromkeys(["products", "accuracy"], 6),
     "pipelines": 7,
-    "cli": 8,
+    **dict.fromkeys(["cli", "console"], 8),
 }
 # Ray outside pipelines/: only Ray Data's tensor column type (a data format the pipelines exchange, no scheduling)
 RAY_OUTSIDE_PIPELINES = {"pixels": {"ray.data.extensions"}}

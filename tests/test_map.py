@@ -131,6 +131,15 @@ def test_cli_map_reports_and_exits_nonzero_on_failure(prepared, tmp_path):
     assert result.exit_code == 1, result.output
     assert "no-osm-overlap" in result.output and "products in" in result.output
     assert "accuracy" in result.output and (ws / "products" / "cli" / "accuracy" / "report.json").is_file()
+    # quiet by default, everything kept: a line per stage and the tables; Ray's, Ray Data's and torch's output in the log
+    logs = ws / "runs" / "cli" / "logs"
+    assert result.output.startswith(f"logs: {logs}/"), result.output[:300]
+    for noise in ("PlacementGroupCleaner", "core_worker", "Warning", "streaming_executor", "logging_progress", "INFO"):
+        assert noise not in result.output, (noise, result.output)
+    assert all(stage in result.output for stage in ("prepare", "infer", "stitch", "assess", "publish"))
+    assert len(result.output.splitlines()) < 80, result.output
+    log = (logs / "map.log").read_text()
+    assert "geolink-engine" in log and "> prepare:" in log and "streaming_executor" in log  # Ray Data's own lines, kept
     acc = ws / "products" / "cli" / "accuracy"  # the sample, re-estimated from files by anyone
     table = runner.invoke(app, ["assess-table", "--samples", str(acc / "samples.csv"), "--strata", str(acc / "strata.csv"),
                                 "--out", str(tmp_path / "R.json"), "--no-fpc"])

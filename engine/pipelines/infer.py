@@ -27,6 +27,7 @@ from engine import storage
 from engine.atomic import atomic_path
 from engine.mapping.batches import PredictAndWrite, load_and_read, tile_keys
 from engine.mapping.predict import Predictor
+from engine.mapping.status import StatusWriter
 from engine.mapping.store import PREDICTION_PARTS, Ledger, RunManifest, adopt_orphans, write_manifest
 from engine.workspace import RunFolder, Workspace
 
@@ -169,7 +170,8 @@ def run_inference(workspace: str | os.PathLike[str], manifest: RunManifest, citi
                           "imagery": (imagery or {}).get(city) or "", "only": only})
             total += n
             per_city[city] = per_city.get(city, 0) + n
-    with Ledger(run_path) as ledger:
+    status = StatusWriter(RunFolder(run_path), per_city, missing)  # runs/<run>/status.json: what `status` reads meanwhile
+    with Ledger(run_path) as ledger, status:
         # parts a killed driver never committed: adopted when they verify (finished work is kept), else removed
         sweep = adopt_orphans(run_path, ledger, manifest.model_version, kind)
         done_dir = RunFolder(run_path).done
@@ -180,6 +182,7 @@ def run_inference(workspace: str | os.PathLike[str], manifest: RunManifest, citi
         skipped = sum(done_counts.values())
         pairs = _parts_with_work(pairs, done)
         remaining = {c: n - done_counts.get(c, 0) for c, n in per_city.items()}
+        status.start(done_counts)
         predicted = failed = 0
         synced = time.monotonic()
         if pairs and total > skipped:
@@ -200,6 +203,7 @@ def run_inference(workspace: str | os.PathLike[str], manifest: RunManifest, citi
                     r["model_version"] = manifest.model_version
                     r["attempts"] = int(r["attempts"]) + previous.get(r["tile_id"], 0)
                 ledger.commit(rows)
+                status.commit(rows)  # at most every STATUS_EVERY_S
                 for r in rows:
                     remaining[r["city"]] -= 1
                     if remaining[r["city"]] == 0 and on_city_done:

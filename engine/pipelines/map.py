@@ -30,6 +30,7 @@ from engine.imagery import (
     gsd_ratio,
 )
 from engine.mapping.predict import ModelPredictor, OraclePredictor, Predictor
+from engine.mapping.status import record_stitch
 from engine.mapping.store import RunManifest
 from engine.model_bundle import BundleError, ModelBundle
 from engine.model_input import InputPlan, InputSpec, Radiometry, parse_bands, resolve_catalog
@@ -52,6 +53,7 @@ if TYPE_CHECKING:
 
 DEFAULT_MODEL = "default"
 DEMO_CITIES = 12  # the embedded default: a workspace without a catalog is mapped on this many demo cities
+STAGES = ("prepare", "train", "infer", "stitch", "population", "assess", "publish")  # run_map's on_step stages, in order
 REFERENCE_MODEL = "reference"  # `--model reference`: the catalog's reference polygons as a perfect model (pipeline checks)
 
 
@@ -258,7 +260,8 @@ def check_gsd(facts: dict[str, ImageryFacts | InputPlan], trained_m: tuple[float
 def run_map(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: MapConfig,
             ensure_model: Callable[[pa.Table], str] | None = None,
             on_stage: Callable[[str], None] | None = None,
-            on_commit: Callable[[int, int], None] | None = None, address: str | None = None) -> MapReport:
+            on_commit: Callable[[int, int], None] | None = None, address: str | None = None,
+            on_step: Callable[..., None] | None = None) -> MapReport:
     """Run every stage for ``catalog`` and return the per-city report (products under ``products/<run>/``).
 
     Before anything runs, the model bundle is checked (a broken one raises :class:`BundleError`) and each city's
@@ -267,12 +270,17 @@ def run_map(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: MapConfig
     than 3x outside the model's training GSD, fails its city with one line (never mapped blind).
     ``ensure_model(prepared_catalog) -> model_dir`` is called when ``cfg.model_dir`` is None (the CLI trains the
     default quick model there). Ray is started (``address``, see :func:`init_ray`) unless it already is.
+
+    ``on_stage(message)`` hears what each stage is doing (a line each); ``on_step(stage, done, total, note="",
+    failed=False)`` follows the stages (:data:`STAGES`) for a progress display: ``total`` None while a stage has no
+    count, ``done == total`` when it is over, ``note`` its outcome in a few words.
     """
     from engine.pipelines.runtime import init_ray
 
     workspace = Workspace.at(workspace)  # a remote workspace is worked on through its mirror
     check_city_names(catalog)  # names become folders: refused before any stage
     say = on_stage or (lambda _msg: None)
+    step = on_step or (lambda *_args, **_kwargs: None)
     seconds: dict[str, float] = {}
     rows = {r["city"]: r for r in catalog.to_pylist()}
     failures: dict[str, tuple[str, str]] = {}
@@ -297,11 +305,22 @@ def run_map(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: MapConfig
     to_prepare = catalog.filter(pa.array([c not in failures for c in catalog["city"].to_pylist()]))
     say(f"prepare: {to_prepare.num_rows} cities ({tile_size} px tiles, {cfg.overlap_px} px overlap)")
     t0 = time.perf_counter()
-    prepared: list[CityResult] = run_prepare(to_prepare, workspace, prepare_cfg, resolved=plans) if to_prepare.num_rows else []
+    step("prepare", 0, to_prepare.num_rows, f"{tile_size} px tiles")
+    done_cities: list[CityResult] = []
+
+    def prepared_one(result: CityResult) -> None:
+        done_cities.append(result)
+        step("prepare", len(done_cities), to_prepare.num_rows)
+
+    prepared: list[CityResult] = (run_prepare(to_prepare, workspace, prepare_cfg, resolved=plans, on_result=prepared_one)
+                                  if to_prepare.num_rows else [])
     seconds["prepare"] = time.perf_counter() - t0
     for r in prepared:
         if r.status == "failed":
             failures[r.city] = ("prepare", r.error)
+    counts = {s: sum(r.status == s for r in prepared) for s in ("done", "skipped", "failed")}
+    step("prepare", len(prepared), to_prepare.num_rows, f"{counts['done']} prepared, {counts['skipped']} unchanged"
+         + (f", {counts['failed']} failed" if counts["failed"] else ""), failed=bool(prepared) and counts["failed"] == len(prepared))
     ok_cities = [c for c in rows if c not in failures]
 
     if oracle:
@@ -314,9 +333,12 @@ def run_map(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: MapConfig
             raise ValueError("no model: pass --model DIR (a bundle from `geolink-engine finetune`)")
         t0 = time.perf_counter()
         ok_catalog = catalog.filter(pa.array([c in ok_cities for c in catalog["city"].to_pylist()]))
+        step("train", 0, None, f"the default model, on the {sum(r.get('split') in (None, 'train') for r in ok_catalog.to_pylist())} "
+                               "train cities")
         model_dir = ensure_model(ok_catalog)
         bundle = ModelBundle.load(model_dir)
         seconds["train"] = time.perf_counter() - t0
+        step("train", 1, 1, f"model {bundle.version}")
     if not oracle:
         trained = trained_gsd(bundle)
         if trained is None:
@@ -339,10 +361,19 @@ def run_map(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: MapConfig
         warnings.append(manifest.built_up["note"])
         say(f"warning: {manifest.built_up['note']}")
     say(f"inference: model {manifest.model_version} ({manifest.mode}) on {len(ok_cities)} cities")
+    step("infer", 0, None, f"model {manifest.model_version} ({manifest.mode}), {len(ok_cities)} cities")
+    committed = [0]
+
+    def commit(n: int, total: int) -> None:
+        committed[0] += n
+        step("infer", committed[0], total)
+        if on_commit is not None:
+            on_commit(n, total)
+
     t0 = time.perf_counter()
     stitcher = StreamingStitch(workspace, cfg.run, catalog, StitchConfig(min_area_m2=cfg.min_area_m2), manifest=manifest)
     try:
-        inference = run_inference(workspace, manifest, ok_cities, predictor, kwargs, cfg.inference, on_commit=on_commit,
+        inference = run_inference(workspace, manifest, ok_cities, predictor, kwargs, cfg.inference, on_commit=commit,
                                   imagery={c: rows[c]["imagery"] for c in ok_cities}, on_city_done=stitcher.submit)
     except BaseException:
         stitcher.close()
@@ -350,16 +381,28 @@ def run_map(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: MapConfig
     seconds["inference"] = time.perf_counter() - t0
     kept = f" ({inference.adopted} of them from prediction parts a killed run left, verified and kept)" if inference.adopted else ""
     say(f"inference: {inference.predicted} tiles predicted, {inference.failed} failed, {inference.skipped} done before{kept}")
+    tiles = inference.predicted + inference.failed + inference.skipped
+    step("infer", tiles, tiles, f"{inference.predicted} predicted, {inference.failed} failed, {inference.skipped} done before"
+         + (f" ({inference.adopted} adopted)" if inference.adopted else ""))
     for city, why in inference.missing.items():
         failures[city] = ("inference", why)
     say("stitch: the cities not stitched during inference, then the run-wide products")
+    step("stitch", 0, None, "blending tiles, polygons across seams")
     report = stitch_products(workspace, cfg.run, catalog, cfg.min_area_m2, failures, say, seconds, publish=False, stitcher=stitcher)
+    record_stitch(workspace.run(cfg.run), report)  # runs/<run>/status.json: each city stitched or failed (`geolink-engine status`)
+    ok = [c for c in report if c.status in ("ok", "partial")]
+    step("stitch", len(report), len(report), f"{len(ok)} cities mapped, {sum(c.polygons or 0 for c in ok)} villages",
+         failed=not ok)
     population = None
     if people is not None:
+        step("population", 0, None, f"model {people.version}")
         population = _population(workspace, cfg, people, [c.city for c in report if c.status in ("ok", "partial")], rows, say, seconds)
+        step("population", 1, 1, "failed (below)" if isinstance(population, str) else "residents per 100 m cell, village, city",
+             failed=isinstance(population, str))
     assessment = None
     if cfg.assess:
         say("assess: stratified sample, design-based accuracy and area estimates")
+        step("assess", 0, None, "stratified sample, design-based estimates")
         t0 = time.perf_counter()
         try:
             assessment = assess(workspace, cfg.run, catalog)
@@ -367,11 +410,16 @@ def run_map(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: MapConfig
             assessment = f"failed: {describe_error(exc)}"
             say(f"assess {assessment}")
         seconds["assess"] = time.perf_counter() - t0
+        step("assess", 1, 1, "failed (below)" if isinstance(assessment, str) else
+             f"{len(assessment.points)} points" + (", awaiting labels" if assessment.status != "done" else ""),
+             failed=isinstance(assessment, str))
         if not isinstance(assessment, str):
             report = [_unassessed(c, assessment.skipped.get(c.city)) for c in report]
     t0 = time.perf_counter()
+    step("publish", 0, None, "STAC, preview page")
     publish_products(workspace.products(cfg.run), catalog)
     seconds["publish"] = time.perf_counter() - t0
+    step("publish", 1, 1, str(workspace.products(cfg.run)))
     return MapReport(run=cfg.run, model_version=manifest.model_version, products=workspace.products(cfg.run),
                      cities=report, inference=inference, seconds=seconds, assessment=assessment, warnings=tuple(warnings),
                      population=population)

@@ -23,8 +23,8 @@ from rasterio.warp import reproject, transform_bounds
 from engine.atomic import atomic_path
 from engine.product_layout import (
     ACCURACY_DIR,
+    CITY_COGS,
     CITY_STATS,
-    COGS,
     INDEX_HTML,
     MORPHOLOGY_CSV,
     MORPHOLOGY_PNG,
@@ -320,7 +320,7 @@ def _page_html(products_dir: Path, run: dict, stats: list[dict], cities: list[st
             out.append(f'<img src="{e(rel)}" alt="{e(city)}: imagery, UV probability and polygons" loading="lazy">')
         cogs = city_cogs(products_dir, city)
         if cogs:
-            out.append("<p>" + " | ".join(f'<a href="{e(p.relative_to(products_dir).as_posix())}">{e(COGS[k])}</a>'
+            out.append("<p>" + " | ".join(f'<a href="{e(p.relative_to(products_dir).as_posix())}">{e(CITY_COGS[k])}</a>'
                                           for k, p in cogs.items()) + "</p>")
         out.append("</section>")
     out += ["</body>", "</html>", ""]

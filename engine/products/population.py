@@ -42,6 +42,7 @@ from engine.geoparquet import write_geoparquet
 from engine.imagery import ground_gsd_m
 from engine.product_layout import (
     COGS,
+    POPULATION_COG,
     POPULATION_CSV,
     POPULATION_PNG,
     UV_PARQUET,
@@ -290,7 +291,7 @@ def write_population(products_dir: Path, tiles: dict[str, pa.Table], values: dic
             crs = src.crs
         villages = city_villages(products_dir / UV_PARQUET, city, crs)
         res = allocate_city(city, class_tif, tiles[city], values[city], lut, densities, villages,
-                            city_folder(products_dir, city) / COGS["population"], model_version)
+                            city_folder(products_dir, city) / POPULATION_COG, model_version)
         results[city] = res
     if uv_table is not None:
         uv_table = uv_table.filter(pc.is_in(uv_table["city"], value_set=pa.array(cities, pa.string())))

@@ -58,8 +58,11 @@ class Pieces:
             geoms = np.empty(n, dtype=object)
             rows, cols = np.flatnonzero(uv.any(axis=1)), np.flatnonzero(uv.any(axis=0))
             box = np.s_[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]  # polygonise only where UV pixels are
-            for geom, value in shapes(labels[box], mask=uv[box], connectivity=4,
-                                      transform=Affine.translation(int(cols[0]), row_off + int(rows[0]))):
+            box_labels, box_uv, x0, y0 = labels[box], uv[box], int(cols[0]), row_off + int(rows[0])
+            if x0 == 0 and y0 == 0:  # traced in pixel space, the box at the origin would be traced with the identity
+                # transform, which GDAL takes for "no georeference" (rasterio warns): one empty pixel above and left
+                box_labels, box_uv, x0, y0 = np.pad(box_labels, ((1, 0), (1, 0))), np.pad(box_uv, ((1, 0), (1, 0))), -1, -1
+            for geom, value in shapes(box_labels, mask=box_uv, connectivity=4, transform=Affine.translation(x0, y0)):
                 geoms[int(value) - 1] = shapely.geometry.shape(geom)
             self.tables.append(pa.table({
                 "pid": pa.array(np.arange(first, first + n), pa.int64()),
