@@ -93,7 +93,10 @@ def load_data(path: Path, device):
 
 
 def train(model, x, y, graphs, idx, task: str, epochs: int, batch: int, lr: float, seed: int, mode: str = "fused", history=None,
-          augment: bool = True, image_dropout: float = 0.0, max_zoom: float = 1.0, backbone_lr_scale: float = 1.0):
+          augment: bool = True, image_dropout: float = 0.0, max_zoom: float = 1.0, backbone_lr_scale: float = 1.0,
+          lonlat=None, targets=None):
+    """Train ``model`` in place on tiles ``idx``; ``task``: ``pretrain``, ``finetune`` (segmentation) or ``regress``
+    (tile-level ``targets``, learnt on log1p). ``lonlat`` (N, 2): tile centres, for a model built ``with_location``."""
     import torch
 
     from engine.training.augment import drop_images, photometric, zoom
@@ -120,12 +123,19 @@ def train(model, x, y, graphs, idx, task: str, epochs: int, batch: int, lr: floa
                 images = drop_images(images, image_dropout, g)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, total, max(1, total // 20), lr) * group["lr_scale"]
+            where = lonlat[b] if lonlat is not None else None
             with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
                 if task == "pretrain":
-                    losses = model(images, data, "pretrain")
+                    losses = model(images, data, "pretrain", where)
+                    loss = losses["loss"]
+                elif task == "regress":
+                    from geolink_model.regression import regression_loss
+
+                    pred = model(images if mode != "osm" else None, data, mode, where, "regress")
+                    losses = {"loss": regression_loss(pred.float(), targets[b], True)}
                     loss = losses["loss"]
                 else:
-                    logits = model(images if mode != "osm" else None, data, mode)
+                    logits = model(images if mode != "osm" else None, data, mode, where)
                     losses = {"loss": segmentation_loss(logits.float(), labels, weights)}
                     loss = losses["loss"]
             opt.zero_grad(set_to_none=True)
@@ -140,7 +150,7 @@ def train(model, x, y, graphs, idx, task: str, epochs: int, batch: int, lr: floa
     return model
 
 
-def evaluate(model, x, y, graphs, idx, mode: str, batch: int = 32) -> float:
+def evaluate(model, x, y, graphs, idx, mode: str, batch: int = 32, lonlat=None) -> float:
     import torch
 
     from engine.training.metrics import confusion, scores
@@ -152,7 +162,7 @@ def evaluate(model, x, y, graphs, idx, mode: str, batch: int = 32) -> float:
         for s in range(0, len(idx), batch):
             b = idx[s:s + batch]
             data = batch_graphs([graphs[i] for i in b]).to(x.device)
-            logits = model(x[b] if mode != "osm" else None, data, mode)
+            logits = model(x[b] if mode != "osm" else None, data, mode, lonlat[b] if lonlat is not None else None)
             matrix += confusion(logits.float(), y[b], 2)
     model.train()
     return scores(matrix.cpu().numpy(), ("other", "urban_village"))["iou_urban_village"]
