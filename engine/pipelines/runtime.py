@@ -38,7 +38,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         kwargs["runtime_env"] = {"env_vars": env}
     if address and address != "local":
         kwargs["address"] = address
-    else:
+    else:  # "local": always a Ray of this process's own, never one another run on this machine happens to hold
+        # (ray.init() without an address joins a running one, and then refuses num_cpus)
+        kwargs["address"] = "local"
         kwargs["include_dashboard"] = False
         kwargs["num_cpus"] = num_cpus or os.cpu_count()
     ray.init(**kwargs)
