@@ -208,9 +208,15 @@ def check_bundle(model_dir: str | os.PathLike[str]) -> GeoLinkConfig:
 
 def read_train_config(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """The bundle's ``train_config.json`` (``{}`` when it has none). Raises BundleError when it is not a JSON object."""
-    path = Path(model_dir) / TRAIN_CONFIG
+    return read_json_object(Path(model_dir) / TRAIN_CONFIG) or {}
+
+
+def read_json_object(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """A bundle's JSON file as a dict; None when the file is absent. Raises BundleError (one line naming the file)
+    when it is unreadable or not a JSON object: every JSON record beside the weights is read this way."""
+    path = Path(path)
     if not path.is_file():
-        return {}
+        return None
     try:
         doc = json.loads(path.read_text())
     except (OSError, ValueError) as exc:

@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import yaml
 
 from engine.catalog import write_catalog
-from engine.synth.city import CitySpec, generate_city
+from engine.synth.city import CitySpec
 from engine.synth.config import REGION_PROFILES, SynthConfig
-from engine.synth.demo import load_city_table
+from engine.synth.demo import generate_cities, load_city_table
 from engine.workspace import Workspace
 
 REGIONS: tuple[str, ...] = tuple(REGION_PROFILES)  # south, central, southwest, east, north, northwest, northeast
@@ -78,19 +77,7 @@ def write_benchmark(workspace: Workspace | str | Path, per_region: int = 10, cfg
     workspace, out_dir = ws.root, ws.cities
     chosen = benchmark_specs(per_region)
     specs = [s for s, _, _ in chosen]
-    workers = max(1, min(workers or os.cpu_count() or 1, len(specs)))
-    rows: list[dict] = []
-    if workers == 1:
-        for spec in specs:
-            rows.append(generate_city(spec, cfg, seed, out_dir))
-            if on_city:
-                on_city(rows[-1])
-    else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            for row in pool.map(generate_city, specs, [cfg] * len(specs), [seed] * len(specs), [out_dir] * len(specs)):
-                rows.append(row)
-                if on_city:
-                    on_city(row)
+    rows = generate_cities(specs, cfg, seed, out_dir, workers, on_city)
     for row, (_, split, region_split) in zip(rows, chosen):
         row["split"] = split
         for key in ("imagery", "osm", "buildings", "reference", "population", "co2"):

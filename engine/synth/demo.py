@@ -44,6 +44,26 @@ def demo_city_specs(n: int) -> list[CitySpec]:
     return specs
 
 
+def generate_cities(specs: list, cfg: SynthConfig, seed: int, out_dir: Path, workers: int | None = None,
+                    on_city: Callable[[dict], None] | None = None) -> list[dict]:
+    """Each spec's city generated under ``out_dir`` (in processes when ``workers`` > 1; rows in the specs' order,
+    so the catalog is the same bytes whatever the worker count); ``on_city(row)`` after each."""
+    workers = max(1, min(workers or os.cpu_count() or 1, len(specs)))
+    rows: list[dict] = []
+    if workers == 1:
+        for spec in specs:
+            rows.append(generate_city(spec, cfg, seed, out_dir))
+            if on_city:
+                on_city(rows[-1])
+        return rows
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        for row in pool.map(generate_city, specs, [cfg] * len(specs), [seed] * len(specs), [out_dir] * len(specs)):
+            rows.append(row)
+            if on_city:
+                on_city(row)
+    return rows
+
+
 def write_demo(workspace: Workspace | str | Path, n_cities: int = 12, cfg: SynthConfig | None = None, seed: int = 0, workers: int | None = None,
                on_city: Callable[[dict], None] | None = None) -> Path:
     """Generate ``n_cities`` under ``workspace/cities/`` and write ``workspace/catalog.yaml``; return the catalog path.
@@ -60,20 +80,7 @@ def write_demo(workspace: Workspace | str | Path, n_cities: int = 12, cfg: Synth
     cfg = cfg or SynthConfig()
     ws = Workspace.at(workspace)  # a remote workspace: written here, then uploaded
     workspace, out_dir = ws.root, ws.cities
-    specs = demo_city_specs(n_cities)
-    workers = max(1, min(workers or os.cpu_count() or 1, len(specs)))
-    rows: list[dict] = []
-    if workers == 1:
-        for spec in specs:
-            rows.append(generate_city(spec, cfg, seed, out_dir))
-            if on_city:
-                on_city(rows[-1])
-    else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            for row in pool.map(generate_city, specs, [cfg] * len(specs), [seed] * len(specs), [out_dir] * len(specs)):
-                rows.append(row)
-                if on_city:
-                    on_city(row)
+    rows = generate_cities(demo_city_specs(n_cities), cfg, seed, out_dir, workers, on_city)
     for i, row in enumerate(rows):
         row["split"] = SPLIT_CYCLE[i % len(SPLIT_CYCLE)]
         for key in ("imagery", "osm", "buildings", "reference", "population", "co2"):  # relative to the catalog, so the workspace can move

@@ -34,7 +34,7 @@ import pyarrow as pa
 
 from engine import storage
 from engine.atomic import atomic_path
-from engine.model_bundle import BundleError, ModelBundle, model_version
+from engine.model_bundle import BundleError, ModelBundle, model_version, read_json_object
 from engine.pixels import IGNORE, collate, tile_lonlat
 from engine.schema import LABEL_SETS
 from engine.training.samples import add_pixels, load_part, part_pairs
@@ -199,16 +199,7 @@ def read_calibration(bundle_dir: str | os.PathLike[str]) -> dict[str, Any] | Non
     Raises:
         BundleError: the file exists but is not a JSON object.
     """
-    path = Path(bundle_dir) / CALIBRATION
-    if not path.is_file():
-        return None
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise BundleError(f"model bundle {path}: unreadable ({type(exc).__name__}: {exc})") from None
-    if not isinstance(doc, dict):
-        raise BundleError(f"model bundle {path}: not a JSON object")
-    return doc
+    return read_json_object(Path(bundle_dir) / CALIBRATION)
 
 
 def _log_ratios(doc: dict[str, Any], kind: str) -> dict[str, float]:
