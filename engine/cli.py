@@ -477,12 +477,10 @@ def _link_ray_logs(logs: Path, ray_logs: Path | None) -> None:
     if ray_logs is None or not ray_logs.is_dir():
         return
     link = logs / "ray-session"
-    try:
+    with contextlib.suppress(OSError):  # a file system without links: the path is in map.log's header anyway
         if link.is_symlink():
             link.unlink()
         link.symlink_to(ray_logs, target_is_directory=True)
-    except OSError:  # a file system without links: the path is in map.log's header anyway
-        pass
 
 
 def _print_population(population) -> None:

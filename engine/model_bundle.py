@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from geolink_model.model import GeoLink
 
 WEIGHTS, CONFIG, TRAIN_CONFIG = "model.safetensors", "config.json", "train_config.json"
+TARGET_SCALE = 1000.0  # a raw (not log) regression target is learnt divided by this: persons, t CO2 per tile
 DEFAULT_MODE = "fused"  # the mode of a bundle that does not say
 MODE_INPUTS = {"image": frozenset(("image",)), "osm": frozenset(("osm",)), "fused": frozenset(("image", "osm"))}  # what each mode reads
 
@@ -113,6 +114,13 @@ class ModelBundle:
         if task == "import":
             return frozenset(("image",))
         return MODE_INPUTS[self.mode]
+
+    @property
+    def regression_scale(self) -> tuple[bool, float]:
+        """``(log_target, target_scale)``: how the regression head's output maps back to the target's units
+        (:func:`geolink_model.regression.from_model_scale`); a bundle from before the scale was recorded used
+        :data:`TARGET_SCALE`."""
+        return bool(self.train.get("log_target", True)), float(self.train.get("target_scale") or TARGET_SCALE)
 
     @property
     def encodable_modes(self) -> tuple[str, ...]:

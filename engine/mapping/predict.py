@@ -103,6 +103,7 @@ class ModelPredictor(Predictor):
         self.model = bundle.load_model(device=self.device)
         self.model.eval()
         self.mode = mode
+        self.bundle = bundle
         self.normalisation = bundle.normalisation
         self.n_classes = self.model.cfg.num_classes
         self.img_size = self.model.cfg.img_size

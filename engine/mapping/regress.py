@@ -20,11 +20,11 @@ class TileRegressor(TileEncoder):
     target's units (``log1p``/scale undone as in training: :func:`geolink_model.regression.from_model_scale`)."""
 
     def __init__(self, model_dir: str, mode: str = "fused", device: str | None = None, torch_threads: int | None = None,
-                 max_attempts: int = 2, fail_tiles: tuple[str, ...] = (), log_target: bool = True, target_scale: float = 1.0) -> None:
+                 max_attempts: int = 2, fail_tiles: tuple[str, ...] = ()) -> None:
         super().__init__(model_dir, mode, "tile", device, torch_threads, max_attempts, fail_tiles)
         if not self.model.cfg.regression_targets:
             raise ValueError(f"model {model_dir} has no regression head (fine-tune it with --task population)")
-        self.log_target, self.target_scale = log_target, target_scale
+        self.log_target, self.target_scale = self.bundle.regression_scale
         self.dim = 1
 
     def predict(self, batch: pa.Table) -> np.ndarray:

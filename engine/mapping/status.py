@@ -19,6 +19,7 @@ as it held it, keep a starting or resumed ``map`` from opening it. So:
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
 import os
@@ -251,18 +252,14 @@ def _read_doc(path: Path) -> dict | None:
     """The status file: the local one, or for a remote workspace the newer of the local mirror's and the store's
     (read without touching the mirror, where the driver may be writing)."""
     docs = []
-    try:
+    with contextlib.suppress(OSError, ValueError):  # none yet, or caught mid-replace on a file system without rename
         docs.append(json.loads(path.read_text()))
-    except (OSError, ValueError):
-        pass
     uri = storage.uri_of(path)
     if uri is not None:
-        try:
+        with contextlib.suppress(OSError, ValueError):  # the store cannot be reached, or holds none
             fs, key = storage.filesystem(uri)
             with fs.open_input_stream(key) as f:
                 docs.append(json.loads(f.read()))
-        except (OSError, ValueError):
-            pass
     return max(docs, key=lambda d: d.get("updated_at") or 0) if docs else None
 
 
@@ -274,14 +271,12 @@ def _snapshot_ledger(path: Path, dest: Path) -> Path | None:
     uri = storage.uri_of(path)
     if uri is not None:
         fs, key = storage.filesystem(uri)
-        try:
+        with contextlib.suppress(OSError):  # the store cannot be reached: this node's copy, if any
             info = fs.get_file_info(key)
             if info.is_file and (not path.is_file() or (info.mtime_ns or 0) > path.stat().st_mtime_ns):
                 with fs.open_input_stream(key) as src, open(target, "wb") as dst:
                     shutil.copyfileobj(src, dst, 1 << 22)
                 return target
-        except OSError:
-            pass  # the store cannot be reached: this node's copy, if any
     if not path.is_file():
         return None
     shutil.copyfile(path, target)

@@ -63,9 +63,6 @@ def run_population(workspace: Workspace, run: str, cities: list[str], bundle: Mo
                    on_commit: Callable[[int, int], None] | None = None) -> PopulationReport:
     """Predict every prepared tile of ``cities`` with ``bundle`` (resumable) and write the population products of
     run ``run`` (stitched first: its ``class.tif`` and UV polygons). Ray must be initialised."""
-    from engine.pipelines.train import (
-        TARGET_SCALE,  # a raw (not log) target is learnt divided by it
-    )
     from engine.training.calibration import read_calibration
 
     say = say or (lambda _msg: None)
@@ -75,8 +72,7 @@ def run_population(workspace: Workspace, run: str, cities: list[str], bundle: Mo
     manifest = RunManifest(run=run, model_dir=str(bundle.path.resolve()), model_version=bundle.version, classes=bundle.classes,
                            mode=bundle.mode, tile_size_px=bundle.tile_size_px, overlap_px=overlap)
     kwargs = {"model_dir": manifest.model_dir, "mode": bundle.mode, "device": "cuda" if cfg.gpus else "cpu",
-              "torch_threads": max(1, int(cfg.cpus_per_actor)), "log_target": bool(bundle.train.get("log_target", True)),
-              "target_scale": float(bundle.train.get("target_scale") or TARGET_SCALE)}
+              "torch_threads": max(1, int(cfg.cpus_per_actor))}
     say(f"population: model {bundle.version} ({bundle.mode}) on {len(index)} cities")
     t0 = time.perf_counter()
     result = run_inference(workspace, manifest, sorted(index), TileRegressor, kwargs, cfg, on_commit=on_commit, actor=EncodeAndWrite,

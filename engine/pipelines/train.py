@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engine.atomic import atomic_path
-from engine.model_bundle import ModelBundle, write_bundle
+from engine.model_bundle import TARGET_SCALE, ModelBundle, write_bundle
 from engine.model_card import write_model_card
 from engine.pixels import NORMALISATION
 from engine.pipelines.prepare import read_marker
@@ -34,7 +34,6 @@ from geolink_model.config import MODES, create_config
 
 TASKS = ("pretrain", "finetune")
 TARGETS = ("segmentation", "population", "co2")  # what fine-tuning learns: UV segmentation, or a tile-level quantity
-TARGET_SCALE = 1000.0  # a raw (not log) regression target is learnt divided by this: persons, t CO2 per tile
 # keys of train_config.json that TrainConfig no longer has, written as before so the file keeps its keys and bytes
 # (fault injection moved to a test hook, engine.training.faults)
 RETIRED_KEYS = {"fail_at_step": None}

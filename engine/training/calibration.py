@@ -35,7 +35,7 @@ import pyarrow as pa
 from engine import storage
 from engine.atomic import atomic_path
 from engine.model_bundle import BundleError, ModelBundle, model_version, read_json_object
-from engine.pixels import IGNORE, collate, tile_lonlat
+from engine.pixels import IGNORE, tensor_column
 from engine.schema import LABEL_SETS
 from engine.training.samples import add_pixels, load_part, part_pairs
 from engine.training.targets import area_weighted_sum, tile_targets
@@ -45,7 +45,6 @@ CALIBRATION = "calibration.json"
 VERSION = 1
 METHOD = "held-out city ratios"
 UNITS = {"population": "residents", "co2": "t CO2 per year"}
-DEFAULT_TARGET_SCALE = 1000.0  # engine.pipelines.train.TARGET_SCALE: a bundle from before train_config.json recorded it
 UV_CLASSES = LABEL_SETS["binary"]  # the label set whose class 1 is urban_village (reference classes mapped by label_lookup)
 
 
@@ -107,51 +106,41 @@ def heldout_calibration(bundle_dir: str | os.PathLike[str], workspace: Workspace
     Raises:
         BundleError: the bundle is not a regression bundle.
     """
-    import torch
-
-    from geolink_model.regression import from_model_scale
+    from engine.mapping.regress import TileRegressor
 
     bundle = ModelBundle.load(bundle_dir)
     target = bundle.train.get("target")
     if target in (None, "segmentation") or not bundle.config.regression_targets:
         raise BundleError(f"model bundle {bundle.path}: not a regression model (train_config.json target {target!r}); "
                           "held-out calibration is for `finetune --task population|co2` bundles")
-    log_target = bool(bundle.train.get("log_target", True))
-    scale = float(bundle.train.get("target_scale", DEFAULT_TARGET_SCALE))
-    model = bundle.load_model("cpu")
-    model.eval()
-    mode = bundle.mode
+    predictor = TileRegressor(str(bundle.path), bundle.mode, device="cpu")  # what `map --population-model` predicts
     version = model_version(bundle.path)
     if name:
         version = f"{name}-{version.rsplit('-', 1)[-1]}"
     ws = Workspace.at(workspace)
     rows_out = []
-    with torch.inference_mode():
-        for city in cities:
-            reference = references.get(city)
-            tiles = _city_tiles(ws, city, rasters[city])
-            totals = {"tiles": 0, "truth": 0.0, "pred": 0.0, "uv_tiles": 0, "uv_truth": 0.0, "uv_pred": 0.0}
-            for start in range(0, tiles.num_rows, batch_size):
-                batch = add_pixels(tiles.slice(start, batch_size), {city: reference} if reference else None, UV_CLASSES)
-                images, graphs, labels = collate(batch, "cpu", bundle.normalisation)
-                lonlat = tile_lonlat(batch, "cpu") if model.cfg.with_location else None
-                raw = model(images if mode != "osm" else None, graphs, mode, lonlat, "regress")
-                pred = from_model_scale(raw.float(), log_target, scale).reshape(-1).double().numpy()
-                share = np.asarray(batch["core_share"].to_pylist(), np.float64)
-                truth = np.asarray(batch["core_truth"].to_pylist(), np.float64)
-                tile_pred = pred * share
-                totals["tiles"] += batch.num_rows
-                totals["truth"] += float(truth.sum())
-                totals["pred"] += float(tile_pred.sum())
-                if labels is not None:  # each tile weighted by its UV share (villages are often smaller than a tile)
-                    weight = _uv_fraction(labels.numpy())
-                    weight = np.where(weight >= uv_min_fraction, weight, 0.0)
-                    totals["uv_tiles"] += int((weight > 0).sum())
-                    totals["uv_truth"] += float((truth * weight).sum())
-                    totals["uv_pred"] += float((tile_pred * weight).sum())
-            if not reference:
-                totals.update(uv_tiles=None, uv_truth=None, uv_pred=None)
-            rows_out.append({"city": city, "region": regions.get(city), **totals})
+    for city in cities:
+        reference = references.get(city)
+        tiles = _city_tiles(ws, city, rasters[city])
+        totals = {"tiles": 0, "truth": 0.0, "pred": 0.0, "uv_tiles": 0, "uv_truth": 0.0, "uv_pred": 0.0}
+        for start in range(0, tiles.num_rows, batch_size):
+            batch = add_pixels(tiles.slice(start, batch_size), {city: reference} if reference else None, UV_CLASSES)
+            pred = predictor.predict(batch).reshape(-1).astype(np.float64)
+            share = np.asarray(batch["core_share"].to_pylist(), np.float64)
+            truth = np.asarray(batch["core_truth"].to_pylist(), np.float64)
+            tile_pred = pred * share
+            totals["tiles"] += batch.num_rows
+            totals["truth"] += float(truth.sum())
+            totals["pred"] += float(tile_pred.sum())
+            if "label" in batch.column_names:  # each tile weighted by its UV share (villages are often smaller than a tile)
+                weight = _uv_fraction(tensor_column(batch, "label"))
+                weight = np.where(weight >= uv_min_fraction, weight, 0.0)
+                totals["uv_tiles"] += int((weight > 0).sum())
+                totals["uv_truth"] += float((truth * weight).sum())
+                totals["uv_pred"] += float((tile_pred * weight).sum())
+        if not reference:
+            totals.update(uv_tiles=None, uv_truth=None, uv_pred=None)
+        rows_out.append({"city": city, "region": regions.get(city), **totals})
     return {"version": VERSION, "target": target, "units": UNITS.get(target, target), "method": METHOD,
             "uv_min_fraction": float(uv_min_fraction), "model_version": version, "cities": rows_out}
 
