@@ -227,11 +227,8 @@ def allocate_city(city: str, class_tif: str | os.PathLike[str], tiles: pa.Table,
     return result
 
 
-def city_villages(uv_parquet: Path, city: str, crs) -> list[tuple[str, shapely.Geometry]]:
-    """A city's UV polygons from ``urban_villages.parquet`` (EPSG:4326), in ``crs``, sorted by id."""
-    if not uv_parquet.is_file():
-        return []
-    table = pq.read_table(uv_parquet, columns=["uv_id", "city", "geometry"], filters=[("city", "=", city)])
+def city_villages(table: pa.Table, crs) -> list[tuple[str, shapely.Geometry]]:
+    """UV polygons (rows of ``urban_villages.parquet``: ``uv_id``, ``geometry`` in EPSG:4326) in ``crs``, sorted by id."""
     if table.num_rows == 0:
         return []
     to_city = Transformer.from_crs("EPSG:4326", CRS.from_user_input(crs), always_xy=True)
@@ -289,7 +286,7 @@ def write_population(products_dir: Path, tiles: dict[str, pa.Table], values: dic
         class_tif = city_folder(products_dir, city) / COGS["class"]
         with rasterio.open(class_tif) as src:
             crs = src.crs
-        villages = city_villages(products_dir / UV_PARQUET, city, crs)
+        villages = city_villages(uv_table.filter(pc.equal(uv_table["city"], city)), crs) if uv_table is not None else []
         res = allocate_city(city, class_tif, tiles[city], values[city], lut, densities, villages,
                             city_folder(products_dir, city) / POPULATION_COG, model_version)
         results[city] = res
