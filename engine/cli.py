@@ -40,7 +40,7 @@ from engine.catalog import (
     select_cities,
     validate_catalog,
 )
-from engine.workspace import Workspace
+from engine.workspace import Workspace, check_name
 
 app = typer.Typer(help="geolink-engine: city-scale urban-village mapping with GeoLink (imagery + OSM).", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
@@ -226,9 +226,20 @@ def prepare(
     except (CatalogError, ValueError) as exc:
         _fail(str(exc))
     spec = _input_spec(gsd, bands, radiometry, allow_gsd_mismatch)
-    init_ray(address)
-    results = run_prepare(table, settings.workspace, cfg, force=force, imagery=spec,
-                          on_result=lambda r: log.info("%s %s (%d tiles)%s", r.city, r.status, r.tiles, f": {r.error}" if r.error else ""))
+    with _Quiet(settings, settings.workspace.logs / "prepare.log") as quiet:
+        done: list = []
+
+        def one(r) -> None:
+            done.append(r)
+            quiet.say(f"{r.city} {r.status} ({r.tiles} tiles)" + (f": {r.error}" if r.error else ""))
+            if quiet.on_step:
+                quiet.on_step("prepare", len(done), table.num_rows, f"{sum(x.tiles for x in done)} tiles",
+                              failed=len(done) == table.num_rows and all(x.status == "failed" for x in done))
+
+        init_ray(address)
+        if quiet.on_step:
+            quiet.on_step("prepare", 0, table.num_rows)
+        results = run_prepare(table, settings.workspace, cfg, force=force, imagery=spec, on_result=one)
     view = Table(title=f"prepare: {settings.workspace.tiles}")
     for name in ("city", "status", "tiles", "seconds", "error"):
         view.add_column(name, overflow="fold")
@@ -251,13 +262,16 @@ def _train(ctx: typer.Context, task: str, name: str, storage: str | None, addres
     path, table = _load_catalog(settings)
     try:
         cfg = TrainConfig(task=task, num_workers=parse_workers(workers), **fields)
+        check_name("model", name)  # it becomes models/<name>
     except ValueError as exc:
         _fail(str(exc))
-    init_ray(address)
-    try:
+    with _Quiet(settings, settings.workspace.logs / f"{task}-{name}.log") as quiet:
+        init_ray(address)
+        if quiet.on_step:
+            quiet.on_step("train", 0, None, f"{task}, preset {cfg.preset}, {cfg.epochs} epochs")
         out = run_training(table, settings.workspace, cfg, name=name, storage=storage)
-    except (ValueError, FileNotFoundError) as exc:
-        _fail(str(exc))
+        if quiet.on_step:
+            quiet.on_step("train", 1, 1, f"model {out}")
     lines = (out / "metrics.jsonl").read_text().splitlines()
     last = json.loads(lines[-1]) if lines else {}
     shown = {k: round(v, 4) for k, v in last.items() if isinstance(v, float)}
@@ -398,78 +412,125 @@ def map_command(
 
     The console shows a line per stage, then the tables; Ray's, torch's and GDAL's output goes to runs/<run>/logs/
     (-v: each stage's details too; -vv: everything on the console, as it comes)."""
-    from engine.console import CapturedOutput, StageDisplay
-    from engine.errors import describe_error
     from engine.pipelines.infer import InferenceConfig
     from engine.pipelines.map import MapConfig, default_model, map_catalog, run_map
-    from engine.pipelines.runtime import quiet_driver, ray_log_dir, shutdown_ray
 
     settings: Settings = ctx.obj
-    everything = settings.verbosity >= 2
     try:
         logs = settings.workspace.run(run).root / "logs"  # the run name is checked here, before anything is written
     except ValueError as exc:
         _fail(str(exc))
-    capture = contextlib.nullcontext() if everything else CapturedOutput(logs / "map.log", console)
-    error: tuple[str, int] | None = None
-    with capture as captured, StageDisplay(console) as display:
-        shown: list[bool] = []
-
-        def show_logs() -> None:  # once, when the first stage starts: a run refused by its checks is its one error line
-            if captured is not None and not shown:
-                shown.append(True)
-                console.print(f"logs: {escape(str(logs))}/ (this run's Ray, torch and GDAL output: map.log; Ray's workers: "
-                              f"{escape(str(ray_log_dir() or 'the Ray session folder, linked as ray-session/ once Ray starts'))})",
-                              soft_wrap=True, highlight=False)
-
-        def say(msg: str) -> None:  # a stage's details: in the log; on the console with -v, and warnings and input changes always
-            if captured is not None:
-                captured.write(f"> {msg}")
-            if captured is None or settings.verbosity >= 1 or msg.startswith(("warning", "imagery:")):
-                show_logs()
-                console.print(f"[bold]>[/] {escape(msg)}", soft_wrap=True)
-
-        def step(*args, **kwargs) -> None:
-            show_logs()
-            display.step(*args, **kwargs)
-
-        if captured is not None:
-            quiet_driver()
-        try:
-            _, table = map_catalog(settings.workspace, settings.catalog, cities, say=say,
-                                   on_demo_city=None if everything else display.counter("demo data"))
-            cfg = MapConfig(run=run, model_dir=model, mode=mode, min_area_m2=min_area, allow_gsd_mismatch=allow_gsd_mismatch,
-                            gsd_m=gsd, bands=bands, radiometry=radiometry, population_model=population_model,
-                            inference=InferenceConfig(batch_size=batch_size, gpus=devices, actors=actors, actors_per_gpu=actors_per_gpu))
-            report = run_map(table, settings.workspace, cfg, ensure_model=lambda cat: default_model(settings.workspace, cat, use_gpu=devices > 0, say=say),
-                             on_stage=say, address=address, on_step=None if everything else step)
-        except (CatalogError, ValueError, FileNotFoundError) as exc:  # a bad catalog or model bundle, a bad option: one line
-            error = str(exc), 2
-        except Exception as exc:  # anything else: one line here, its traceback in the log (-vv: the traceback here)
-            if captured is None:
-                raise
-            traceback.print_exc(file=captured.log)
-            error = f"{describe_error(exc)} (traceback in {captured.path})", 1
-        if captured is not None:
-            if ray_logs := ray_log_dir():
-                captured.write(f"Ray session logs (every worker's output): {ray_logs}")
-                _link_ray_logs(logs, ray_logs)
-            shutdown_ray()  # a Ray this command started: its shutdown messages go to the log too
-    if error is not None:
-        _fail(*error)
+    with _Quiet(settings, logs / "map.log") as quiet:
+        _, table = map_catalog(settings.workspace, settings.catalog, cities, say=quiet.say,
+                               on_demo_city=quiet.counter("demo data"))
+        cfg = MapConfig(run=run, model_dir=model, mode=mode, min_area_m2=min_area, allow_gsd_mismatch=allow_gsd_mismatch,
+                        gsd_m=gsd, bands=bands, radiometry=radiometry, population_model=population_model,
+                        inference=InferenceConfig(batch_size=batch_size, gpus=devices, actors=actors, actors_per_gpu=actors_per_gpu))
+        report = run_map(table, settings.workspace, cfg, ensure_model=lambda cat: default_model(settings.workspace, cat, use_gpu=devices > 0, say=quiet.say),
+                         on_stage=quiet.say, address=address, on_step=quiet.on_step)
     _print_city_report(report.cities, f"map run {report.run} (model {report.model_version})")
     if report.assessment is not None:
         _print_assessment(report.assessment)
     if report.population is not None:
         _print_population(report.population)
     timing = ", ".join(f"{k} {v:.1f} s" for k, v in report.seconds.items())
-    console.print(f"products in [bold]{report.products}[/] (open {report.products / 'index.html'}); {timing}", soft_wrap=True)
+    console.print(f"products in [bold]{report.products}[/] (summary: {report.products / 'index.html'}); {timing}", soft_wrap=True)
+    if (report.products / "map.html").is_file():
+        console.print(f"interactive map: [bold]{report.products / 'map.html'}[/]; to open it run "
+                      f"[bold]geolink-engine serve --run {report.run}[/]", soft_wrap=True, highlight=False)
     population_failed = isinstance(report.population, str)
     if report.failed or report.assessment_failed or population_failed:
         cities = ", ".join(f"{c.city} ({c.stage})" for c in report.failed)
         _fail(f"{len(report.failed)} of {len(report.cities)} cities failed or are incomplete" + (f": {cities}" if cities else "")
               + ("; the accuracy assessment failed" if report.assessment_failed else "")
               + ("; the population products failed" if population_failed else ""), code=1)
+
+
+class _Quiet:
+    """The console of a long command (map, prepare, pretrain, finetune, embed, assess): one live display of its stages,
+    everything else in ``log_file`` (Ray's, Ray Data's, torch's and GDAL's output; Ray's workers keep theirs in Ray's
+    session folder, linked beside the log as ``ray-session``).
+
+    ``say`` is a stage's detail (in the log; on the console with ``-v``, and warnings always); ``on_step`` /
+    ``counter`` drive the display. ``-vv`` shows everything as it comes and no display. On leaving, an input error
+    (bad catalog, model, option) is its one line (exit 2); any other failure is one line naming the log that holds
+    its traceback (exit 1); a Ray this command started is shut down, its messages going to the log too.
+    """
+
+    def __init__(self, settings: Settings, log_file: Path) -> None:
+        self.settings = settings
+        self.log_file = Path(log_file)
+        self.everything = settings.verbosity >= 2
+        self.captured = None
+        self.display = None
+        self._shown = False
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> _Quiet:
+        from engine.console import CapturedOutput, StageDisplay
+        from engine.pipelines.runtime import quiet_driver
+
+        if not self.everything:
+            self.captured = self._stack.enter_context(CapturedOutput(self.log_file, console))
+            quiet_driver()
+        self.display = self._stack.enter_context(StageDisplay(console))
+        return self
+
+    def show_logs(self) -> None:
+        """Once, when the first stage starts (a command refused by its checks is its one error line)."""
+        from engine.pipelines.runtime import ray_log_dir
+
+        if self.captured is not None and not self._shown:
+            self._shown = True
+            console.print(f"logs: {escape(str(self.log_file.parent))}/ (this command's Ray, torch and GDAL output: "
+                          f"{escape(self.log_file.name)}; Ray's workers: "
+                          f"{escape(str(ray_log_dir() or 'the Ray session folder, linked as ray-session/ once Ray starts'))})",
+                          soft_wrap=True, highlight=False)
+
+    def say(self, msg: str) -> None:
+        if self.captured is not None:
+            self.captured.write(f"> {msg}")
+        if self.captured is None or self.settings.verbosity >= 1 or msg.startswith(("warning", "imagery:")):
+            self.show_logs()
+            console.print(f"[bold]>[/] {escape(msg)}", soft_wrap=True)
+
+    def step(self, *args, **kwargs) -> None:
+        self.show_logs()
+        self.display.step(*args, **kwargs)
+
+    @property
+    def on_step(self) -> Callable[..., None] | None:
+        """The display's ``step`` (None with ``-vv``: the stages' own output is shown instead)."""
+        return None if self.everything else self.step
+
+    def counter(self, stage: str) -> Callable[..., None] | None:
+        return None if self.everything else self.display.counter(stage)
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        from click.exceptions import ClickException, Exit
+
+        from engine.errors import describe_error
+        from engine.pipelines.runtime import ray_log_dir, shutdown_ray
+
+        error: tuple[str, int] | None = None
+        handled = False
+        if exc is not None and not isinstance(exc, (Exit, ClickException, KeyboardInterrupt, SystemExit)):
+            if isinstance(exc, (CatalogError, ValueError, FileNotFoundError)):  # a bad catalog, bundle or option: one line
+                error, handled = (str(exc), 2), True
+            elif isinstance(exc, Exception) and self.captured is not None:  # anything else: one line, traceback in the log
+                traceback.print_exception(exc, file=self.captured.log)
+                error, handled = (f"{describe_error(exc)} (traceback in {self.captured.path})", 1), True
+        try:
+            if self.captured is not None:
+                if ray_logs := ray_log_dir():
+                    self.captured.write(f"Ray session logs (every worker's output): {ray_logs}")
+                    _link_ray_logs(self.log_file.parent, ray_logs)
+                shutdown_ray()  # a Ray this command started
+        finally:
+            self._stack.close()
+        if error is not None:
+            _fail(*error)
+        return handled
 
 
 def _link_ray_logs(logs: Path, ray_logs: Path | None) -> None:
@@ -535,15 +596,19 @@ def embed_command(
 
     settings: Settings = ctx.obj
     path, table = _load_catalog(settings)
-    say = lambda msg: console.print(f"[bold]>[/] {escape(msg)}", soft_wrap=True)  # noqa: E731
     try:
+        logs = settings.workspace.run(run).root / "logs"
         cfg = EmbedConfig(run=run, model_dir=model, mode=mode, level=level, points=points,
                           inference=InferenceConfig(batch_size=batch_size, gpus=devices, actors=actors))
-        with _Bars() as bars:
-            report = run_embed(select_cities(table, cities), settings.workspace, cfg, on_stage=say, on_commit=bars.adder("tiles encoded"),
-                               address=address)
-    except (CatalogError, PointsError, ValueError, FileNotFoundError) as exc:  # a bad model, mode, points file: one line, before Ray
+        selected = select_cities(table, cities)
+    except (CatalogError, ValueError) as exc:
         _fail(str(exc))
+    with _Quiet(settings, logs / "embed.log") as quiet:
+        try:
+            report = run_embed(selected, settings.workspace, cfg, on_stage=quiet.say,
+                               on_commit=None if quiet.everything else quiet.display.adder("embed"), address=address)
+        except PointsError as exc:  # a bad points file: one line, before Ray
+            _fail(str(exc))
     result = report.inference
     console.print(f"[green]ok:[/] {report.rows} rows ({report.mode}, {report.level}) in [bold]{report.path}[/]; tiles: {result.predicted} "
                   f"encoded, {result.skipped} done before, {result.failed} failed"
@@ -622,6 +687,106 @@ def status_command(
     console.print(f"[{colour}]{escape(summary_line(status, now))}[/]", highlight=False, soft_wrap=True)
 
 
+HOST_HELP = "Address to bind: 127.0.0.1 (this machine only) unless you name another; any other is warned about."
+
+
+@app.command("serve")
+def serve_command(
+    ctx: typer.Context,
+    run: Annotated[str, typer.Option("--run", help="The run whose products to serve.")] = "default",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port (0: any free one).")] = 8765,
+    host: Annotated[str, typer.Option("--host", help=HOST_HELP)] = "127.0.0.1",
+) -> None:
+    """Serve a run's products on localhost: map.html (pan, zoom, click a village), index.html and every file.
+
+    Only files under products/<run>/ are served (no folder listings, no path out of it), with HTTP range requests,
+    which the map's PMTiles archive needs. Ctrl-C stops it."""
+    from engine.product_layout import MAP_HTML
+    from engine.web.server import is_local_host, make_server, server_url
+    from engine.workspace import BadName
+
+    settings: Settings = ctx.obj
+    try:
+        products = settings.workspace.products(run)
+    except BadName as exc:
+        _fail(str(exc))
+    Workspace.fetch(products)  # a remote workspace: its products mirrored locally first
+    if not (products / MAP_HTML).is_file():
+        _fail(f"run {run}: no {products / MAP_HTML}; run `geolink-engine map --run {run}` (or `stitch`) first")
+    try:
+        server = make_server(products, host=host, port=port)
+    except OSError as exc:
+        _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another --port")
+    if not is_local_host(host):
+        console.print(f"[yellow]warning:[/] serving on {escape(host)}: any machine that can reach this one can read these products",
+                      highlight=False, soft_wrap=True)
+    console.print(f"serving {escape(str(products))} at [bold]{server_url(server, '/' + MAP_HTML)}[/] (Ctrl-C stops)",
+                  highlight=False, soft_wrap=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        console.print("stopped")
+    finally:
+        server.server_close()
+
+
+@app.command("label")
+def label_command(
+    ctx: typer.Context,
+    run: Annotated[str, typer.Option("--run", help="The run whose accuracy sample to label (after `assess`).")] = "default",
+    labeller: Annotated[str | None, typer.Option("--labeller", help="Your name (a slug): your answers go to accuracy/labels/<name>.csv.")] = None,
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port (0: any free one).")] = 8766,
+    host: Annotated[str, typer.Option("--host", help=HOST_HELP)] = "127.0.0.1",
+    export: Annotated[bool, typer.Option("--export", help="Write --labeller's answers as the file `assess --reference` reads, and stop.")] = False,
+    agreement_of: Annotated[str | None, typer.Option("--agreement", help="A,B: Cohen's kappa of two labellers with its 95% interval, and stop.")] = None,
+) -> None:
+    """Label the accuracy sample in a browser: each point's image chip and a wider view, blind to the map class.
+
+    Every answer is saved at once (atomically) in products/<run>/accuracy/labels/<labeller>.csv; a reload or a killed
+    server loses nothing and the page resumes where it stopped. A second labeller on the same sample gives Cohen's
+    kappa (--agreement). --export writes <labeller>.reference.csv for `assess --reference`."""
+    from engine.pipelines.prepare import prepared_imagery
+    from engine.web.label import agreement, export_reference, format_agreement, make_label_server
+    from engine.web.server import is_local_host, server_url
+    from engine.workspace import BadName
+
+    settings: Settings = ctx.obj
+    try:
+        products = settings.workspace.products(run)
+        if agreement_of is not None:
+            a, _, b = agreement_of.partition(",")
+            if not a or not b:
+                _fail(f"--agreement {agreement_of!r}: give two labellers as A,B")
+            console.print(escape(format_agreement(agreement(products, a.strip(), b.strip()))), soft_wrap=True, highlight=False)
+            return
+        if export:
+            if labeller is None:
+                _fail("--export needs --labeller NAME: whose answers to export")
+            path = export_reference(products, labeller)
+            console.print(f"[green]ok:[/] wrote {escape(str(path))}; use it with "
+                          f"[bold]geolink-engine assess --run {run} --reference {escape(str(path))}[/]", soft_wrap=True, highlight=False)
+            return
+        _, table = _load_catalog(settings)
+        server = make_label_server(products, prepared_imagery(table, settings.workspace).to_pylist(), host=host, port=port,
+                                   labeller=labeller)
+    except (BadName, ValueError, FileNotFoundError, CatalogError) as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another --port")
+    if not is_local_host(host):
+        console.print(f"[yellow]warning:[/] serving on {escape(host)}: any machine that can reach this one can read the sample and "
+                      "write this run's labels", highlight=False, soft_wrap=True)
+    query = f"?labeller={labeller}" if labeller else ""
+    console.print(f"labelling run {escape(run)}'s sample at [bold]{server_url(server, '/' + query)}[/] (answers in "
+                  f"{escape(str(products / 'accuracy' / 'labels'))}/; Ctrl-C stops)", highlight=False, soft_wrap=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        console.print("stopped; every answer was saved as it was given")
+    finally:
+        server.server_close()
+
+
 @app.command("merge-runs")
 def merge_runs_command(
     ctx: typer.Context,
@@ -666,13 +831,18 @@ def assess_command(
 
     settings: Settings = ctx.obj
     path, table = _load_catalog(settings)
-    say = lambda msg: console.print(f"[bold]>[/] {escape(msg)}", soft_wrap=True)  # noqa: E731
     try:
+        logs = settings.workspace.run(run).root / "logs"
         table = select_cities(table, cities)
         cfg = AssessConfig(sampling=SampleConfig(strata=strata, buffer_m=buffer_m, n_total=n_total, seed=seed), interval=interval)
-        result = assess(settings.workspace, run, table, cfg, reference_labels=reference, say=say, publish=True)
-    except (CatalogError, ValueError, FileNotFoundError) as exc:
+    except (CatalogError, ValueError) as exc:
         _fail(str(exc))
+    with _Quiet(settings, logs / "assess.log") as quiet:
+        if quiet.on_step:
+            quiet.on_step("assess", 0, None, f"run {run}")
+        result = assess(settings.workspace, run, table, cfg, reference_labels=reference, say=quiet.say, publish=True)
+        if quiet.on_step:
+            quiet.on_step("assess", 1, 1, f"{len(result.points)} points" + (", awaiting labels" if result.status != "done" else ""))
     _print_assessment(result)
     if result.skipped:
         _fail(f"{len(result.skipped)} of {len(result.skipped) + len(result.cities)} cities not assessed: "

@@ -24,7 +24,7 @@ from rich.text import Text
 
 # the engine's own loggers: the only ones that still reach the console while the output is captured
 CONSOLE_LOGGERS = ("geolink", "engine", "jobs")
-UNITS = {"demo data": "cities", "prepare": "cities", "infer": "tiles", "stitch": "cities"}
+UNITS = {"demo data": "cities", "prepare": "cities", "infer": "tiles", "stitch": "cities", "embed": "tiles"}
 
 
 class _EngineOnly(logging.Filter):
@@ -197,3 +197,13 @@ class StageDisplay:
     def counter(self, stage: str):
         """``on_done(done, total)`` for an engine call that counts what is done."""
         return lambda done, total: self.step(stage, done, total)
+
+    def adder(self, stage: str):
+        """``on_commit(n, total)`` for an engine call that reports how many were added, not how many are done."""
+        done = [0]
+
+        def add(n: int, total: int) -> None:
+            done[0] += n
+            self.step(stage, done[0], total)
+
+        return add

@@ -20,6 +20,7 @@ Layout (unchanged by this module; ``docs/ARCHITECTURE.md`` "Workspace layout")::
     runs/<run>/embeddings/<mode>_<level>/      an embedding pass: the same files (its parts hold vectors)
     runs/train/                                Ray Train's storage (checkpoints of training runs)
     products/<run>/                            products (files inside: ``engine.product_layout``)
+    logs/<command>.log                         what prepare, pretrain and finetune wrote besides their display
 
 A remote workspace (``s3://``, ``gs://``) is worked on through its node-local mirror (:mod:`engine.storage`);
 :meth:`Workspace.fetch` and :meth:`Workspace.publish` are its sync points (no-ops for a local folder).
@@ -254,6 +255,11 @@ class Workspace:
     def train_runs(self) -> Path:
         """Ray Train's storage for training runs (checkpoints, results): ``runs/train``."""
         return self.runs / TRAIN_RUNS
+
+    @property
+    def logs(self) -> Path:
+        """``logs/``: the console output of the commands not tied to a run (prepare, pretrain, finetune)."""
+        return self.root / "logs"
 
     # -- products ----------------------------------------------------------------------------------------------------
     @property

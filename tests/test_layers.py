@@ -20,7 +20,7 @@ LAYERS: dict[str, int] = {
     **dict.fromkeys(["mapping", "training"], 4),
     "stitch": 5,
     **dict.fromkeys(["products", "accuracy"], 6),
-    "pipelines": 7,
+    **dict.fromkeys(["pipelines", "web"], 7),
     **dict.fromkeys(["cli", "console"], 8),
 }
 # Ray outside pipelines/: only Ray Data's tensor column type (a data format the pipelines exchange, no scheduling)

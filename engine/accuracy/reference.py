@@ -29,6 +29,7 @@ import shapely
 from affine import Affine
 from PIL import Image
 from pyproj import CRS, Transformer
+from rasterio.enums import Resampling
 from rasterio.features import rasterize
 from rasterio.transform import array_bounds
 from rasterio.windows import Window
@@ -162,18 +163,42 @@ def truth_strips(reference: gpd.GeoDataFrame, grid: CityGrid) -> TruthStrip:
 # the labelling sheet
 
 
-def _chip(src: rasterio.DatasetReader, x: float, y: float, chip_px: int) -> np.ndarray:
-    """RGB uint8 ``chip_px`` square centred on (x, y) (imagery CRS), with a hollow marker around the centre pixel."""
+def render_chip(src: rasterio.DatasetReader, x: float, y: float, chip_px: int, zoom_out: int = 1,
+                out_px: int | None = None) -> np.ndarray:
+    """RGB uint8 image of the imagery around (x, y) (imagery CRS), for a person to label the point.
+
+    ``zoom_out=1``: the ``chip_px`` square centred on the point's pixel, with a hollow yellow ring around that pixel
+    (the labelling sheet's chip). ``zoom_out > 1``: a square ``zoom_out`` times wider, resampled to ``out_px``
+    (averaged, so a wide view stays cheap), with a yellow box on the chip's extent: the context view of
+    ``geolink-engine label``, where the surroundings decide what a chip alone cannot (a village's edge, a road).
+    Outside the raster is black; bands other than uint8 are stretched to their 2-98 percentiles.
+
+    Example:
+        >>> from rasterio.io import MemoryFile
+        >>> from rasterio.transform import from_origin
+        >>> with MemoryFile() as mem, mem.open(driver="GTiff", width=64, height=64, count=3, dtype="uint8",
+        ...                                    transform=from_origin(0, 64, 1, 1)) as src:
+        ...     render_chip(src, 32, 32, 16).shape, render_chip(src, 32, 32, 16, zoom_out=4, out_px=32).shape
+        ((16, 16, 3), (32, 32, 3))
+    """
     col, row = ~src.transform @ (x, y)
-    half = chip_px // 2
-    window = Window(int(np.floor(col)) - half, int(np.floor(row)) - half, chip_px, chip_px)
-    data = src.read([1, 2, 3] if src.count >= 3 else [1, 1, 1], window=window, boundless=True, fill_value=0)
+    side = chip_px * zoom_out
+    out_px = out_px or side
+    half = side // 2
+    window = Window(int(np.floor(col)) - half, int(np.floor(row)) - half, side, side)
+    data = src.read([1, 2, 3] if src.count >= 3 else [1, 1, 1], window=window, out_shape=(3, out_px, out_px),
+                    boundless=True, fill_value=0, resampling=Resampling.average)
     if data.dtype != np.uint8:  # stretch other depths to 2-98 percent
         lo, hi = np.percentile(data, [2, 98]) if data.size else (0, 1)
         data = np.clip((data - lo) / max(hi - lo, 1e-9) * 255, 0, 255)
     rgb = np.ascontiguousarray(np.moveaxis(data.astype(np.uint8), 0, -1))
-    r0, r1 = max(half - 3, 0), min(half + 3, chip_px - 1)
-    for a, b in ((r0, slice(r0, r1 + 1)), (r1, slice(r0, r1 + 1))):  # a 7-pixel square ring, yellow
+    if zoom_out == 1:
+        r0, r1 = max(half - 3, 0), min(half + 3, chip_px - 1)  # a 7-pixel square ring
+    else:  # the chip's extent, scaled to the output
+        scale = out_px / side
+        r0, r1 = round((half - chip_px // 2) * scale), round((half - chip_px // 2 + chip_px) * scale) - 1
+        r0, r1 = max(r0, 0), min(r1, out_px - 1)
+    for a, b in ((r0, slice(r0, r1 + 1)), (r1, slice(r0, r1 + 1))):  # yellow
         rgb[a, b] = (255, 255, 0)
         rgb[b, a] = (255, 255, 0)
     return rgb
@@ -217,7 +242,7 @@ def export_label_sheet(points: pd.DataFrame, imagery: Mapping[str, str], out_dir
                         x, y = Transformer.from_crs(crs, src.crs, always_xy=True).transform(x, y)
                     for i, xi, yi in zip(idx, np.asarray(x), np.asarray(y)):
                         name = f"{sheet.at[i, 'id']}.png"
-                        Image.fromarray(_chip(src, float(xi), float(yi), chip_px)).save(tmp_dir / name, optimize=True)
+                        Image.fromarray(render_chip(src, float(xi), float(yi), chip_px)).save(tmp_dir / name, optimize=True)
                         chip[i] = f"{CHIPS_DIR}/{name}"
             except Exception as exc:  # noqa: BLE001 (no chips for this city; the sheet is still usable)
                 warnings.append(f"city {city}: no image chips, imagery {path} cannot be read ({exc})")

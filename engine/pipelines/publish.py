@@ -13,14 +13,17 @@ from engine.workspace import Workspace
 
 
 def publish_products(products: Path, catalog: pa.Table) -> None:
-    """The regional table, the preview page, then the STAC collection (which lists the page, its pictures and the
-    tables), validated offline."""
+    """The regional table, the web map, the preview page (which links the map), then the STAC collection (which
+    lists the pages, their pictures and the tables), validated offline."""
     from engine.products.page import write_page
     from engine.products.regions import write_regions
     from engine.products.stac import validate_stac, write_stac
+    from engine.products.webmap import write_web_map
 
-    write_regions(products)  # first: the page and the STAC list it
-    write_page(products, catalog.to_pylist(), link_stac=True)
+    write_regions(products)  # first: the pages and the STAC list it
+    rows = catalog.to_pylist()
+    write_web_map(products, rows)
+    write_page(products, rows, link_stac=True)
     write_stac(products)
     validate_stac(products)
     Workspace.publish(products)  # a remote workspace: everything under products/<run>/, last

@@ -26,6 +26,7 @@ from engine.product_layout import (
     CITY_COGS,
     CITY_STATS,
     INDEX_HTML,
+    MAP_HTML,
     MORPHOLOGY_CSV,
     MORPHOLOGY_PNG,
     OVERVIEW_PNG,
@@ -254,6 +255,7 @@ tr.partial td { background: #fff1c9; }
 section { margin: 2em 0; }
 img { max-width: 100%; border: 1px solid #ccc; }
 p.note { color: #a00; }
+p.map a { font-size: 1.2em; font-weight: 600; }
 """
 
 
@@ -278,6 +280,9 @@ def _page_html(products_dir: Path, run: dict, stats: list[dict], cities: list[st
     if accuracy.is_dir():
         links += [(p.relative_to(products_dir).as_posix(), p.relative_to(products_dir).as_posix())
                   for p in sorted(accuracy.glob("*")) if p.is_file() and not p.name.startswith(".")]
+    if (products_dir / MAP_HTML).is_file():  # engine.products.webmap: pan, zoom, click a village
+        out.append(f'<p class="map"><a href="{MAP_HTML}">Open the interactive map</a> (UV polygons, probability and '
+                   f'imagery per city; offline, or through <code>geolink-engine serve --run {e(run["run"])}</code>)</p>')
     out.append("<p>Files: " + " | ".join(f'<a href="{e(href)}">{e(label)}</a>' for href, label in links) + "</p>")
     if overview is not None:
         out.append(f'<img src="{e(overview.name)}" alt="UV share by city">')
