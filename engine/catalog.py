@@ -156,21 +156,53 @@ def select_cities(catalog: pa.Table, cities: str) -> pa.Table:
 
 # --- validation ------------------------------------------------------------------------------------------------
 def city_problems(catalog: pa.Table) -> list[CatalogProblem]:
-    """The ``city`` column's problems (empty, not a slug, duplicate), one per row at most, reading no file: what must
-    hold before a city name becomes a folder (the `prepare` and `map` pre-check; :func:`validate_catalog` too)."""
+    """The ``city`` and ``vintage`` columns' problems (empty, not a slug, duplicate city + vintage), one per row at
+    most, reading no file: what must hold before a city name (and a vintage) becomes a folder (the `prepare` and
+    `map` pre-check; :func:`validate_catalog` too)."""
     problems: list[CatalogProblem] = []
-    seen: dict[str, int] = {}
-    for i, city in enumerate(catalog.column("city").to_pylist(), start=1):
+    seen: dict[tuple[str, str | None], int] = {}
+    vintages = catalog.column("vintage").to_pylist() if "vintage" in catalog.column_names else [None] * catalog.num_rows
+    for i, (city, vintage) in enumerate(zip(catalog.column("city").to_pylist(), vintages), start=1):
         city = city or ""
+        key = (city, vintage)
         if not city:
             problems.append(CatalogProblem(i, city, "city", "empty; every row needs a city slug"))
         elif (bad := _name_problem(city)):
             problems.append(CatalogProblem(i, city, "city", bad))
-        elif city in seen:
-            problems.append(CatalogProblem(i, city, "city", f"duplicate of row {seen[city]}; city slugs must be unique"))
+        elif vintage is not None and (bad := _name_problem(vintage, "vintage")):
+            problems.append(CatalogProblem(i, city, "vintage", bad))
+        elif key in seen:
+            what = f"city {city} at vintage {vintage}" if vintage is not None else "city slugs"
+            problems.append(CatalogProblem(i, city, "city", f"duplicate of row {seen[key]}; {what} must be unique"
+                                           + ("" if vintage is not None else " (or give each row its `vintage`)")))
         else:
-            seen[city] = i
+            seen[key] = i
     return problems
+
+
+def catalog_vintages(catalog: pa.Table) -> list[str]:
+    """The vintages a catalog holds, sorted (empty when it has no ``vintage`` column or it is empty)."""
+    if "vintage" not in catalog.column_names:
+        return []
+    return sorted({v for v in catalog.column("vintage").to_pylist() if v is not None})
+
+
+def select_vintage(catalog: pa.Table, vintage: str | None) -> pa.Table:
+    """The rows of one vintage: ``vintage`` given, the rows with it (an unknown one is an error listing those
+    present); none given, the whole catalog when it holds at most one vintage, else an error asking for one.
+
+    Rows without a vintage belong to every vintage (a city whose imagery has one date only)."""
+    present = catalog_vintages(catalog)
+    if vintage is None:
+        if len(present) > 1:
+            raise CatalogError(f"the catalog holds vintages {', '.join(present)}: choose one with --vintage")
+        return catalog
+    check_name("vintage", vintage)
+    if vintage not in present:
+        raise CatalogError(f"vintage {vintage} is not in the catalog" + (f"; it holds {', '.join(present)}" if present
+                                                                        else " (it has no `vintage` column)"))
+    column = catalog.column("vintage")
+    return catalog.filter(pc.or_(pc.equal(column, vintage), pc.is_null(column)))
 
 
 def check_city_names(catalog: pa.Table, source: str | os.PathLike[str] | None = None) -> pa.Table:
@@ -183,9 +215,9 @@ def check_city_names(catalog: pa.Table, source: str | os.PathLike[str] | None = 
     return catalog
 
 
-def _name_problem(city: str) -> str:
+def _name_problem(city: str, kind: str = "city") -> str:
     try:
-        check_name("city", city)
+        check_name(kind, city)
     except BadName as exc:
         return str(exc)
     return ""

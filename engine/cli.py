@@ -13,7 +13,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -38,6 +38,7 @@ from engine.catalog import (
     find_catalog,
     load_catalog,
     select_cities,
+    select_vintage,
     validate_catalog,
 )
 from engine.workspace import Workspace, check_name
@@ -59,6 +60,23 @@ class Settings:
     workspace: Workspace
     catalog: Path | None
     verbosity: int = 0  # -v: each stage's details and the engine's debug log; -vv: everything on the console
+    vintage: str | None = None  # the catalog vintage worked on (a multi-date catalog); the workspace is scoped to it
+
+    def for_vintage(self, vintage: str | None) -> Settings:
+        """These settings for one vintage (its catalog rows, its prepared tiles and imagery VRTs)."""
+        if vintage is None or vintage == self.vintage:
+            return self
+        return replace(self, vintage=vintage, workspace=self.workspace.with_vintage(vintage))
+
+    def for_run(self, run: str) -> Settings:
+        """These settings for an existing run: the vintage it mapped (its ``run.json``), unless --vintage says one."""
+        if self.vintage is not None:
+            return self
+        with contextlib.suppress(ValueError, OSError):  # no run yet or a bad name: the command says so itself
+            for path in (self.workspace.run(run).manifest, self.workspace.products(run) / "run.json"):
+                if Workspace.fetch(path).is_file():
+                    return self.for_vintage(json.loads(path.read_text()).get("vintage"))
+        return self
 
     def catalog_path(self) -> Path:
         return self.catalog if self.catalog is not None else find_catalog(self.workspace)
@@ -73,6 +91,9 @@ def _main(
     verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="-v: each stage's details and debug messages; -vv: "
                                          "everything on the console as it comes (Ray, Ray Data, Ray Train, torch, GDAL), no live "
                                          "display. By default `map` shows its stages and keeps the rest in runs/<run>/logs/.")] = 0,
+    vintage: Annotated[str | None, typer.Option("--vintage", help="The catalog vintage (imagery date, e.g. 2024) to work on, "
+                                                "for a catalog with several dates (its `vintage` column). Commands on a run "
+                                                "take the run's own.")] = None,
 ) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose >= 2 else logging.INFO, format="%(message)s", datefmt="[%X]",
                         handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=False)], force=True)
@@ -82,7 +103,11 @@ def _main(
     for name in ("rasterio", "pyogrio", "botocore", "boto3"):
         logging.getLogger(name).setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)
     storage.configure_process()
-    ctx.obj = Settings(workspace=Workspace.at(workspace), catalog=storage.local_path(catalog) if catalog else None, verbosity=verbose)
+    try:
+        ws = Workspace.at(workspace).with_vintage(vintage)
+    except ValueError as exc:
+        _fail(str(exc))
+    ctx.obj = Settings(workspace=ws, catalog=storage.local_path(catalog) if catalog else None, verbosity=verbose, vintage=vintage)
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:
@@ -103,6 +128,10 @@ def demo_data(
                                             "docs/synth.md): --per-region cities in each of the 7 regions, fixed splits and a "
                                             "region-held-out region_split; --cities is then ignored.")] = False,
     per_region: Annotated[int, typer.Option("--per-region", min=2, help="With --benchmark: cities per region.")] = 10,
+    vintages: Annotated[str | None, typer.Option("--vintages", help="Two or more dates, e.g. 2018,2024: each city on the same ground at "
+                                                 "each date (villages demolished, redeveloped and new between them; another "
+                                                 "sensor, season and a 0-3 px misregistration; OSM as it grew), with the "
+                                                 "change truth (docs/synth.md).")] = None,
 ) -> None:
     """Write the embedded default: synthetic cities at real Chinese city locations plus their catalog."""
     from engine.synth.config import SynthConfig
@@ -127,12 +156,18 @@ def demo_data(
             _fail(str(exc))
         with _progress() as progress:
             task = progress.add_task("generating cities", total=cities)
-            path = write_demo(settings.workspace, cities, cfg, seed=seed, workers=workers, on_city=lambda row: progress.advance(task))
-    console.print(f"wrote {cities} cities and [bold]{path}[/]")
+            dates = tuple(v.strip() for v in vintages.split(",") if v.strip()) if vintages else None
+            try:
+                path = write_demo(settings.workspace, cities, cfg, seed=seed, workers=workers,
+                                  on_city=lambda row: progress.advance(task), vintages=dates)
+            except ValueError as exc:
+                _fail(str(exc))
+    console.print(f"wrote {cities} cities" + (f" at {len(dates)} vintages ({', '.join(dates)})" if not benchmark and dates else "")
+                  + f" and [bold]{path}[/]")
     if preview:
         from engine.preview import render_preview
 
-        rows = load_catalog(path).to_pylist()
+        rows = select_vintage(load_catalog(path), None if benchmark or not vintages else dates[0]).to_pylist()
         with _progress() as progress:
             task = progress.add_task("drawing previews", total=len(rows))
             for row in rows:
@@ -248,6 +283,8 @@ def prepare(
         view.add_row(r.city, f"[{colour}]{r.status}[/]", str(r.tiles), f"{r.seconds:.1f}", escape(r.error))
     console.print(view)
     failed = [r for r in results if r.status == "failed"]
+    for r in failed:  # each failure in full on a line of its own (the table folds long causes)
+        console.print(f"[red]{escape(r.city)}:[/] {escape(r.error)}", soft_wrap=True, highlight=False)
     if failed:
         _fail(f"{len(failed)} of {len(results)} cities failed: {', '.join(r.city for r in failed)}", code=1)
     console.print(f"[green]ok:[/] {sum(r.tiles for r in results)} tiles in {len(results)} cities")
@@ -391,7 +428,8 @@ def map_command(
     cities: Annotated[str, typer.Option("--cities", help="'all' or a comma list of city slugs.")] = "all",
     model: Annotated[str | None, typer.Option("--model", help="Model bundle (models/<name>, or an s3:// URI); default: models/default, trained first if absent; "
                                               "'reference': the catalog's reference polygons as a perfect model (checks the pipeline).")] = None,
-    run: Annotated[str, typer.Option("--run", help="Run name: runs/<run> (predictions, ledger) and products/<run>; rerun resumes.")] = "default",
+    run: Annotated[str | None, typer.Option("--run", help="Run name: runs/<run> (predictions, ledger) and products/<run>; rerun resumes. "
+                                            "Default: default (default-<vintage> with --vintage).")] = None,
     address: Annotated[str | None, typer.Option("--address", help="Ray address ('auto', 'ray://host:10001'); default: a local Ray.")] = None,
     mode: Annotated[str | None, typer.Option("--mode", help="fused, image or osm; default: the model's own.")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Tiles per model call (default: 16 on CPU, 64 on GPUs).")] = None,
@@ -407,6 +445,8 @@ def map_command(
     population_model: Annotated[str | None, typer.Option("--population-model", help="A population model (finetune --task population, "
                                                          "same tile size): residents per 100 m cell, per UV polygon, and per city "
                                                          "and region with 95% intervals (population.csv).")] = None,
+    vintage: Annotated[str | None, typer.Option("--vintage", help="Map one date of a multi-date catalog (its `vintage` column, e.g. "
+                                                "2024); `geolink-engine change` compares two such runs.")] = None,
 ) -> None:
     """The main job: prepare -> fused inference -> stitch -> products, for the catalog's cities (demo cities if none).
 
@@ -416,15 +456,18 @@ def map_command(
     from engine.pipelines.map import MapConfig, default_model, map_catalog, run_map
 
     settings: Settings = ctx.obj
+    vintage = vintage or settings.vintage
+    run = run or (f"default-{vintage}" if vintage else "default")
     try:
+        settings = settings.for_vintage(vintage)
         logs = settings.workspace.run(run).root / "logs"  # the run name is checked here, before anything is written
     except ValueError as exc:
         _fail(str(exc))
     with _Quiet(settings, logs / "map.log") as quiet:
         _, table = map_catalog(settings.workspace, settings.catalog, cities, say=quiet.say,
-                               on_demo_city=quiet.counter("demo data"))
+                               on_demo_city=quiet.counter("demo data"), vintage=vintage)
         cfg = MapConfig(run=run, model_dir=model, mode=mode, min_area_m2=min_area, allow_gsd_mismatch=allow_gsd_mismatch,
-                        gsd_m=gsd, bands=bands, radiometry=radiometry, population_model=population_model,
+                        gsd_m=gsd, bands=bands, radiometry=radiometry, population_model=population_model, vintage=vintage,
                         inference=InferenceConfig(batch_size=batch_size, gpus=devices, actors=actors, actors_per_gpu=actors_per_gpu))
         report = run_map(table, settings.workspace, cfg, ensure_model=lambda cat: default_model(settings.workspace, cat, use_gpu=devices > 0, say=quiet.say),
                          on_stage=quiet.say, address=address, on_step=quiet.on_step)
@@ -464,12 +507,15 @@ class _Quiet:
         self.captured = None
         self.display = None
         self._shown = False
+        self._created: list[Path] = []
         self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> _Quiet:
         from engine.console import CapturedOutput, StageDisplay
         from engine.pipelines.runtime import quiet_driver
 
+        missing = [p for p in (self.log_file.parent, *self.log_file.parent.parents) if not p.exists()]
+        self._created = missing  # deepest first: the folders to remove again if the command is refused
         if not self.everything:
             self.captured = self._stack.enter_context(CapturedOutput(self.log_file, console))
             quiet_driver()
@@ -514,23 +560,33 @@ class _Quiet:
 
         error: tuple[str, int] | None = None
         handled = False
-        if exc is not None and not isinstance(exc, (Exit, ClickException, KeyboardInterrupt, SystemExit)):
+        if exc is not None and not isinstance(exc, (typer.Exit, Exit, ClickException, KeyboardInterrupt, SystemExit)):
             if isinstance(exc, (CatalogError, ValueError, FileNotFoundError)):  # a bad catalog, bundle or option: one line
                 error, handled = (str(exc), 2), True
             elif isinstance(exc, Exception) and self.captured is not None:  # anything else: one line, traceback in the log
                 traceback.print_exception(exc, file=self.captured.log)
                 error, handled = (f"{describe_error(exc)} (traceback in {self.captured.path})", 1), True
+        refused = self.captured is not None and not self._shown and (exc is not None and (error is None or error[1] == 2))
         try:
             if self.captured is not None:
-                if ray_logs := ray_log_dir():
+                if (ray_logs := ray_log_dir()) and not refused:
                     self.captured.write(f"Ray session logs (every worker's output): {ray_logs}")
                     _link_ray_logs(self.log_file.parent, ray_logs)
                 shutdown_ray()  # a Ray this command started
         finally:
             self._stack.close()
+        if refused:  # refused by its checks before any stage: its one error line, and nothing left on disk
+            self._remove_log()
         if error is not None:
             _fail(*error)
         return handled
+
+    def _remove_log(self) -> None:
+        """Delete the log file and the folders entering made for it (a refused run must not appear as a run)."""
+        with contextlib.suppress(OSError):
+            self.log_file.unlink(missing_ok=True)
+            for folder in self._created:
+                folder.rmdir()  # only when empty: anything else written there stays
 
 
 def _link_ray_logs(logs: Path, ray_logs: Path | None) -> None:
@@ -594,7 +650,7 @@ def embed_command(
     from engine.pipelines.embed import EmbedConfig, run_embed
     from engine.pipelines.infer import InferenceConfig
 
-    settings: Settings = ctx.obj
+    settings: Settings = ctx.obj.for_run(run)  # the vintage the run mapped
     path, table = _load_catalog(settings)
     try:
         logs = settings.workspace.run(run).root / "logs"
@@ -634,7 +690,7 @@ def stitch_command(
     """Rebuild products/<run>/ from a run's committed predictions (blend, polygons across seams, STAC, page)."""
     from engine.pipelines.stitch import stitch_products
 
-    settings: Settings = ctx.obj
+    settings: Settings = ctx.obj.for_run(run)  # the vintage the run mapped
     path, table = _load_catalog(settings)
     try:
         table = select_cities(table, cities)
@@ -742,15 +798,18 @@ def label_command(
 ) -> None:
     """Label the accuracy sample in a browser: each point's image chip and a wider view, blind to the map class.
 
+    On a change run (`geolink-engine change`), both dates' chips side by side and the four change classes.
+
     Every answer is saved at once (atomically) in products/<run>/accuracy/labels/<labeller>.csv; a reload or a killed
     server loses nothing and the page resumes where it stopped. A second labeller on the same sample gives Cohen's
     kappa (--agreement). --export writes <labeller>.reference.csv for `assess --reference`."""
     from engine.pipelines.prepare import prepared_imagery
-    from engine.web.label import agreement, export_reference, format_agreement, make_label_server
+    from engine.pipelines.change import dated_rows
+    from engine.web.label import agreement, export_reference, format_agreement, make_label_server, run_vintages
     from engine.web.server import is_local_host, server_url
     from engine.workspace import BadName
 
-    settings: Settings = ctx.obj
+    settings: Settings = ctx.obj.for_run(run)  # the vintage the run mapped
     try:
         products = settings.workspace.products(run)
         if agreement_of is not None:
@@ -766,9 +825,15 @@ def label_command(
             console.print(f"[green]ok:[/] wrote {escape(str(path))}; use it with "
                           f"[bold]geolink-engine assess --run {run} --reference {escape(str(path))}[/]", soft_wrap=True, highlight=False)
             return
-        _, table = _load_catalog(settings)
-        server = make_label_server(products, prepared_imagery(table, settings.workspace).to_pylist(), host=host, port=port,
-                                   labeller=labeller)
+        vintages = run_vintages(products)
+        if vintages:  # a change run: each date's chips from that date's imagery
+            _, table = _load_catalog(settings, every_vintage=True)
+            before_rows, after_rows = (dated_rows(table, settings.workspace, v) for v in vintages)
+            server = make_label_server(products, before_rows, host=host, port=port, labeller=labeller, after_rows=after_rows)
+        else:
+            _, table = _load_catalog(settings)
+            server = make_label_server(products, prepared_imagery(table, settings.workspace).to_pylist(), host=host, port=port,
+                                       labeller=labeller)
     except (BadName, ValueError, FileNotFoundError, CatalogError) as exc:
         _fail(str(exc))
     except OSError as exc:
@@ -785,6 +850,93 @@ def label_command(
         console.print("stopped; every answer was saved as it was given")
     finally:
         server.server_close()
+
+
+@app.command("change")
+def change_command(
+    ctx: typer.Context,
+    before: Annotated[str, typer.Option("--before", help="The map run of the earlier date (map --vintage V1).")],
+    after: Annotated[str, typer.Option("--after", help="The map run of the later date (map --vintage V2), same model and tile grid.")],
+    into: Annotated[str | None, typer.Option("--into", help="The change run's name: products/<into>/ (default <before>-to-<after>).")] = None,
+    tolerance_px: Annotated[int, typer.Option("--tolerance-px", min=0, max=50, help="Misregistration tolerance (pixels): UV of one date "
+                                              "with the other date's UV this close is persistent, not demolished or new.")] = 3,
+    n_total: Annotated[int | None, typer.Option("--n-total", min=1, help="Sample size of the change accuracy assessment.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the assessment's sample.")] = 0,
+    reference: Annotated[Path | None, typer.Option("--reference", help="Filled two-date labelling sheet (CSV: id,label with label one of "
+                                                   "other, persistent_uv, demolished_uv, new_uv) for points without both references.")] = None,
+) -> None:
+    """Urban-village change between two dates: change COGs, each village's fate, change statistics and their accuracy.
+
+    Writes products/<into>/: cities/<city>/change.tif (persistent, demolished, new UV), change_polygons.parquet,
+    change_stats.csv, accuracy/ (area per change class with 95% CIs, user's and producer's accuracy), index.html, STAC.
+    A city mapped at one date only is reported and the others are compared."""
+    from engine.pipelines.change import ChangeConfig, change_run_name, run_change
+
+    settings: Settings = ctx.obj
+    try:
+        name = check_name("run", into or change_run_name(check_name("run", before), check_name("run", after)))
+        logs = settings.workspace.run(name).root / "logs"
+        cfg = ChangeConfig(tolerance_px=tolerance_px, n_total=n_total, seed=seed)
+    except ValueError as exc:
+        _fail(str(exc))
+    _, table = _load_catalog(settings, every_vintage=True)  # both dates' references and imagery
+    with _Quiet(settings, logs / "change.log") as quiet:
+        report = run_change(settings.workspace, before, after, table, into=name, cfg=cfg, say=quiet.say, on_step=quiet.on_step,
+                            reference_labels=reference)
+    view = Table(title=f"change {report.vintages[0]} -> {report.vintages[1]}: run {report.run}")
+    for column in ("city", "region", "status", "UV before ha", "demolished ha", "new ha", "demolished share", "note"):
+        view.add_column(column, overflow="fold")
+    for c in report.cities:
+        r = c.row
+        colour = {"done": "green", "failed": "red", "missing": "yellow"}[c.status]
+        share = r.get("demolished_uv_m2", 0) / r["before_uv_m2"] if r.get("before_uv_m2") else None
+        view.add_row(c.city, c.region, f"[{colour}]{c.status}[/]",
+                     *(f"{r[k] / 1e4:.2f}" if k in r else "" for k in ("before_uv_m2", "demolished_uv_m2", "new_uv_m2")),
+                     "" if share is None else f"{share:.1%}", escape(c.error))
+    console.print(view)
+    national = next((r for r in report.stats if r["level"] == "national"), None)
+    if national and national.get("before_uv_m2"):
+        console.print(f"national: {national['demolished_uv_m2'] / 1e4:,.2f} ha of {national['before_uv_m2'] / 1e4:,.2f} ha UV demolished "
+                      f"({national['demolished_share']:.1%}), {national['new_uv_m2'] / 1e4:,.2f} ha new", highlight=False, soft_wrap=True)
+    if isinstance(report.assessment, str):
+        console.print(f"[red]change assessment {escape(report.assessment)}[/]", soft_wrap=True)
+    elif report.assessment is not None:
+        _print_change_assessment(report.assessment)
+    timing = ", ".join(f"{k} {v:.1f} s" for k, v in report.seconds.items())
+    console.print(f"change products in [bold]{report.products}[/] (open {report.products / 'index.html'}); {timing}", soft_wrap=True)
+    if report.failed or isinstance(report.assessment, str):
+        _fail(f"{len(report.failed)} of {len(report.cities)} cities not compared: "
+              + ", ".join(f"{c.city} ({c.status})" for c in report.failed) if report.failed else "the change assessment failed", code=1)
+
+
+def _print_change_assessment(report) -> None:
+    """National area per change class with its 95% CI (beside the census where the truth is known), user's and
+    producer's accuracy; or what the assessment awaits."""
+    national = report.national
+    if report.status != "done" or national.result is None:
+        console.print(f"[yellow]change accuracy:[/] {escape(report.status)}"
+                      + (f" ({escape(national.note)})" if national.note else "")
+                      + "".join(f"; {escape(w)}" for w in report.warnings), soft_wrap=True, highlight=False)
+        return
+    result = national.result
+    census = (report.census or {}).get("national", {}).get("national") if report.census else None
+    truth = census.values() if census is not None else None
+    view = Table(title=f"change accuracy, national: n={national.n}, estimate [95% CI] (design-based)")
+    for column in ["class", "area ha"] + (["census ha"] if truth else []) + ["user's", "producer's"]:
+        view.add_column(column, justify="left" if column == "class" else "right")
+
+    def span(e, factor: float = 1.0, fmt: str = "{:.2f}") -> str:
+        return f"{fmt.format(e.estimate * factor)} [{fmt.format(e.ci95[0] * factor)}, {fmt.format(e.ci95[1] * factor)}]"
+
+    for name in result.area:
+        cells = [name, span(result.area[name], 1e-4, "{:,.2f}")]
+        if truth:
+            cells.append(f"{truth['area'][name] / 1e4:,.2f}" if name in truth.get("area", {}) else "")
+        cells += [span(result.users_accuracy[name]), span(result.producers_accuracy[name])]
+        view.add_row(*cells)
+    console.print(view)
+    console.print(f"overall accuracy {span(result.overall_accuracy)}; report: {report.files.get('report_md', report.out_dir)}",
+                  soft_wrap=True, highlight=False)
 
 
 @app.command("merge-runs")
@@ -829,7 +981,7 @@ def assess_command(
     from engine.accuracy.sampling import SampleConfig
     from engine.pipelines.assess import assess
 
-    settings: Settings = ctx.obj
+    settings: Settings = ctx.obj.for_run(run)  # the vintage the run mapped
     path, table = _load_catalog(settings)
     try:
         logs = settings.workspace.run(run).root / "logs"
@@ -928,7 +1080,7 @@ def _print_city_report(cities: list, title: str) -> None:
 @catalog_app.command("show")
 def catalog_show(ctx: typer.Context) -> None:
     """List the catalog's cities."""
-    path, table = _load_catalog(ctx.obj)
+    path, table = _load_catalog(ctx.obj, every_vintage=True)
     view = Table(title=f"{path} ({table.num_rows} cities)")
     for name in ("city", "region", "split", "imagery", "osm", "reference"):
         view.add_column(name, overflow="fold")
@@ -943,7 +1095,7 @@ def catalog_validate(ctx: typer.Context) -> None:
     reference) and show each raster's CRS, size, bands, pixel type and ground GSD in metres."""
     from engine.imagery import format_gsd
 
-    path, table = _load_catalog(ctx.obj)
+    path, table = _load_catalog(ctx.obj, every_vintage=True)
     facts: dict = {}
     problems = validate_catalog(table, facts)
     if facts:  # what each raster is, on the ground: the model needs 8-bit RGB near the GSD it was trained at
@@ -963,11 +1115,13 @@ def catalog_validate(ctx: typer.Context) -> None:
     console.print(f"[green]ok:[/] {table.num_rows} cities valid ({len(warnings)} warning(s)) in {path}")
 
 
-def _load_catalog(settings: Settings) -> tuple[Path, pa.Table]:
-    """The catalog named by the shared options, or a clean exit naming what is wrong with it."""
+def _load_catalog(settings: Settings, every_vintage: bool = False) -> tuple[Path, pa.Table]:
+    """The catalog named by the shared options (the rows of ``settings.vintage``, unless ``every_vintage``), or a
+    clean exit naming what is wrong with it."""
     try:
         path = settings.catalog_path()
-        return path, load_catalog(path)
+        table = load_catalog(path)
+        return path, table if every_vintage else select_vintage(table, settings.vintage)
     except CatalogError as exc:
         _fail(str(exc))
 

@@ -34,7 +34,11 @@ ACCURACY_DIR = "accuracy"
 PREVIEW_PNG = "preview.png"
 COGS = {"uv_prob": "uv_prob.tif", "class": "class.tif"}  # every mapped city's
 POPULATION_COG = "population_100m.tif"  # `map --population-model`: residents per 100 m cell
-CITY_COGS = {**COGS, "population": POPULATION_COG}  # every COG a city may hold, by STAC asset key
+CHANGE_COG = "change.tif"  # `geolink-engine change`: change codes between two dates (engine.change.codes)
+CITY_COGS = {**COGS, "population": POPULATION_COG, "change": CHANGE_COG}  # every COG a city may hold, by STAC asset key
+CHANGE_STATS_CSV = "change_stats.csv"  # `change`: UV change per city, region and nation (engine.change.stats)
+CHANGE_POLYGONS_PARQUET = "change_polygons.parquet"  # `change`: every UV polygon of both dates with its fate
+CHANGE_POLYGONS_GPKG = "change_polygons.gpkg"
 UV_POPULATION_PARQUET = "uv_population.parquet"  # `map --population-model`: residents per UV polygon
 POPULATION_CSV = "population.csv"  # residents, UV residents and UV share per city, region and nation, with intervals
 POPULATION_PNG = "population.png"  # residents and their UV share by region, with the intervals
@@ -99,6 +103,31 @@ def read_city_stats(products_dir: str | os.PathLike[str]) -> list[dict]:
                     parsed[key] = value or None
             except ValueError:
                 raise ValueError(f"{path} row {i} ({row['city']}): {key}={value!r} is not a number") from None
+        out.append(parsed)
+    return sorted(out, key=lambda r: r["city"])
+
+
+def read_change_cities(products_dir: str | os.PathLike[str]) -> list[dict]:
+    """The city rows of a change run's ``change_stats.csv`` (numbers parsed, empty cells None), sorted by city: what
+    the STAC Items of a change run carry."""
+    path = Path(products_dir) / CHANGE_STATS_CSV
+    if not path.is_file():
+        raise FileNotFoundError(f"products {products_dir}: no {CHANGE_STATS_CSV}; run `geolink-engine change` first")
+    with path.open(newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("level") == "city"]
+    out = []
+    for row in rows:
+        parsed: dict = {}
+        for key, value in row.items():
+            if key == "level" or value in (None, ""):
+                continue
+            try:
+                number = float(value)
+                parsed[key] = int(number) if number.is_integer() and (key.startswith("polygons") or key == "cities") else number
+                if isinstance(parsed[key], float) and math.isnan(parsed[key]):
+                    del parsed[key]
+            except ValueError:
+                parsed[key] = value
         out.append(parsed)
     return sorted(out, key=lambda r: r["city"])
 

@@ -113,6 +113,7 @@ CATALOG_SCHEMA = pa.schema(
         pa.field("radiometry", pa.string()),  # auto | uint8 | percentile:LO,HI | range:MIN,MAX (engine.model_input)
         pa.field("population", pa.string()),  # optional truth raster: residents per cell (regression labels, issue 20)
         pa.field("co2", pa.string()),  # optional truth raster: CO2 emission proxy per cell (regression labels)
+        pa.field("vintage", pa.string()),  # optional date of the imagery (e.g. 2018): city + vintage is unique (issue 22)
     ]
 )
 CATALOG_REQUIRED: tuple[str, ...] = ("city", "region", "imagery", "osm")

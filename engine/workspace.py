@@ -12,6 +12,7 @@ Layout (unchanged by this module; ``docs/ARCHITECTURE.md`` "Workspace layout")::
     cities/<city>/                             demo inputs: imagery.tif, truth.tif, osm.parquet, reference.parquet
     preview/<city>.png
     tiles/city=<city>/index/part-*.parquet     tile index, Hive-partitioned by city
+    tiles/vintage=<v>/city=<city>/...          the same per vintage of a multi-date catalog (imagery/ too)
     tiles/city=<city>/graphs/part-*.parquet    one OSM graph per tile
     tiles/_state/<city>.json                   completion marker (written last)
     tiles/_staging/<city>/                     a city being prepared
@@ -29,7 +30,7 @@ A remote workspace (``s3://``, ``gs://``) is worked on through its node-local mi
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from engine import storage
@@ -119,6 +120,7 @@ class Workspace:
 
     location: str
     root: Path
+    vintage: str | None = None  # the imagery date worked on: its prepared tiles and imagery VRTs live apart (issue 22)
 
     @classmethod
     def at(cls, location: Workspace | str | os.PathLike[str]) -> Workspace:
@@ -127,6 +129,21 @@ class Workspace:
             return location
         text = str(location)
         return cls(location=text, root=storage.workspace_root(text))
+
+    def with_vintage(self, vintage: str | None) -> Workspace:
+        """This workspace for one vintage of the catalog (``None``: as it is). What depends on the imagery of a date,
+        the prepared tiles and the imagery VRTs, moves under ``vintage=<v>/``, so two dates of a city never overwrite
+        each other's; models, runs and products stay shared (a run is named per date).
+
+        >>> Workspace.at("ws").with_vintage("2024").tile_index("xian").as_posix()
+        'ws/tiles/vintage=2024/city=xian/index'
+        """
+        if vintage is None:
+            return self
+        return replace(self, vintage=check_name("vintage", vintage))
+
+    def _dated(self, folder: Path) -> Path:
+        return folder / f"vintage={self.vintage}" if self.vintage is not None else folder
 
     @property
     def remote(self) -> str | None:
@@ -175,12 +192,13 @@ class Workspace:
         """``imagery/<city>/``: the VRTs the engine writes to read a city's imagery (a tile mosaic, a tile cache,
         the model input with its bands, stretch and resampling; engine.model_input). Small text files, rewritten
         only when their content changes."""
-        return self.root / "imagery" / check_name("city", city)
+        return self._dated(self.root / "imagery") / check_name("city", city)
 
     # -- prepare -----------------------------------------------------------------------------------------------------
     @property
     def tiles(self) -> Path:
-        return self.root / "tiles"
+        """``tiles/`` (``tiles/vintage=<v>/`` for one vintage of a multi-date catalog)."""
+        return self._dated(self.root / "tiles")
 
     def city_tiles(self, city: str) -> Path:
         """``tiles/city=<city>``: the city's prepared parts (Hive-partitioned, so DuckDB and Arrow read ``city``)."""

@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cities", default="all")
     parser.add_argument("--model", default=None, help="model bundle (folder or URI); default: models/default (trained first if absent); "
                                                       "'reference': the reference polygons as a perfect model")
-    parser.add_argument("--run", default="default")
+    parser.add_argument("--run", default=None, help="run name (default: default, or default-<vintage> with --vintage)")
+    parser.add_argument("--vintage", default=None, help="one date of a multi-date catalog (its `vintage` column)")
     parser.add_argument("--mode", default=None, choices=["fused", "image", "osm"])
     parser.add_argument("--tile-size", type=int, default=224, help="tile size when no model fixes it")
     parser.add_argument("--batch-size", type=int, default=None, help="tiles per model call (default: 16 on CPU, 64 on GPUs)")
@@ -55,10 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main() -> int:
     args = build_parser().parse_args()
-    workspace = Workspace.at(args.workspace)
     try:
-        _, catalog = map_catalog(workspace, args.catalog, args.cities, say=lambda msg: print(msg, flush=True))
-        cfg = MapConfig(run=args.run, model_dir=args.model, mode=args.mode, tile_size_px=args.tile_size,
+        workspace = Workspace.at(args.workspace).with_vintage(args.vintage)
+        run = args.run or (f"default-{args.vintage}" if args.vintage else "default")
+        _, catalog = map_catalog(workspace, args.catalog, args.cities, say=lambda msg: print(msg, flush=True), vintage=args.vintage)
+        cfg = MapConfig(run=run, model_dir=args.model, vintage=args.vintage, mode=args.mode, tile_size_px=args.tile_size,
                         allow_gsd_mismatch=args.allow_gsd_mismatch, gsd_m=args.gsd, bands=args.bands, radiometry=args.radiometry,
                         population_model=args.population_model, inference=InferenceConfig(batch_size=args.batch_size, gpus=args.devices, actors=args.actors,
                                                   actors_per_gpu=args.actors_per_gpu))

@@ -167,6 +167,12 @@ def test_a_labels_file_of_another_draw_is_refused(products: Path) -> None:
         store.answers("old")
 
 
+def test_a_map_run_takes_no_after_rows(products: Path, assessed) -> None:
+    _, rows = assessed
+    with pytest.raises(ValueError, match="is a map run .*after_rows are for a change run only"):
+        make_label_server(products, rows, after_rows=rows)
+
+
 def test_missing_sample_names_the_run_and_what_to_do(tmp_path: Path) -> None:
     (tmp_path / "r9").mkdir()
     with pytest.raises(FileNotFoundError, match=r"run r9: .*samples.gpkg; run `geolink-engine assess --run r9` first"):
@@ -214,6 +220,9 @@ def test_http_round_trip_and_blindness(served) -> None:
     assert status == 200 and headers["Content-Type"] == "application/json"
     doc = json.loads(body)
     assert len(doc["points"]) == 60 and doc["classes"] == list(LAND_CLASSES)
+    assert doc["kind"] == "map" and doc["vintages"] is None  # one date: no change-run views
+    assert [(b["class"], b["keys"]) for b in doc["buttons"]] == [("urban_village", ["1", "u"]), ("built_up", ["2", "b"]),
+                                                                ("other", ["3", "o"])]
     assert all(set(p) == {"id", "city", "lon", "lat", "note"} for p in doc["points"])
     text = body.decode()
     for hidden in ("map_class", "stratum", "ref_", "region", "east", "west"):
@@ -256,7 +265,7 @@ def test_http_refuses_bad_input(served) -> None:
     assert _request(base + "/api/nothing")[0] == 404
     assert _post(base, "/api/nothing", {})[0] == 404
     for path in ("/..%2f..%2fetc/passwd", "/../../etc/passwd", "/%2e%2e/%2e%2e/etc/passwd", "/chip/..%2f..%2fetc.png",
-                 "/chip/p99999.png", "/.lock"):
+                 "/chip/p99999.png", "/.lock", f"/chip-after/{pid}.png", f"/context-after/{pid}.png"):  # one date only
         assert _request(base + path)[0] == 404, path
     assert not store.folder.exists()  # nothing was written by any of these
 

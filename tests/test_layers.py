@@ -18,7 +18,7 @@ LAYERS: dict[str, int] = {
     **dict.fromkeys(["imagery", "catalog", "osm", "buildings", "morphology", "scenes", "synth", "preview", "tiles", "pixels",
                      "model_bundle", "imagery_sources", "model_input", "weights_import", "model_card"], 3),
     **dict.fromkeys(["mapping", "training"], 4),
-    "stitch": 5,
+    **dict.fromkeys(["stitch", "change"], 5),
     **dict.fromkeys(["products", "accuracy"], 6),
     **dict.fromkeys(["pipelines", "web"], 7),
     **dict.fromkeys(["cli", "console"], 8),

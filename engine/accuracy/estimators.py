@@ -269,7 +269,7 @@ def _estimates(est: np.ndarray, se: np.ndarray, z: float, upper: float = 1.0,
 
 def posterior_bounds(counts: np.ndarray, size: np.ndarray, y: np.ndarray, x: np.ndarray, z: float = Z95,
                      draws: int = POSTERIOR_DRAWS, seed: int = POSTERIOR_SEED,
-                     prior: float = JEFFREYS_PRIOR) -> tuple[np.ndarray, np.ndarray]:
+                     prior: float = JEFFREYS_PRIOR, split_errors: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Equal-tailed posterior interval of stratified ratios ``R_q = sum_h N_h E_h[y_q] / sum_h N_h E_h[x_q]``.
 
     The units of stratum ``h`` fall in the cells (map class i, reference class j) with probabilities ``pi_h``;
@@ -290,6 +290,12 @@ def posterior_bounds(counts: np.ndarray, size: np.ndarray, y: np.ndarray, x: np.
     where class i is). The posterior ignores the finite population correction (each stratum is taken as infinite,
     as the assessment's points are; with sizes in units the interval is then slightly conservative).
 
+    ``split_errors`` (for K > 2 classes, square matrices): each off-diagonal cell gets ``prior / (K - 1)``, so a
+    row carries ``prior`` on its correct cell and ``prior`` on its errors together, as with two classes; user's
+    accuracy of a class with its own stratum is then the binomial Jeffreys interval ``Beta(x + 1/2, n - x + 1/2)``
+    for any K. Without it a row of K classes carries ``(K - 1) / 2`` pseudo-errors (1.5 with four classes), which
+    pulls accuracies with few points per stratum down and makes their upper bounds too low. Identical for K = 2.
+
     Args:
         counts: ``(..., H, I, J)`` counts; leading axes are a batch of samples (every stratum sampled in each).
         size: ``(H,)`` stratum sizes ``N_h``.
@@ -297,6 +303,7 @@ def posterior_bounds(counts: np.ndarray, size: np.ndarray, y: np.ndarray, x: np.
         z: normal quantile of the two-sided level (1.959964: 95%).
         draws: posterior draws; seed: of the draws (the same counts give the same bounds).
         prior: pseudo-count per domain cell (1/2: Jeffreys).
+        split_errors: spread ``prior`` over the K - 1 error cells of a row (see above); default off.
 
     Returns:
         ``(lo, hi)`` of shape ``(..., Q)``; NaN where some stratum has no sample or a ratio's ``x`` has no mass.
@@ -325,7 +332,10 @@ def posterior_bounds(counts: np.ndarray, size: np.ndarray, y: np.ndarray, x: np.
     row_area = size[None, :, None] * c.sum(axis=3) / n[..., None]  # (B, H, I): A_hi
     total = row_area.sum(axis=1, keepdims=True)
     alpha = prior * np.divide(row_area, total, out=np.zeros_like(row_area), where=total > 0)
-    shape = (c + alpha[..., None]).reshape(c.shape[0], -1)  # (B, H*I*J)
+    cell = np.ones((i, j))
+    if split_errors and i == j and i > 2:
+        cell = np.where(np.eye(i, dtype=bool), 1.0, 1.0 / (i - 1))
+    shape = (c + alpha[..., None] * cell).reshape(c.shape[0], -1)  # (B, H*I*J)
     active = np.flatnonzero((shape > 0).any(axis=0))  # cells that can hold mass
     shape = shape[:, active]
     stratum = active // (i * j)
@@ -405,11 +415,13 @@ def _strata_report(strata: Sequence[str], size: np.ndarray, n: np.ndarray, f: np
 
 
 def estimates_from_counts(counts: np.ndarray, strata_sizes: Mapping[str, float], classes: Sequence[str],
-                          fpc: bool = True, z: float = Z95, interval: str = DEFAULT_INTERVAL) -> AccuracyResult:
+                          fpc: bool = True, z: float = Z95, interval: str = DEFAULT_INTERVAL,
+                          split_errors: bool = False) -> AccuracyResult:
     """Stehman (2014) estimates from the count cube ``counts[h, i, j]`` (strata in the order of ``strata_sizes``).
 
     The whole computation is vectorised over strata and classes; see :func:`stratified_estimates` for the meaning
-    of every estimate, of ``fpc`` and of ``interval``.
+    of every estimate, of ``fpc`` and of ``interval``; ``split_errors``: the Jeffreys prior of a row spread over its
+    error cells (for more than two classes, see :func:`posterior_bounds`).
     """
     sizes, strata, classes, counts = _count_cube(counts, strata_sizes, classes, interval)
     report, warnings, c, size, n, f, total = _sampled_strata(counts, strata, sizes, fpc)
@@ -431,12 +443,12 @@ def estimates_from_counts(counts: np.ndarray, strata_sizes: Mapping[str, float],
         for cls in [c for c, v in zip(classes, values) if np.isnan(v)]:
             warnings.append(f"{name} accuracy of {cls!r} is not estimable: no sample {why} {cls!r}")
     return _accuracy_result("stehman2014", c, size, total, classes, (oa, oa_se), (ua, ua_se), (pa, pa_se),
-                            (prop, prop_se), report, warnings, z, interval)
+                            (prop, prop_se), report, warnings, z, interval, split_errors)
 
 
 def _accuracy_result(estimator: str, c: np.ndarray, size: np.ndarray, total: float, classes: tuple[str, ...],
                      oa: tuple, ua: tuple, pa: tuple, prop: tuple, report: dict, warnings: list[str], z: float,
-                     interval: str) -> AccuracyResult:
+                     interval: str, split_errors: bool = False) -> AccuracyResult:
     """The result of the point estimates and SEs ``(est, se)``, with Wald or posterior intervals from the cube ``c``
     (sampled strata only)."""
     k = len(classes)
@@ -444,7 +456,7 @@ def _accuracy_result(estimator: str, c: np.ndarray, size: np.ndarray, total: flo
     bounds: dict[str, tuple | None] = dict.fromkeys(est)
     if interval == "jeffreys":
         names, ys, xs = accuracy_indicators(k)
-        lo, hi = posterior_bounds(c, size, ys, xs, z)
+        lo, hi = posterior_bounds(c, size, ys, xs, z, split_errors=split_errors)
         for what in est:
             pos = [p for p, (name, _) in enumerate(names) if name == what]
             bounds[what] = _hull(np.atleast_1d(est[what][0]), lo[pos], hi[pos])

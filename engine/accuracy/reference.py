@@ -18,7 +18,7 @@ For the built-up estimates each point also has a reference *land* class (``ref_l
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import geopandas as gpd
@@ -93,6 +93,43 @@ def _land_geometries(reference: gpd.GeoDataFrame, crs: CRS | None = None) -> tup
     return np.asarray(keep.geometry.values, dtype=object), codes[codes > 0]
 
 
+class LandLabeller:
+    """The reference land class of points, with the polygons' STRtree built once (for many calls on one reference:
+    :func:`label_land` is one call of it).
+
+    Points are given in ``points_crs`` (default EPSG:4326 lon/lat) and tested in the reference's own CRS: inside or
+    on the edge of a UV polygon is ``urban_village`` (1), else of another built-up polygon ``built_up`` (2), else
+    ``other`` (0); :meth:`codes` gives the index in :data:`LAND_CLASSES`, calling the labeller the names.
+
+    Example:
+        >>> ref = gpd.GeoDataFrame({"class": ["urban_village"]}, geometry=[shapely.box(0, 0, 1, 1)], crs=4326)
+        >>> LandLabeller(ref).codes(np.array([0.5, 2.0]), np.array([0.5, 0.5])).tolist()
+        [1, 0]
+    """
+
+    def __init__(self, reference: gpd.GeoDataFrame, points_crs: object = 4326) -> None:
+        self.geoms, self.land = _land_geometries(reference)
+        self.tree = shapely.STRtree(self.geoms) if self.geoms.size else None
+        source, target = CRS.from_user_input(points_crs), CRS.from_user_input(reference.crs)
+        self.transformer = None if source.equals(target) else Transformer.from_crs(source, target, always_xy=True)
+
+    def codes(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Index in :data:`LAND_CLASSES` (uint8) of each point."""
+        x, y = np.asarray(x, float), np.asarray(y, float)
+        out = np.zeros(x.size, np.uint8)
+        if x.size and self.tree is not None:
+            if self.transformer is not None:
+                x, y = self.transformer.transform(x, y)
+            points = shapely.points(np.asarray(x, float), np.asarray(y, float))
+            hit, poly = self.tree.query(points, predicate="intersects")
+            np.maximum.at(out, hit, np.where(self.land[poly] == 1, 3, 2))  # a UV polygon wins over a built-up one it touches
+            out = np.where(out == 3, 1, out).astype(np.uint8)
+        return out
+
+    def __call__(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return np.array(LAND_CLASSES, dtype=object)[self.codes(x, y)]
+
+
 def label_land(lon: np.ndarray, lat: np.ndarray, reference: gpd.GeoDataFrame) -> np.ndarray:
     """Reference land class of each point (lon/lat, EPSG:4326): ``urban_village`` inside a UV polygon, else
     ``built_up`` inside a polygon of another built-up class, else ``other``.
@@ -103,18 +140,7 @@ def label_land(lon: np.ndarray, lat: np.ndarray, reference: gpd.GeoDataFrame) ->
         >>> label_land(np.array([0.5, 1.5, 2.5, 9.0]), np.full(4, 0.5), ref).tolist()
         ['urban_village', 'built_up', 'other', 'other']
     """
-    lon, lat = np.asarray(lon, float), np.asarray(lat, float)
-    out = np.zeros(lon.size, np.uint8)
-    geoms, codes = _land_geometries(reference)
-    if lon.size and geoms.size:
-        x, y = lon, lat
-        if not CRS.from_user_input(reference.crs).equals(CRS.from_epsg(4326)):
-            x, y = Transformer.from_crs(4326, reference.crs, always_xy=True).transform(lon, lat)
-        points = shapely.points(np.asarray(x, float), np.asarray(y, float))
-        hit, poly = shapely.STRtree(geoms).query(points, predicate="intersects")
-        np.maximum.at(out, hit, np.where(codes[poly] == 1, 3, 2))  # a UV polygon wins over a built-up one it touches
-        out = np.where(out == 3, 1, out).astype(np.uint8)
-    return np.array(LAND_CLASSES, dtype=object)[out]
+    return LandLabeller(reference)(lon, lat)
 
 
 def label_points(lon: np.ndarray, lat: np.ndarray, reference: gpd.GeoDataFrame) -> np.ndarray:
@@ -204,19 +230,24 @@ def render_chip(src: rasterio.DatasetReader, x: float, y: float, chip_px: int, z
     return rgb
 
 
-def export_label_sheet(points: pd.DataFrame, imagery: Mapping[str, str], out_dir: str | os.PathLike[str],
+CHIP_GAP_PX = 4  # white columns between the chips of a multi-date chip
+
+
+def export_label_sheet(points: pd.DataFrame, imagery: Mapping[str, str | Sequence[str]], out_dir: str | os.PathLike[str],
                        chip_px: int = 96, timestamp: str = "") -> tuple[dict[str, Path], list[str]]:
     """Write the blind labelling sheet of ``points`` under ``out_dir``: CSV, GeoPackage and one PNG chip per point.
 
     The sheet has :data:`SHEET_COLUMNS`; ``label`` is empty, to be filled with ``urban_village``, ``built_up``
     (built-up land that is not an urban village: housing estates, commerce, industry, institutions) or ``other``
-    (land that is not built-up: roads, green, water, farmland, vacant). The map class and stratum are left out on
-    purpose. Chips (``chips/<id>.png``, the imagery around the point with a
-    yellow square on its pixel) are read by window from the catalog imagery of each city.
+    (land that is not built-up: roads, green, water, farmland, vacant), or with the classes the caller's reader
+    allows (:func:`read_labels`' ``classes``; e.g. the change classes). The map class and stratum are left out on
+    purpose. Chips (``chips/<id>.png``, the imagery around the point with a yellow square on its pixel) are read by
+    window from the catalog imagery of each city; a city with several images (the dates of a change assessment)
+    gets them side by side in the given order, ``CHIP_GAP_PX`` white columns apart.
 
     Args:
         points: rows of :func:`engine.accuracy.sampling.draw_sample` (``id, city, x, y, crs, lon, lat``).
-        imagery: city -> imagery path.
+        imagery: city -> imagery path, or a sequence of paths (one chip each, left to right).
         out_dir: the run's ``accuracy/`` folder.
         chip_px: chip side in imagery pixels.
         timestamp: the GeoPackage's last_change (the run's start), so a rerun writes the same bytes.
@@ -233,20 +264,20 @@ def export_label_sheet(points: pd.DataFrame, imagery: Mapping[str, str], out_dir
         tmp_dir.mkdir(parents=True)
         for city, idx in sheet.groupby("city").groups.items():
             path = imagery.get(city)
+            paths = [path] if path is None or isinstance(path, (str, os.PathLike)) else list(path)
             try:
-                with rasterio.open(path) as src:
-                    rows = sheet.loc[idx]
-                    x, y = rows["x"].to_numpy(), rows["y"].to_numpy()
-                    crs = CRS.from_user_input(rows["crs"].iloc[0])
-                    if src.crs is not None and not CRS.from_user_input(src.crs).equals(crs):
-                        x, y = Transformer.from_crs(crs, src.crs, always_xy=True).transform(x, y)
-                    for i, xi, yi in zip(idx, np.asarray(x), np.asarray(y)):
-                        name = f"{sheet.at[i, 'id']}.png"
-                        Image.fromarray(render_chip(src, float(xi), float(yi), chip_px)).save(tmp_dir / name, optimize=True)
-                        chip[i] = f"{CHIPS_DIR}/{name}"
+                rows = sheet.loc[idx]
+                images = [_chips(p, rows, chip_px) for p in paths]
+                gap = np.full((chip_px, CHIP_GAP_PX, 3), 255, np.uint8)
+                for k, i in enumerate(idx):
+                    name = f"{sheet.at[i, 'id']}.png"
+                    parts = [part for img in images for part in (gap, img[k])][1:]
+                    Image.fromarray(np.concatenate(parts, axis=1)).save(tmp_dir / name, optimize=True)
+                    chip[sheet.index.get_loc(i)] = f"{CHIPS_DIR}/{name}"
             except Exception as exc:  # noqa: BLE001 (no chips for this city; the sheet is still usable)
-                warnings.append(f"city {city}: no image chips, imagery {path} cannot be read ({exc})")
-                chip[np.asarray(idx)] = "no chip: imagery unreadable"
+                shown = path if len(paths) == 1 else [str(p) for p in paths]
+                warnings.append(f"city {city}: no image chips, imagery {shown} cannot be read ({exc})")
+                chip[sheet.index.get_indexer(idx)] = "no chip: imagery unreadable"
     table = pd.DataFrame({"id": sheet["id"], "city": sheet["city"], "lon": sheet["lon"].round(8),
                           "lat": sheet["lat"].round(8), "chip": chip, "label": ""})
     csv_path, gpkg_path = out_dir / SHEET_CSV, out_dir / SHEET_GPKG
@@ -255,6 +286,16 @@ def export_label_sheet(points: pd.DataFrame, imagery: Mapping[str, str], out_dir
     write_gpkg(gpd.GeoDataFrame(table, geometry=shapely.points(table["lon"], table["lat"]), crs=4326), gpkg_path, SHEET_LAYER,
                timestamp)
     return {"csv": csv_path, "gpkg": gpkg_path, "chips": out_dir / CHIPS_DIR}, warnings
+
+
+def _chips(path: str | os.PathLike[str] | None, rows: pd.DataFrame, chip_px: int) -> list[np.ndarray]:
+    """The chip of every row (points in the CRS of their ``crs`` column) from one image."""
+    with rasterio.open(path) as src:
+        x, y = rows["x"].to_numpy(), rows["y"].to_numpy()
+        crs = CRS.from_user_input(rows["crs"].iloc[0])
+        if src.crs is not None and not CRS.from_user_input(src.crs).equals(crs):
+            x, y = Transformer.from_crs(crs, src.crs, always_xy=True).transform(x, y)
+        return [render_chip(src, float(xi), float(yi), chip_px) for xi, yi in zip(np.asarray(x), np.asarray(y))]
 
 
 def read_labels(path: str | os.PathLike[str], sample: pd.DataFrame, required: set[str] | None = None,

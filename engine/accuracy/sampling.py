@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -139,22 +139,43 @@ class CityGrid:
     ground_res_m: tuple[float, float] = (0.0, 0.0)  # pixel height and width on the ground at the centre (metres)
     row_area_m2: np.ndarray | None = field(default=None, repr=False, compare=False)  # area of one pixel of each row; None: all equal
     built_up_indices: tuple[int, ...] = ()  # map classes other than UV that are built-up land (none: a binary map)
+    classes: tuple[str, ...] = ()  # the map's classes (index = pixel value)
+    strata_are_classes: bool = False  # every class is its own map stratum, code = pixel value (e.g. a change map)
 
     @property
     def res_m(self) -> tuple[float, float]:
         """Pixel height and width in ground metres at the map's centre (any CRS: degrees and Mercator included)."""
         return self.ground_res_m
 
+    @property
+    def stratum_names(self) -> tuple[str, ...]:
+        """The map stratum of each stratum code: :data:`MAP_STRATA` (other, UV, buffer), or the map's own classes
+        where ``strata_are_classes``."""
+        return self.classes if self.strata_are_classes else MAP_STRATA
 
-def open_city_grid(path: str | os.PathLike[str], city: str, region: str, classes: tuple[str, ...]) -> CityGrid:
+    @property
+    def map_index(self) -> np.ndarray:
+        """The map class (row of the census) of each stratum code: UV 1, other and buffer 0; or the code itself
+        where ``strata_are_classes``."""
+        return np.arange(len(self.classes)) if self.strata_are_classes else np.array([0, 1, 0])
+
+
+def open_city_grid(path: str | os.PathLike[str], city: str, region: str, classes: tuple[str, ...],
+                   strata_are_classes: bool = False) -> CityGrid:
     """Open and check a city's ``class.tif`` (one uint8 band, north-up, any CRS).
+
+    Args:
+        strata_are_classes: every class of ``classes`` is its own map stratum (stratum code = pixel value, no buffer,
+            no UV class needed): e.g. a change map (``other``, ``persistent_uv``, ``demolished_uv``, ``new_uv``).
+            Default: the strata of :func:`stratum_codes` (other, UV, buffer).
 
     Raises:
         ValueError: naming the city and file: not a single uint8 band, rotated, no CRS, or a ``classes`` tag that
             disagrees with the run's classes.
     """
     path = Path(path)
-    if UV_CLASS not in classes:
+    classes = tuple(classes)
+    if UV_CLASS not in classes and not strata_are_classes:
         raise ValueError(f"the run's classes {list(classes)} have no {UV_CLASS!r}; nothing to assess")
     with rasterio.open(path) as src:
         where = f"city {city}: {path}"
@@ -171,8 +192,10 @@ def open_city_grid(path: str | os.PathLike[str], city: str, region: str, classes
                              f"stitch the run again")
         nodata = 255 if src.nodata is None else int(src.nodata)
         grid = CityGrid(city, region, path, src.width, src.height, src.transform, crs, len(classes),
-                        classes.index(UV_CLASS), nodata, 0.0,
-                        built_up_indices=tuple(i for i, c in enumerate(classes) if c != UV_CLASS and is_built_up(c)))
+                        classes.index(UV_CLASS) if UV_CLASS in classes else -1, nodata, 0.0,
+                        built_up_indices=() if strata_are_classes else
+                        tuple(i for i, c in enumerate(classes) if c != UV_CLASS and is_built_up(c)),
+                        classes=classes, strata_are_classes=strata_are_classes)
     rows = _row_areas_m2(grid)
     centre = float(rows[grid.height_px // 2])
     uniform = float(np.ptp(rows)) <= ROW_AREA_TOLERANCE * centre  # a projected grid: one area for every pixel
@@ -213,7 +236,8 @@ def _row_areas_m2(grid: CityGrid) -> np.ndarray:
 
 
 def stratum_codes(classes_px: np.ndarray, grid: CityGrid, buffer_m: float) -> np.ndarray:
-    """Stratum code per pixel: 0 other, 1 UV, 2 buffer (other within ``buffer_m`` of UV), 255 nodata.
+    """Stratum code per pixel: 0 other, 1 UV, 2 buffer (other within ``buffer_m`` of UV), 255 nodata; where
+    ``grid.strata_are_classes``, the class index itself (no buffer).
 
     Distances are Euclidean between pixel centres (``scipy.ndimage.distance_transform_edt`` with the pixel size in
     metres); a pixel at exactly ``buffer_m`` is in the buffer.
@@ -226,6 +250,8 @@ def stratum_codes(classes_px: np.ndarray, grid: CityGrid, buffer_m: float) -> np
     if bad.any():
         raise ValueError(f"city {grid.city}: {grid.path} holds class index {int(classes_px[bad][0])}, but the run has "
                          f"{grid.n_classes} classes")
+    if getattr(grid, "strata_are_classes", False):
+        return np.where(valid, classes_px, np.uint8(CODE_NODATA)).astype(np.uint8)
     uv = valid & (classes_px == grid.uv_index)
     codes = np.where(valid, uv.astype(np.uint8), np.uint8(CODE_NODATA))
     if buffer_m > 0 and uv.any() and not uv.all():
@@ -278,15 +304,15 @@ class CityStrata:
     grid: CityGrid
     buffer_m: float
     block_rows: int
-    strip_counts: np.ndarray  # (strips, 3) int64: pixels of each stratum code per strip
+    strip_counts: np.ndarray  # (strips, codes) int64: pixels of each stratum code per strip (codes: grid.stratum_names)
     census: np.ndarray | None
-    strip_areas: np.ndarray | None = None  # (strips, 3) float: their ground area (m2); None: pixels x pixel_area_m2
+    strip_areas: np.ndarray | None = None  # (strips, codes) float: their ground area (m2); None: pixels x pixel_area_m2
     census_m2: np.ndarray | None = None  # the census as ground areas (m2)
-    built_up_m2: np.ndarray | None = None  # (3,): area per stratum code mapped as built-up; None: the map has no built-up class
+    built_up_m2: np.ndarray | None = None  # (codes,): area per stratum code mapped as built-up; None: the map has no built-up class
 
     @property
     def pixels(self) -> np.ndarray:
-        """Pixels per stratum code (other, UV, buffer)."""
+        """Pixels per stratum code (other, UV, buffer; or ``grid.stratum_names``)."""
         return self.strip_counts.sum(axis=0)
 
     @property
@@ -304,40 +330,48 @@ class CityStrata:
         return self.census_m2 if self.census_m2 is not None else self.census * self.grid.pixel_area_m2
 
 
-def scan_city(grid: CityGrid, buffer_m: float, block_rows: int, truth: TruthStrip | None = None) -> CityStrata:
+def scan_city(grid: CityGrid, buffer_m: float, block_rows: int, truth: TruthStrip | None = None,
+              truth_classes: int = len(LAND_CLASSES)) -> CityStrata:
     """Count each stratum's pixels per strip (and the census confusion against ``truth``) in one pass.
+
+    ``truth`` gives codes below ``truth_classes`` (default: the :data:`LAND_CLASSES`); the census rows are the map
+    classes of ``grid.map_index`` (other, UV; or each class where ``grid.strata_are_classes``).
 
     Example::
 
         scan_city(open_city_grid("products/run/cities/wuhan/class.tif", "wuhan", "central", classes), 30.0, 256)
     """
     counts, areas = [], []
-    k = len(LAND_CLASSES)
-    census = np.zeros((2, k), np.int64) if truth is not None else None
-    census_m2 = np.zeros((2, k)) if truth is not None and grid.row_area_m2 is not None else None
-    built_up = np.zeros(3) if grid.built_up_indices else None  # built-up pixels (or m2) mapped in each stratum code
+    k = int(truth_classes)
+    m = len(grid.stratum_names)  # stratum codes
+    map_of = np.zeros(256, np.int64)
+    map_of[:m] = grid.map_index
+    rows_c = int(grid.map_index.max()) + 1  # census rows: map classes
+    census = np.zeros((rows_c, k), np.int64) if truth is not None else None
+    census_m2 = np.zeros((rows_c, k)) if truth is not None and grid.row_area_m2 is not None else None
+    built_up = np.zeros(m) if grid.built_up_indices else None  # built-up pixels (or m2) mapped in each stratum code
     for _, y0, codes, classes in _strips(grid, buffer_m, block_rows):
-        counts.append(np.bincount(codes.ravel(), minlength=256)[:3])
+        counts.append(np.bincount(codes.ravel(), minlength=256)[:m])
         row_area = grid.row_area_m2[y0:y0 + codes.shape[0]] if grid.row_area_m2 is not None else None
         if row_area is not None:  # per row: pixels of each code x that row's pixel area
-            per_row = np.stack([(codes == c).sum(axis=1) for c in range(3)], axis=1)
+            per_row = np.stack([(codes == c).sum(axis=1) for c in range(m)], axis=1)
             areas.append(row_area @ per_row)
         if built_up is not None:
             mapped = (codes != CODE_NODATA) & (np.isin(classes, grid.built_up_indices) | (codes == 1))
             weights = None if row_area is None else np.broadcast_to(row_area[:, None], codes.shape)[mapped]
-            built_up += np.bincount(codes[mapped], weights=weights, minlength=3)[:3]
+            built_up += np.bincount(codes[mapped], weights=weights, minlength=m)[:m]
         if truth is not None:
             ref = truth(y0, y0 + codes.shape[0])
             valid = codes != CODE_NODATA
-            cell = (codes == 1) * k + ref
-            census += np.bincount(cell[valid], minlength=2 * k).reshape(2, k)
+            cell = map_of[codes] * k + ref
+            census += np.bincount(cell[valid], minlength=rows_c * k).reshape(rows_c, k)
             if census_m2 is not None:
                 weights = np.broadcast_to(row_area[:, None], codes.shape)[valid]
-                census_m2 += np.bincount(cell[valid], weights=weights, minlength=2 * k).reshape(2, k)
-    strip_areas = np.array(areas, float).reshape(-1, 3) if grid.row_area_m2 is not None else None
+                census_m2 += np.bincount(cell[valid], weights=weights, minlength=rows_c * k).reshape(rows_c, k)
+    strip_areas = np.array(areas, float).reshape(-1, m) if grid.row_area_m2 is not None else None
     if built_up is not None and grid.row_area_m2 is None:
         built_up = built_up * grid.pixel_area_m2
-    return CityStrata(grid, buffer_m, block_rows, np.array(counts, np.int64).reshape(-1, 3), census, strip_areas, census_m2,
+    return CityStrata(grid, buffer_m, block_rows, np.array(counts, np.int64).reshape(-1, m), census, strip_areas, census_m2,
                       built_up)
 
 
@@ -387,18 +421,27 @@ class SampleDesign:
 
 def city_cells(scan: CityStrata) -> list[dict]:
     """The city's rows of the cells table (every map stratum, pixels and m2, and the m2 mapped as built-up)."""
-    built = [None] * 3 if scan.built_up_m2 is None else [float(v) for v in scan.built_up_m2]
+    names = scan.grid.stratum_names
+    built = [None] * len(names) if scan.built_up_m2 is None else [float(v) for v in scan.built_up_m2]
     return [{"city": scan.grid.city, "region": scan.grid.region, "map_stratum": name, "pixels": int(px),
-             "area_m2": float(area), "built_up_m2": b} for name, px, area, b in zip(MAP_STRATA, scan.pixels, scan.areas_m2, built)]
+             "area_m2": float(area), "built_up_m2": b} for name, px, area, b in zip(names, scan.pixels, scan.areas_m2, built)]
 
 
-def plan_design(scans: list[CityStrata], cfg: SampleConfig) -> SampleDesign:
+def plan_design(scans: list[CityStrata], cfg: SampleConfig, classes: Sequence[str] = ASSESS_CLASSES,
+                users_accuracy: Mapping[str, float] | None = None,
+                rare_strata: Sequence[str] = RARE_STRATA) -> SampleDesign:
     """Aggregate the cities' stratum pixels into strata (DuckDB) and allocate the sample.
 
     ``n = sample_size_overall(W, U, target_se)`` with ``W`` the mapped area shares of UV and other (buffer counted
     as other) and ``U`` the anticipated user's accuracies; then :func:`engine.accuracy.design.allocate` of
     ``n + min_rare x (rare strata)`` points, at least ``min_rare`` per rare stratum and ``min_common`` per other
     stratum, the rest proportional to area.
+
+    Args:
+        classes: the map classes of the estimates; a map stratum that is not one of them (the buffer) is mapped
+            ``other``. Default: urban village and other.
+        users_accuracy: anticipated user's accuracy of each class of ``classes`` (default ``cfg.users_accuracy``).
+        rare_strata: the map strata that get ``min_rare`` points (the others ``min_common``).
 
     Raises:
         ValueError: no city has a valid pixel.
@@ -413,10 +456,11 @@ def plan_design(scans: list[CityStrata], cfg: SampleConfig) -> SampleDesign:
         con.close()
     if strata.empty:
         raise ValueError("no city has a valid pixel in its class map: nothing to sample")
-    strata["map_class"] = np.where(strata["map_stratum"] == UV_CLASS, UV_CLASS, OTHER_CLASS)
+    strata["map_class"] = np.where(strata["map_stratum"].isin(list(classes)), strata["map_stratum"], OTHER_CLASS)
     area_by_class = strata.groupby("map_class")["area_m2"].sum()
-    n_cochran = sample_size_overall(area_by_class.to_dict(), cfg.users_accuracy, cfg.target_se)
-    rare = strata["map_stratum"].isin(RARE_STRATA).to_numpy()
+    n_cochran = sample_size_overall(area_by_class.to_dict(), cfg.users_accuracy if users_accuracy is None else users_accuracy,
+                                    cfg.target_se)
+    rare = strata["map_stratum"].isin(list(rare_strata)).to_numpy()
     mins = dict(zip(strata["stratum"], np.where(rare, cfg.min_rare, cfg.min_common).tolist()))
     n_wanted = cfg.n_total if cfg.n_total is not None else n_cochran + cfg.min_rare * int(rare.sum())
     n = allocate(dict(zip(strata["stratum"], strata["area_m2"])), n_wanted, mins)
@@ -462,7 +506,7 @@ def area_weighted_ranks(scan: CityStrata, code: np.ndarray, rng: np.random.Gener
     row: each point picks a strip with probability proportional to its stratum's ground area there, then a pixel of
     that strip uniformly. So points are uniform on the ground, as the stratum sizes (areas) assume."""
     cum = np.cumsum(scan.strip_counts, axis=0)
-    before = np.vstack([np.zeros((1, 3), np.int64), cum[:-1]])
+    before = np.vstack([np.zeros((1, cum.shape[1]), np.int64), cum[:-1]])
     out = np.zeros(code.size, np.int64)
     for c in np.unique(code):
         mine = np.flatnonzero(code == c)
@@ -497,14 +541,65 @@ def locate(scan: CityStrata, code: np.ndarray, rank: np.ndarray) -> tuple[np.nda
     return rows, cols
 
 
+class MemoryLocator:
+    """:func:`locate` from stratum codes held in memory: each city's codes are read once (strip by strip, one byte
+    per pixel), with per-row counts of every code, so a redraw reads no raster and visits one row per point. For
+    repeated draws on the same maps (coverage studies); it finds the same pixels as :func:`locate`.
+
+    Example::
+
+        locator = MemoryLocator()
+        points = draw_sample(scans, replace(design, config=replace(design.config, seed=7)), locator)
+    """
+
+    def __init__(self) -> None:
+        self._cache: dict[int, tuple[CityStrata, np.ndarray, np.ndarray]] = {}  # id -> (scan, codes, cumulative counts)
+
+    def _codes(self, scan: CityStrata) -> tuple[np.ndarray, np.ndarray]:
+        key = id(scan)  # the scan is kept in the entry, so its id is not reused while cached
+        if key not in self._cache:
+            codes = np.empty((scan.grid.height_px, scan.grid.width_px), np.uint8)
+            for _, y0, strip in strata_strips(scan.grid, scan.buffer_m, scan.block_rows):
+                codes[y0:y0 + strip.shape[0]] = strip
+            m = scan.strip_counts.shape[1]
+            per_row = np.stack([(codes == c).sum(axis=1) for c in range(m)], axis=1)  # (rows, codes)
+            self._cache[key] = (scan, codes, np.cumsum(per_row, axis=0))
+        return self._cache[key][1:]
+
+    def __call__(self, scan: CityStrata, code: np.ndarray, rank: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        codes, cum = self._codes(scan)
+        rows = np.zeros(rank.size, np.int64)
+        cols = np.zeros(rank.size, np.int64)
+        for c in np.unique(code):
+            mine = np.flatnonzero(code == c)
+            rows[mine] = np.searchsorted(cum[:, c], rank[mine], side="right")
+        if (rows >= codes.shape[0]).any():
+            raise ValueError(f"city {scan.grid.city}: a drawn pixel lies beyond the class map")
+        within = rank - np.where(rows > 0, cum[np.maximum(rows - 1, 0), code], 0)  # rank among the row's pixels of code
+        key = rows * cum.shape[1] + code
+        order = np.argsort(key, kind="stable")
+        starts = np.flatnonzero(np.r_[True, np.diff(key[order]) != 0])
+        for mine in np.split(order, starts[1:]):  # one (row, code) at a time
+            r, c = rows[mine[0]], code[mine[0]]
+            cols[mine] = np.flatnonzero(codes[r] == c)[within[mine]]
+        return rows, cols
+
+
 POINT_COLUMNS = ("id", "city", "region", "stratum", "map_stratum", "map_class", "row", "col", "x", "y", "crs", "lon", "lat")
 
 
-def draw_sample(scans: list[CityStrata], design: SampleDesign) -> pd.DataFrame:
+Locator = Callable[["CityStrata", np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]  # (scan, code, rank) -> rows, cols
+
+
+def draw_sample(scans: list[CityStrata], design: SampleDesign, locator: Locator | None = None) -> pd.DataFrame:
     """The sample points of ``design`` (seeded by ``design.config.seed``), sorted by id.
 
     Ids (``p00001``...) are assigned in a random order, so neither their order nor the sheet's row order tells a
     labeller the stratum (which would reveal the map class).
+
+    ``locator`` finds each drawn pixel (default :func:`locate`, which reads the strips holding one;
+    :class:`MemoryLocator` answers from stratum codes held in memory, for repeated draws on the same maps: the same
+    points).
 
     Returns:
         One row per point: :data:`POINT_COLUMNS` (``x``/``y`` in the city's CRS ``crs``, ``lon``/``lat`` in
@@ -520,22 +615,24 @@ def draw_sample(scans: list[CityStrata], design: SampleDesign) -> pd.DataFrame:
     width = max(5, len(str(cell.size)))
     ids = np.array([f"p{i + 1:0{width}d}" for i in order], dtype=object)
     by_city = {s.grid.city: s for s in scans}
-    code_of = {name: i for i, name in enumerate(MAP_STRATA)}
+    locator = locate if locator is None else locator
     parts = []
     for city, idx in pd.Series(np.arange(cell.size)).groupby(cells["city"].to_numpy()[cell]):
         idx = idx.to_numpy()
         scan = by_city[city]
-        code = cells["map_stratum"].map(code_of).to_numpy()[cell[idx]]
+        names = scan.grid.stratum_names
+        code = cells["map_stratum"].map({name: i for i, name in enumerate(names)}).to_numpy()[cell[idx]]
         if scan.strip_areas is not None:  # pixel areas differ by row: uniform on the ground, not on pixels
             rank[idx] = area_weighted_ranks(scan, code, rng)
-        rows, cols = locate(scan, code, rank[idx])
+        rows, cols = locator(scan, code, rank[idx])
         x, y = scan.grid.transform @ (cols + offset[idx, 0], rows + offset[idx, 1])
         lon, lat = Transformer.from_crs(scan.grid.crs, "EPSG:4326", always_xy=True).transform(x, y)
         parts.append(pd.DataFrame({
             "id": ids[idx], "city": city, "region": scan.grid.region, "stratum": cells["stratum"].to_numpy()[cell[idx]],
-            "map_stratum": np.array(MAP_STRATA, dtype=object)[code], "row": rows, "col": cols,
+            "map_stratum": np.array(names, dtype=object)[code], "row": rows, "col": cols,
             "x": np.asarray(x, float), "y": np.asarray(y, float), "crs": scan.grid.crs.to_string(),
             "lon": np.asarray(lon, float), "lat": np.asarray(lat, float)}))
     points = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=list(POINT_COLUMNS))
-    points["map_class"] = np.where(points["map_stratum"] == UV_CLASS, UV_CLASS, OTHER_CLASS)
+    map_class = dict(zip(strata["stratum"], strata["map_class"]))  # the buffer is mapped other
+    points["map_class"] = points["stratum"].map(map_class).astype(object)
     return points[list(POINT_COLUMNS)].sort_values("id", kind="stable").reset_index(drop=True)

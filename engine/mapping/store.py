@@ -58,6 +58,7 @@ class RunManifest:
     tile_size_px: int
     overlap_px: int
     datetime: str = ""  # when the run started (ISO 8601, UTC); kept on resume, so reruns give the same products
+    vintage: str | None = None  # the catalog vintage (imagery date) mapped; `change` pairs two runs by it (issue 22)
     built_up: dict = field(default_factory=dict, compare=False)  # engine.schema.built_up_definition of the classes
 
     def __post_init__(self) -> None:

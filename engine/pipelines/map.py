@@ -87,6 +87,9 @@ class MapConfig:
         population_model: a population regression bundle (``finetune --task population``, same tile size): after
             stitching, residents per tile are predicted and spread over the map (engine.pipelines.population):
             ``cities/<city>/population_100m.tif``, ``uv_population.parquet``, ``population.csv``.
+        vintage: the catalog vintage (imagery date) this run maps: recorded in ``run.json`` (a run maps one date;
+            `geolink-engine change` pairs two runs), and its prepared tiles and imagery VRTs live under
+            ``vintage=<v>/`` of the workspace (:meth:`engine.workspace.Workspace.with_vintage`).
     """
 
     run: str = "default"
@@ -103,9 +106,12 @@ class MapConfig:
     bands: str | None = None
     radiometry: str | None = None
     population_model: str | None = None
+    vintage: str | None = None
 
     def __post_init__(self) -> None:
         check_name("run", self.run)  # the run name becomes a folder: refuse a bad one before any work
+        if self.vintage is not None:
+            check_name("vintage", self.vintage)
         if self.mode is not None and self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r}: use one of {MODES}")
         self.input_spec(None)  # a bad --bands / --radiometry / --gsd is refused before any work
@@ -177,15 +183,16 @@ def _segmentation_bundle(bundle: ModelBundle) -> ModelBundle:
 
 def map_catalog(workspace: Workspace | str | os.PathLike[str], catalog: str | os.PathLike[str] | None = None, cities: str = "all",
                 say: Callable[[str], None] | None = None,
-                on_demo_city: Callable[[int, int], None] | None = None) -> tuple[Path, pa.Table]:
+                on_demo_city: Callable[[int, int], None] | None = None, vintage: str | None = None) -> tuple[Path, pa.Table]:
     """The catalog a map run works on (the CLI and ``jobs/map.py`` alike): ``catalog``, else the workspace's own,
-    else (a workspace with none: the embedded default) the 12 demo cities, written first; then ``cities`` of it.
+    else (a workspace with none: the embedded default) the 12 demo cities, written first; then the rows of
+    ``vintage`` (required when the catalog holds several dates) and ``cities`` of them.
 
     Raises:
         CatalogError: the file cannot be used, a city is unknown, or a city name is not a valid slug or is repeated
             (names become folders: checked here, before anything is written).
     """
-    from engine.catalog import CatalogError, find_catalog, load_catalog, select_cities
+    from engine.catalog import CatalogError, find_catalog, load_catalog, select_cities, select_vintage
 
     ws = Workspace.at(workspace)
     if catalog is None:
@@ -199,7 +206,7 @@ def map_catalog(workspace: Workspace | str | os.PathLike[str], catalog: str | os
                 say(f"no catalog in {ws.location}: writing the {DEMO_CITIES} demo cities (embedded default)")
             catalog = write_demo(ws, DEMO_CITIES, SynthConfig(), seed=0,
                                  on_city=_count(on_demo_city, DEMO_CITIES) if on_demo_city else None)
-    return Path(catalog), check_city_names(select_cities(load_catalog(catalog), cities), catalog)
+    return Path(catalog), check_city_names(select_cities(select_vintage(load_catalog(catalog), vintage), cities), catalog)
 
 
 def _count(on_done: Callable[[int, int], None], total: int) -> Callable[[dict], None]:
@@ -277,8 +284,9 @@ def run_map(catalog: pa.Table, workspace: str | os.PathLike[str], cfg: MapConfig
     """
     from engine.pipelines.runtime import init_ray
 
-    workspace = Workspace.at(workspace)  # a remote workspace is worked on through its mirror
+    workspace = Workspace.at(workspace).with_vintage(cfg.vintage)  # a remote workspace is worked on through its mirror
     check_city_names(catalog)  # names become folders: refused before any stage
+    check_run_vintage(workspace, cfg.run, cfg.vintage)
     say = on_stage or (lambda _msg: None)
     step = on_step or (lambda *_args, **_kwargs: None)
     seconds: dict[str, float] = {}
@@ -452,12 +460,24 @@ def _unassessed(city: CityReport, why: str | None) -> CityReport:
     return replace(city, status="partial", stage="assess", error=why)
 
 
+def check_run_vintage(workspace: Workspace, run: str, vintage: str | None) -> None:
+    """Refuse to resume run ``run`` at another vintage than the one it mapped: its committed tiles are of that date's
+    imagery, so the products would mix two dates under one name."""
+    path = Workspace.fetch(workspace.run(run).manifest)
+    if not path.is_file():
+        return
+    before = RunManifest.from_json(path.read_text()).vintage
+    if before != vintage:
+        raise ValueError(f"run {run} maps vintage {before or '(none)'}, not {vintage or '(none)'}: give this date its own "
+                         f"--run (e.g. --run {run}-{vintage or 'all'})")
+
+
 def _model_predictor(cfg: MapConfig, tile_size: int, model_dir: str, bundle: ModelBundle) -> tuple[RunManifest, type[Predictor], dict]:
     if bundle.tile_size_px != tile_size:
         raise ValueError(f"model {model_dir} expects {bundle.tile_size_px} px tiles, the workspace was prepared with {tile_size} px")
     manifest = RunManifest(run=cfg.run, model_dir=str(Path(model_dir).resolve()), model_version=bundle.version,
                            classes=bundle.classes, mode=cfg.mode or bundle.mode,
-                           tile_size_px=tile_size, overlap_px=cfg.overlap_px)
+                           tile_size_px=tile_size, overlap_px=cfg.overlap_px, vintage=cfg.vintage)
     kwargs = {"model_dir": manifest.model_dir, "mode": manifest.mode, "device": "cuda" if cfg.inference.gpus else "cpu",
               "torch_threads": max(1, int(cfg.inference.cpus_per_actor)), "fail_tiles": tuple(cfg.fail_tiles)}
     return manifest, ModelPredictor, kwargs
@@ -471,7 +491,7 @@ def _reference_predictor(cfg: MapConfig, tile_size: int, references: dict[str, s
     version = f"{REFERENCE_MODEL}-{hashlib.blake2b(json.dumps(digests).encode(), digest_size=6).hexdigest()}"
     classes = LABEL_SETS["builtup"]  # the reference's land use, built-up lumped: a perfect map of UV share too
     manifest = RunManifest(run=cfg.run, model_dir=REFERENCE_MODEL, model_version=version, classes=classes, mode=REFERENCE_MODEL,
-                           tile_size_px=tile_size, overlap_px=cfg.overlap_px)
+                           tile_size_px=tile_size, overlap_px=cfg.overlap_px, vintage=cfg.vintage)
     return manifest, OraclePredictor, {"references": references, "classes": classes, "fail_tiles": tuple(cfg.fail_tiles)}
 
 

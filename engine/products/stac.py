@@ -37,6 +37,9 @@ from engine.atomic import atomic_path
 from engine.product_layout import (
     ACCURACY_DIR,
     CITY_STATS,
+    CHANGE_POLYGONS_GPKG,
+    CHANGE_POLYGONS_PARQUET,
+    CHANGE_STATS_CSV,
     INDEX_HTML,
     MAP_HTML,
     MORPHOLOGY_CSV,
@@ -56,6 +59,7 @@ from engine.product_layout import (
     city_folder,
     embeddings_files,
     product_cities,
+    read_change_cities,
     read_city_stats,
     read_run,
 )
@@ -109,7 +113,7 @@ def write_stac(products_dir: str | os.PathLike[str], run_title: str | None = Non
     """
     products_dir = Path(products_dir).resolve()
     run = read_run(products_dir)
-    stats = {row["city"]: row for row in read_city_stats(products_dir)}
+    stats = {row["city"]: row for row in (read_change_cities(products_dir) if run.get("kind") == "change" else read_city_stats(products_dir))}
     start, end = _time_range(run, datetime_range)
     stac_dir = products_dir / STAC_DIR
 
@@ -124,9 +128,14 @@ def write_stac(products_dir: str | os.PathLike[str], run_title: str | None = Non
     west, south, east, north = zip(*(item.bbox for item in items))
     collection = pystac.Collection(
         id=run["run"],
-        title=run_title or f"Urban villages, run {run['run']} (model {run['model_version']})",
+        title=run_title or (f"Urban villages, run {run['run']} (model {run['model_version']})" if run.get("kind") != "change"
+                            else f"Urban-village change {' to '.join(run.get('vintages') or [])}, run {run['run']}"),
         description=(f"Urban-village map of run `{run['run']}` by model `{run['model_version']}`: per-city UV probability "
-                     f"(uint8 = round(p*{PROB_SCALE}), nodata 255) and class COGs, national UV polygons and city statistics."),
+                     f"(uint8 = round(p*{PROB_SCALE}), nodata 255) and class COGs, national UV polygons and city statistics."
+                     if run.get("kind") != "change" else
+                     f"Urban-village change from run `{run.get('before')}` ({(run.get('vintages') or ['?'])[0]}) to run "
+                     f"`{run.get('after')}` ({(run.get('vintages') or ['?', '?'])[-1]}), model `{run['model_version']}`: per-city "
+                     f"change COGs, the fate of every UV polygon, change statistics and their accuracy."),
         extent=pystac.Extent(pystac.SpatialExtent([[min(west), min(south), max(east), max(north)]]),
                              pystac.TemporalExtent([[start, end]])),
         license="other",
@@ -147,6 +156,9 @@ def write_stac(products_dir: str | os.PathLike[str], run_title: str | None = Non
         ("population", POPULATION_CSV, ["metadata"], "Residents, UV residents and UV share per city, region and nation, 95% intervals"),
         ("uv_population", UV_POPULATION_PARQUET, ["data"], "Residents per UV polygon (GeoParquet 1.1, EPSG:4326)"),
         ("population_chart", POPULATION_PNG, ["overview"], "Residents and their share in urban villages by region, 95% intervals"),
+        ("change_stats", CHANGE_STATS_CSV, ["metadata"], "UV change (persistent, demolished, new) per city, region and nation"),
+        ("change_polygons_parquet", CHANGE_POLYGONS_PARQUET, ["data"], "UV polygons of both dates with their fate (GeoParquet 1.1, EPSG:4326)"),
+        ("change_polygons_gpkg", CHANGE_POLYGONS_GPKG, ["data"], "UV polygons of both dates with their fate (GeoPackage)"),
     ):
         if (products_dir / name).is_file():
             collection.add_asset(key, _asset(products_dir / name, stac_dir, roles, title))
@@ -199,7 +211,8 @@ def _city_item(products_dir: Path, city: str, stats: dict | None, run: dict, sta
     json_dir = products_dir / STAC_DIR / city
     titles = {"uv_prob": f"UV probability (uint8 = round(p*{PROB_SCALE}), nodata 255)",
               "class": f"Class index (uint8, nodata 255; classes: {', '.join(run.get('classes', []))})",
-              "population": "Residents per 100 m cell (float32, nodata -1; `map --population-model`)"}
+              "population": "Residents per 100 m cell (float32, nodata -1; `map --population-model`)",
+              "change": "UV change between two dates (uint8: 0 other, 1 persistent UV, 2 demolished UV, 3 new UV; nodata 255)"}
     for key, path in cogs.items():
         item.add_asset(key, _asset(path, json_dir, ["data"], titles[key]))
         other_crs, other_bounds, other_transform, other_shape = grids[key]

@@ -29,6 +29,7 @@ from pathlib import Path
 import geopandas as gpd
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pyogrio
 import rasterio
 from matplotlib import colormaps
@@ -146,10 +147,10 @@ def _read_villages(products_dir: Path) -> gpd.GeoDataFrame:
     villages = villages[[*keep, villages.geometry.name]]
     people = products_dir / UV_POPULATION_PARQUET
     if people.is_file() and "uv_id" in villages.columns:
-        extra = [c for c in ("population", "population_lo", "population_hi") if c not in villages.columns]
+        present = set(pq.read_schema(people).names)
+        extra = [c for c in ("population", "population_lo", "population_hi") if c in present and c not in villages.columns]
         if extra:
-            table = pd.read_parquet(people, columns=["uv_id", *[c for c in extra if c]])
-            villages = villages.merge(table, on="uv_id", how="left")
+            villages = villages.merge(pd.read_parquet(people, columns=["uv_id", *extra]), on="uv_id", how="left")
     return villages.to_crs(4326) if villages.crs is not None and villages.crs.to_epsg() != 4326 else villages
 
 

@@ -12,6 +12,9 @@ Layout of a city directory::
     <out>/<city>/population.tif  float32 residents per 100 m cell (the city's CRS, from the imagery's corner)
     <out>/<city>/co2.tif         float32 t CO2/yr per 100 m cell, same grid (engine.synth.truth)
     <out>/<city>/population_buildings.parquet  residents per building (building_id of the buildings file)
+
+A city drawn at several vintages (engine.synth.vintage) has these files in ``<out>/<city>/<vintage>/``, plus
+``change_truth.tif`` and ``change_blocks.parquet`` in ``<out>/<city>/``.
 """
 
 from __future__ import annotations
@@ -44,8 +47,8 @@ from engine.schema import (
 )
 from engine.synth.config import CityParams, SynthConfig, draw_city_params
 from engine.synth.layout import CityLayout, build_layout
-from engine.synth.osm import draw_osm
-from engine.synth.render import NODATA, render_city
+from engine.synth.osm import OsmDraw, draw_osm
+from engine.synth.render import NODATA, Scene, render_scene
 from engine.synth.truth import city_truth, write_city_truth
 
 
@@ -81,29 +84,78 @@ def generate_city(spec: CitySpec, cfg: SynthConfig, seed: int, out_dir: str | Pa
         >>> row["city"], Path(row["imagery"]).name
         ('wuhan', 'imagery.tif')
     """
-    out_dir = Path(out_dir)
-    city_dir = out_dir / spec.city
-    city_dir.mkdir(parents=True, exist_ok=True)
+    return write_city(Path(out_dir) / spec.city, spec, seed, draw_city(spec, cfg, seed))
+
+
+@dataclass(frozen=True)
+class Georef:
+    """Where the local frame lands: the city's UTM zone and the local origin in it (a pixel corner of the grid)."""
+
+    epsg: int
+    east: float
+    north: float
+
+    @property
+    def crs(self) -> CRS:
+        return CRS.from_epsg(self.epsg)
+
+
+def city_georef(spec: CitySpec, pixel_size_m: float) -> Georef:
+    """The UTM zone of the city's centre and the centre snapped to a pixel corner of the UTM grid."""
+    epsg = utm_epsg_for(spec.lon, spec.lat)
+    east, north = lonlat_to_crs(epsg, spec.lon, spec.lat)
+    east, north = round(east / pixel_size_m) * pixel_size_m, round(north / pixel_size_m) * pixel_size_m
+    return Georef(epsg, east, north)
+
+
+@dataclass(frozen=True)
+class CityDraw:
+    """One date of a city, drawn and not yet written: what :func:`write_city` writes.
+
+    ``osm_serial`` numbers the OSM features (1.. at the first date); a feature keeps its number at later dates, as
+    OSM ids persist, and the written ``osm_id`` is it plus the city's offset (``crc32(slug) << 24``).
+    """
+
+    params: CityParams
+    layout: CityLayout
+    scene: Scene
+    osm: OsmDraw
+    osm_serial: np.ndarray
+    georef: Georef
+    buildings: pa.Table
+    buildings_kept: np.ndarray
+
+
+def draw_city(spec: CitySpec, cfg: SynthConfig, seed: int) -> CityDraw:
+    """Draw a city (its single date, or the first of its vintages) from its own generator, in the order the
+    generator always has: parameters, layout, rendering, OSM, buildings file."""
     rng = city_rng(seed, spec.city)
     params = draw_city_params(cfg, rng, spec.region)
     layout = build_layout(params, cfg.size_km * 1000.0, rng)
-    rgb, truth, local_transform = render_city(layout, params, rng)
-
-    epsg = utm_epsg_for(spec.lon, spec.lat)
-    px = params.pixel_size_m
-    east, north = lonlat_to_crs(epsg, spec.lon, spec.lat)
-    east, north = round(east / px) * px, round(north / px) * px  # centre on a pixel corner of the UTM grid
-    transform = Affine.translation(east, north) @ local_transform
-    crs = CRS.from_epsg(epsg)
-
-    _write_raster(city_dir / "imagery.tif", rgb, transform, crs, nodata=NODATA, resampling="AVERAGE")
-    _write_raster(city_dir / "truth.tif", truth[None], transform, crs, nodata=CLASS_ID["nodata"], resampling="MODE")
-
-    to_wgs84 = _local_to_wgs84(crs, east, north)
+    scene = render_scene(layout, params, rng)
     osm = draw_osm(layout, params, rng)
+    georef = city_georef(spec, params.pixel_size_m)
+    buildings, kept = buildings_file(layout, params, rng, georef.east, georef.north)
+    return CityDraw(params, layout, scene, osm, np.arange(1, len(osm.geometry) + 1, dtype=np.int64), georef, buildings, kept)
+
+
+def write_city(city_dir: str | Path, spec: CitySpec, seed: int, draw: CityDraw, meta_extra: dict | None = None) -> dict:
+    """Write a drawn city (one date of it) into ``city_dir``: imagery, truth, OSM, buildings, reference, meta and
+    the regression truth; return its catalog row (absolute paths). ``meta_extra`` adds keys to ``meta.json``."""
+    city_dir = Path(city_dir)
+    city_dir.mkdir(parents=True, exist_ok=True)
+    layout, params, osm, scene, g = draw.layout, draw.params, draw.osm, draw.scene, draw.georef
+    truth, local_transform = scene.truth, scene.transform
+    transform = Affine.translation(g.east, g.north) @ local_transform
+    crs = g.crs
+
+    write_raster(city_dir / "imagery.tif", scene.rgb, transform, crs, nodata=NODATA, resampling="AVERAGE")
+    write_raster(city_dir / "truth.tif", truth[None], transform, crs, nodata=CLASS_ID["nodata"], resampling="MODE")
+
+    to_wgs84 = local_to_wgs84(crs, g.east, g.north)
     osm_table = pa.table(
         {
-            "osm_id": pa.array(np.arange(1, len(osm.geometry) + 1, dtype=np.int64) + (zlib.crc32(spec.city.encode()) << 24)),
+            "osm_id": pa.array(draw.osm_serial + (zlib.crc32(spec.city.encode()) << 24)),
             "kind": pa.array(osm.kind, pa.string()),
             "tags": pa.array([list(t.items()) for t in osm.tags], pa.map_(pa.string(), pa.string())),
             "geometry": pa.array(shapely.to_wkb(to_wgs84(osm.geometry)), pa.binary()),
@@ -111,10 +163,9 @@ def generate_city(spec: CitySpec, cfg: SynthConfig, seed: int, out_dir: str | Pa
         schema=OSM_FEATURES_SCHEMA,
     )
     write_geoparquet(osm_table, city_dir / "osm.parquet", WGS84)
-    buildings_table, kept = _buildings_table(layout, params, rng, east, north)
-    write_geoparquet(buildings_table, city_dir / "buildings.parquet", crs)
+    write_geoparquet(draw.buildings, city_dir / "buildings.parquet", crs)
 
-    reference = _reference(layout)
+    reference = reference_polygons(layout)
     write_geoparquet(
         pa.table(
             {
@@ -133,16 +184,18 @@ def generate_city(spec: CitySpec, cfg: SynthConfig, seed: int, out_dir: str | Pa
         "name": spec.name,
         "region": spec.region,
         "seed": int(seed),
-        "epsg": epsg,
+        "epsg": g.epsg,
         "centre_lonlat": [spec.lon, spec.lat],
         "size_px": list(truth.shape),
         "params": params.to_json(),
-        "stats": {**_stats(layout, truth, osm.kind, osm.tags, params), "buildings_truth": _building_stats(layout, kept)},
+        "stats": {**_stats(layout, truth, osm.kind, osm.tags, params), "buildings_truth": _building_stats(layout, draw.buildings_kept)},
+        **(meta_extra or {}),
     }
     with atomic_path(city_dir / "meta.json") as tmp:
         tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False, sort_keys=True))
     # regression truth last, from its own generators: the outputs above do not depend on it
-    truth_paths = write_city_truth(city_dir, city_truth(layout, osm, truth, local_transform, seed, spec.city), east, north, crs, kept)
+    truth_paths = write_city_truth(city_dir, city_truth(layout, osm, truth, local_transform, seed, spec.city), g.east, g.north, crs,
+                                   draw.buildings_kept)
     return {
         "city": spec.city,
         "region": spec.region,
@@ -155,7 +208,7 @@ def generate_city(spec: CitySpec, cfg: SynthConfig, seed: int, out_dir: str | Pa
     }
 
 
-def _write_raster(path: Path, data: np.ndarray, transform: Affine, crs: CRS, nodata: int, resampling: str) -> None:
+def write_raster(path: Path, data: np.ndarray, transform: Affine, crs: CRS, nodata: int, resampling: str) -> None:
     """Write a Cloud-Optimised GeoTIFF (GDAL's COG driver: 256 px tiles, deflate, internal overviews), atomically.
 
     ``resampling`` builds the overviews: ``AVERAGE`` for imagery, ``MODE`` for class rasters.
@@ -172,7 +225,8 @@ def _write_raster(path: Path, data: np.ndarray, transform: Affine, crs: CRS, nod
                                  OVERVIEW_RESAMPLING=resampling, NUM_THREADS="1")
 
 
-def _local_to_wgs84(crs: CRS, east: float, north: float):
+def local_to_wgs84(crs: CRS, east: float, north: float):
+    """A function projecting arrays of local-frame geometries (origin ``east, north`` in ``crs``) to EPSG:4326."""
     transformer = Transformer.from_crs(crs, WGS84, always_xy=True)
 
     def project(geoms: np.ndarray) -> np.ndarray:
@@ -185,7 +239,7 @@ def _local_to_wgs84(crs: CRS, east: float, north: float):
     return project
 
 
-def _buildings_table(layout: CityLayout, params: CityParams, rng: np.random.Generator, east: float, north: float) -> tuple[pa.Table, np.ndarray]:
+def buildings_file(layout: CityLayout, params: CityParams, rng: np.random.Generator, east: float, north: float) -> tuple[pa.Table, np.ndarray]:
     """The city's building dataset as a real one looks: ``params.buildings_completeness`` of the drawn footprints,
     each moved by up to ``params.buildings_jitter_m`` and turned by up to 2 degrees, ``height_m`` to 0.1 m with
     about 0.5 m of measurement noise, ``levels`` known for 90%; in UTM coordinates. Returns the table and the mask of
@@ -250,8 +304,9 @@ def _building_stats(layout: CityLayout, kept: np.ndarray) -> dict:
             "file_completeness": round(float(kept.mean()), 4) if len(kept) else 0.0}
 
 
-def _reference(layout: CityLayout) -> tuple[np.ndarray, list[str], list[int]]:
-    """Land-use polygons inside the AOI: every block, plus the river."""
+def reference_polygons(layout: CityLayout) -> tuple[np.ndarray, list[str], list[int]]:
+    """Land-use polygons inside the AOI: every block (``block_id`` = its index in the layout), plus the river (-1);
+    returns ``(polygons, classes, block ids)``."""
     names = {v: k for k, v in CLASS_ID.items()}
     clipped = shapely.intersection(layout.blocks, layout.aoi)
     keep = ~shapely.is_empty(clipped) & (shapely.area(clipped) > 0)

@@ -83,6 +83,69 @@ def _check_range(name: str, rng: tuple[float, float], lo: float, hi: float) -> N
 
 
 @dataclass(frozen=True)
+class VintageConfig:
+    """How a city changes between two vintages (imagery dates) of the same ground; docs/synth.md, "Vintages".
+
+    Rates apply per step, from one vintage to the next. Areas are measured inside the AOI; every choice takes whole
+    blocks, as close to its target as whole blocks allow.
+
+    Args:
+        demolish_share: share of the earlier date's UV area cleared to construction land (``vacant``).
+        redevelop_share: share of the earlier date's UV area rebuilt as formal residential or commercial.
+        redevelop_commercial_prob: chance that a redevelopment project is commercial (else formal residential).
+        renewal_reach_m: how far a renewal project (demolition or redevelopment) reaches from its first village
+            block to take neighbouring village blocks with it: demolitions cluster, as real projects do.
+        new_uv_share: new UV area, on vacant, farmland or green blocks at the edge of the built-up area, relative
+            to the earlier date's UV area.
+        roof_recolour_share: share of the buildings that stand at both dates whose roof changes colour.
+        tree_growth: relative growth of vegetation cover (canopies widen: cover x (1 + tree_growth)).
+        max_shift_px: largest misregistration of the later image's content (pixels, any direction).
+        sensor_offset_dn: largest per-band offset of the later sensor (DN, either sign).
+        sensor_crosstalk: largest off-diagonal weight of the later sensor's band mixing (spectral response).
+        season_dryness_max: how far vegetation may turn towards dry, leaf-off colours in the later scene's season.
+        osm_growth: completeness of the mapping added between the dates on unchanged ground (OSM's history).
+        osm_stale_share: chance that mappers have not yet touched a block whose land use changed, so its old
+            features and tags stay in the later OSM.
+    """
+
+    demolish_share: float = 0.15
+    redevelop_share: float = 0.10
+    redevelop_commercial_prob: float = 0.3
+    renewal_reach_m: float = 150.0
+    new_uv_share: float = 0.10
+    roof_recolour_share: float = 0.08
+    tree_growth: float = 0.15
+    max_shift_px: float = 3.0
+    sensor_offset_dn: float = 8.0
+    sensor_crosstalk: float = 0.05
+    season_dryness_max: float = 0.6
+    osm_growth: float = 0.35
+    osm_stale_share: float = 0.4
+
+    def __post_init__(self) -> None:
+        for name in ("demolish_share", "redevelop_share", "redevelop_commercial_prob", "roof_recolour_share",
+                     "season_dryness_max", "osm_growth", "osm_stale_share"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name}={value}: must lie in [0, 1]")
+        if self.demolish_share + self.redevelop_share > 1.0:
+            raise ValueError(f"demolish_share + redevelop_share = {self.demolish_share + self.redevelop_share}: at most 1 "
+                             "(they take the earlier date's village area between them)")
+        if not 0.0 <= self.new_uv_share <= 5.0:
+            raise ValueError(f"new_uv_share={self.new_uv_share}: use 0 to 5 (relative to the earlier UV area)")
+        if not 0.0 <= self.tree_growth <= 2.0:
+            raise ValueError(f"tree_growth={self.tree_growth}: use 0 to 2")
+        if not 0.0 <= self.max_shift_px <= 20.0:
+            raise ValueError(f"max_shift_px={self.max_shift_px}: use 0 to 20 pixels")
+        if not 0.0 <= self.renewal_reach_m <= 2000.0:
+            raise ValueError(f"renewal_reach_m={self.renewal_reach_m}: use 0 to 2000 m")
+        if not 0.0 <= self.sensor_offset_dn <= 40.0:
+            raise ValueError(f"sensor_offset_dn={self.sensor_offset_dn}: use 0 to 40 DN")
+        if not 0.0 <= self.sensor_crosstalk <= 0.3:
+            raise ValueError(f"sensor_crosstalk={self.sensor_crosstalk}: use 0 to 0.3")
+
+
+@dataclass(frozen=True)
 class SynthConfig:
     """Ranges the generator draws each city from.
 
@@ -103,6 +166,8 @@ class SynthConfig:
         buildings_completeness: range of the share of drawn buildings present in each city's buildings file.
         buildings_jitter_m: range of each city's footprint misregistration in the buildings file (metres; each
             footprint moves by up to this much and turns by up to 2 degrees).
+        vintage: how a city changes between vintages, when it is drawn at several dates (:class:`VintageConfig`;
+            unused for a single date).
     """
 
     size_km: float = 1.0
@@ -119,6 +184,7 @@ class SynthConfig:
     region_profiles: dict[str, RegionProfile] = field(default_factory=lambda: dict(REGION_PROFILES))
     buildings_completeness: tuple[float, float] = (0.8, 0.99)
     buildings_jitter_m: tuple[float, float] = (0.3, 0.8)
+    vintage: VintageConfig = field(default_factory=VintageConfig)
 
     def __post_init__(self) -> None:
         if not (0.2 <= self.size_km <= 50.0):
@@ -139,6 +205,8 @@ class SynthConfig:
             raise ValueError(f"region_profiles {bad}: each value must be a RegionProfile")
         _check_range("buildings_completeness", self.buildings_completeness, 0.0, 1.0)
         _check_range("buildings_jitter_m", self.buildings_jitter_m, 0.0, 5.0)
+        if not isinstance(self.vintage, VintageConfig):
+            raise ValueError(f"vintage={self.vintage!r}: must be a VintageConfig")
 
     def region_profile(self, region: str | None) -> RegionProfile:
         """The profile of ``region`` (the neutral one for an unknown or missing region)."""

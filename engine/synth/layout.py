@@ -113,7 +113,7 @@ def build_layout(params: CityParams, side_m: float, rng: np.random.Generator) ->
 
     block_class = _assign_land_use(rng, params, blocks, np.hypot(cx, cy) / half)
     block_style = rng.random(len(blocks))
-    buildings, fields = _buildings(rng, params, blocks, block_class, block_angle, block_style)
+    buildings, fields = draw_buildings(rng, params, blocks, block_class, block_angle, block_style)
     return CityLayout(
         side_m=side_m,
         aoi=aoi,
@@ -241,8 +241,10 @@ ROOF_PALETTES: dict[str, np.ndarray] = {
 }
 
 
-def _buildings(rng: np.random.Generator, params: CityParams, blocks: np.ndarray, block_class: np.ndarray, block_angle: np.ndarray,
-               block_style: np.ndarray) -> tuple[Buildings, np.ndarray]:
+def draw_buildings(rng: np.random.Generator, params: CityParams, blocks: np.ndarray, block_class: np.ndarray, block_angle: np.ndarray,
+                   block_style: np.ndarray) -> tuple[Buildings, np.ndarray]:
+    """The buildings of ``blocks`` by their land use (``Buildings.block`` indexes ``blocks``) and the running tracks
+    of large institutional blocks; a later vintage builds its new blocks with it too."""
     polys, heights, levels, owner, roofs, fields = [], [], [], [], [], []
     for i, (block, cls_id, angle, style) in enumerate(zip(blocks, block_class, block_angle, block_style)):
         cls = _CLASS_NAME[int(cls_id)]

@@ -8,7 +8,7 @@ and malls downtown, schools on campuses).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import shapely
@@ -79,30 +79,48 @@ ROAD_SUFFIX = ["路", "大道", "街"]
 
 @dataclass(frozen=True)
 class OsmDraw:
-    """Features in local metres, ready to project: geometry, kind and tags per feature."""
+    """Features in local metres, ready to project: geometry, kind and tags per feature.
+
+    ``keys`` says which real object each feature maps, ``(role, block, detail)``: role ``road`` (detail: family,
+    line, part), ``river`` (detail: ``line`` or ``area``), ``landuse``, ``building`` (detail: its footprint's WKB),
+    ``place`` or ``poi`` (detail: its number in the block); block -1 for roads and the river. A later vintage's OSM
+    (engine.synth.vintage) uses them to keep, retire or add what mappers would have; they are not written.
+    """
 
     geometry: np.ndarray
     kind: list[str]
     tags: list[dict[str, str]]
+    keys: list[tuple] = field(default_factory=list)
 
 
-def draw_osm(layout: CityLayout, params: CityParams, rng: np.random.Generator) -> OsmDraw:
-    """Draw the city's OSM from its layout; ``params.osm_completeness`` scales what gets mapped."""
-    c = params.osm_completeness
+def draw_osm(layout: CityLayout, params: CityParams, rng: np.random.Generator, *, blocks: np.ndarray | None = None,
+             roads: bool = True, completeness: float | None = None) -> OsmDraw:
+    """Draw the city's OSM from its layout; ``params.osm_completeness`` scales what gets mapped.
+
+    The keywords draw part of a city's OSM, as a later vintage's mapping does (engine.synth.vintage): ``blocks``
+    (a bool mask) limits landuse polygons, buildings and POIs to those blocks, ``roads=False`` leaves out roads and
+    the river, ``completeness`` replaces ``params.osm_completeness``. Left at their defaults they change nothing.
+    """
+    c = params.osm_completeness if completeness is None else completeness
     geoms: list = []
     kinds: list[str] = []
     tags: list[dict[str, str]] = []
+    keys: list[tuple] = []
 
-    def add(geom, kind: str, tag: dict[str, str]) -> None:
+    def add(geom, kind: str, tag: dict[str, str], key: tuple) -> None:
         geoms.append(geom)
         kinds.append(kind)
         tags.append(tag)
+        keys.append(key)
+
+    def on(i: int) -> bool:
+        return blocks is None or bool(blocks[i])
 
     aoi = layout.aoi
     # roads: arterials almost always, local streets with the city's completeness
-    for line in shapely.intersection(layout.arterials, aoi):
+    for i, line in enumerate(shapely.intersection(layout.arterials, aoi) if roads else []):
         if not line.is_empty and rng.random() < 0.97:
-            for part in shapely.get_parts(line):
+            for j, part in enumerate(shapely.get_parts(line)):
                 tag = {"highway": str(rng.choice(list(ARTERIAL_HIGHWAYS[0]), p=list(ARTERIAL_HIGHWAYS[1])))}
                 if rng.random() < 0.6:
                     tag["name"] = _name(rng, ROAD_SUFFIX)
@@ -114,24 +132,26 @@ def draw_osm(layout: CityLayout, params: CityParams, rng: np.random.Generator) -
                     tag["oneway"] = "yes"
                 if rng.random() < 0.3:
                     tag["lit"] = "yes"
-                add(part, "line", tag)
-    for line in shapely.intersection(layout.local_streets, aoi):
+                add(part, "line", tag, ("road", -1, ("arterial", i, j)))
+    for i, line in enumerate(shapely.intersection(layout.local_streets, aoi) if roads else []):
         if not line.is_empty and rng.random() < 0.45 + 0.5 * c:
-            for part in shapely.get_parts(line):
+            for j, part in enumerate(shapely.get_parts(line)):
                 tag = {"highway": str(rng.choice(list(LOCAL_HIGHWAYS[0]), p=list(LOCAL_HIGHWAYS[1])))}
                 if rng.random() < 0.3:
                     tag["name"] = _name(rng, ROAD_SUFFIX)
                 if rng.random() < 0.3:
                     tag["surface"] = str(rng.choice(["asphalt", "concrete", "paved"]))
-                add(part, "line", tag)
-    if layout.river is not None:
+                add(part, "line", tag, ("road", -1, ("local", i, j)))
+    if layout.river is not None and roads:
         if rng.random() < 0.95:
-            add(layout.river_line.intersection(aoi), "line", {"waterway": "river", "name": _name(rng, ["河", "江"])})
+            add(layout.river_line.intersection(aoi), "line", {"waterway": "river", "name": _name(rng, ["河", "江"])}, ("river", -1, "line"))
         if rng.random() < 0.6 + 0.4 * c:
-            add(layout.river.intersection(aoi), "polygon", {"natural": "water", "water": "river"})
+            add(layout.river.intersection(aoi), "polygon", {"natural": "water", "water": "river"}, ("river", -1, "area"))
 
     # landuse polygons: sometimes absent, sometimes wrong
     for i, (block, cls_id) in enumerate(zip(layout.blocks, layout.block_class)):
+        if not on(i):
+            continue
         cls = _NAME[int(cls_id)]
         p_mapped = (0.15 + 0.5 * c) if cls == "urban_village" else (0.25 + 0.6 * c)
         if rng.random() >= p_mapped:
@@ -145,7 +165,7 @@ def draw_osm(layout: CityLayout, params: CityParams, rng: np.random.Generator) -
             tag["name"] = _village_name(rng)
         elif cls == "formal_residential" and rng.random() < 0.4:
             tag["name"] = _name(rng, ESTATE_SUFFIX)
-        add(block.intersection(aoi), "polygon", tag)
+        add(block.intersection(aoi), "polygon", tag, ("landuse", i, None))
 
     # buildings: class-dependent completeness; a mapped village usually gets a place node too
     b = layout.buildings
@@ -154,6 +174,8 @@ def draw_osm(layout: CityLayout, params: CityParams, rng: np.random.Generator) -
         factor = np.array([OSM_BUILDING_FACTOR.get(_NAME[int(k)], 0.5) for k in owner_cls])
         inside = shapely.within(b.polygons, aoi)
         mapped = (rng.random(len(b.polygons)) < np.clip(c * factor * 1.05, 0, 1)) & inside
+        if blocks is not None:
+            mapped &= np.asarray(blocks, bool)[b.block]
         levels_known = rng.random(len(b.polygons)) < 0.3
         for j in np.flatnonzero(mapped):
             cls = _NAME[int(owner_cls[j])]
@@ -162,29 +184,32 @@ def draw_osm(layout: CityLayout, params: CityParams, rng: np.random.Generator) -
             if levels_known[j]:
                 tag["building:levels"] = str(int(b.levels[j]))
                 tag["roof:shape"] = "flat"
-            add(b.polygons[j], "polygon", tag)
+            add(b.polygons[j], "polygon", tag, ("building", int(b.block[j]), shapely.to_wkb(b.polygons[j])))
 
     # POIs: Poisson per block, scaled by completeness, tag mix by land use
-    for block, cls_id in zip(layout.blocks, layout.block_class):
+    for i, (block, cls_id) in enumerate(zip(layout.blocks, layout.block_class)):
+        if not on(i):
+            continue
         cls = _NAME[int(cls_id)]
         lam = POI_DENSITY_PER_HA.get(cls, 0.0) * block.area / 1e4 * c
         n = int(rng.poisson(lam))
         if cls == "urban_village" and rng.random() < 0.35 * c:
-            add(block.representative_point(), "point", {"place": "village", "name": _village_name(rng)})
+            add(block.representative_point(), "point", {"place": "village", "name": _village_name(rng)}, ("place", i, None))
         if n == 0:
             continue
-        keys, values, weights = zip(*POI_MIX[cls])
+        poi_keys, values, weights = zip(*POI_MIX[cls])
         pts = _random_points_in(rng, block.intersection(aoi), n)
-        picks = rng.choice(len(keys), size=len(pts), p=np.asarray(weights) / sum(weights))
-        for pt, k in zip(pts, picks):
-            tag = {keys[k]: values[k]}
+        picks = rng.choice(len(poi_keys), size=len(pts), p=np.asarray(weights) / sum(weights))
+        for n_poi, (pt, k) in enumerate(zip(pts, picks)):
+            tag = {poi_keys[k]: values[k]}
             if rng.random() < 0.5:
                 tag["name"] = _name(rng, ["店", "馆", "中心", "行"])
-            add(pt, "point", tag)
+            add(pt, "point", tag, ("poi", i, n_poi))
 
     geometry = np.array(geoms, dtype=object)
     keep = ~shapely.is_empty(geometry) if len(geometry) else np.zeros(0, bool)
-    return OsmDraw(geometry[keep], [k for k, ok in zip(kinds, keep) if ok], [t for t, ok in zip(tags, keep) if ok])
+    return OsmDraw(geometry[keep], [k for k, ok in zip(kinds, keep) if ok], [t for t, ok in zip(tags, keep) if ok],
+                   [k for k, ok in zip(keys, keep) if ok])
 
 
 def _random_points_in(rng: np.random.Generator, poly: shapely.Geometry, n: int) -> list:

@@ -3,9 +3,15 @@
 Vectorised: rasterio.features.rasterize burns all polygons of a kind in one call; textures come from low-res noise
 upsampled with scipy, never per-pixel Python. Order of burning: ground by land use, vegetation, shadows, roofs,
 then the city-wide radiometric shift (colour balance, haze, blur, clouds, sensor noise).
+
+A later vintage of a city (engine.synth.vintage) is rendered by the same code from the first date's
+:class:`Ground` (block raster and texture fields, so unchanged land looks the same) with a :class:`Look`: the
+misregistration of its content, another sensor's band mixing and offsets, the season's vegetation, grown trees.
 """
 
 from __future__ import annotations
+
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import shapely
@@ -42,6 +48,62 @@ HAZE_RGB = np.array([196, 200, 206], np.float32)
 CLOUD_RGB = np.array([244, 245, 248], np.float32)
 
 
+DRY_VEGETATION_RGB = np.array([122, 110, 76], np.float32)  # leaf-off and dry-season canopy and grass
+BARE_FIELD_RGB = np.array([164, 146, 112], np.float32)  # ploughed or fallow fields
+
+
+@dataclass(frozen=True)
+class Look:
+    """How another acquisition of the same ground looks, beyond what :class:`CityParams` draws (sun, haze, gains,
+    blur, noise, clouds): what a later vintage's image adds. The default changes nothing.
+
+    Attributes:
+        shift_px: ``(columns east, rows south)`` the scene's content moves on the pixel grid: the misregistration of
+            an archive image whose georeferencing is taken as it is.
+        band_offset: per-band offset (DN) of the sensor's calibration.
+        band_mix: 3 x 3 mixing of the bands (rows: output band): another sensor's spectral response.
+        dryness: 0 (growing season) to 1 (leaf-off winter or dry season): vegetation and fields turn towards dry
+            colours.
+        tree_growth: vegetation cover of every block x (1 + tree_growth), as canopies widen between dates.
+    """
+
+    shift_px: tuple[float, float] = (0.0, 0.0)
+    band_offset: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    band_mix: tuple[tuple[float, float, float], ...] = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0))
+    dryness: float = 0.0
+    tree_growth: float = 0.0
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Ground:
+    """What a rendering drew about the ground itself: block raster, AOI mask and the random fields of material,
+    brightness and vegetation. A later vintage renders from the first's, so unchanged ground looks the same at both
+    dates (trees stand where they stood) and only the changes, the sensor, the season and the sky differ."""
+
+    base_truth: np.ndarray  # uint8 (H, W): road and water before blocks are burned
+    block_ids: np.ndarray  # int32 (H, W): block index + 1, 0 = road or river
+    aoi_mask: np.ndarray  # bool (H, W)
+    block_offset: np.ndarray  # (n_blocks, 3) ground colour offset of each block
+    farm_salt: int | None  # the farmland strips' colour draw (None: the city had no farmland)
+    fine: np.ndarray  # float32 (H, W) texture fields, unit variance
+    coarse: np.ndarray
+    veg_field: np.ndarray
+    canopy: np.ndarray
+
+
+@dataclass(frozen=True)
+class Scene:
+    """A rendered city: ``rgb`` uint8 (3, H, W), ``truth`` uint8 (H, W), the local transform and the ground drawn."""
+
+    rgb: np.ndarray
+    truth: np.ndarray
+    transform: Affine
+    ground: Ground
+
+
 def render_city(layout: CityLayout, params: CityParams, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, Affine]:
     """Draw the image and the truth raster of a laid-out city.
 
@@ -54,33 +116,56 @@ def render_city(layout: CityLayout, params: CityParams, rng: np.random.Generator
         ``(rgb, truth, transform)``: ``rgb`` uint8 (3, H, W) with 0 = nodata outside the AOI, ``truth`` uint8
         (H, W) class ids of :data:`engine.schema.LANDUSE_CLASSES`, and the local-metre affine transform.
     """
+    scene = render_scene(layout, params, rng)
+    return scene.rgb, scene.truth, scene.transform
+
+
+def render_scene(layout: CityLayout, params: CityParams, rng: np.random.Generator, look: Look | None = None,
+                 ground: Ground | None = None) -> Scene:
+    """Draw a city as :func:`render_city` does, optionally as another acquisition of ground drawn before.
+
+    Args:
+        layout: the vector city in local metres (a later vintage: the same blocks, other classes and buildings).
+        params: the acquisition's draw (pixel size, which must equal the ground's, sun, haze, gains, noise, clouds).
+        rng: the generator of everything not in ``ground`` (all of it when ``ground`` is None).
+        look: what else differs in this acquisition (misregistration, sensor, season, tree growth); None: nothing.
+        ground: the ground fields of an earlier rendering of the same city; None: drawn here from ``rng``, in the
+            order :func:`render_city` always drew them (so a city's first date is byte-identical to a single date).
+    """
     px = params.pixel_size_m
     size = int(round(layout.side_m / px))
     half = size * px / 2.0
     transform = Affine(px, 0.0, -half, 0.0, -px, half)
     shape = (size, size)
+    if ground is None:
+        ground = _draw_ground(layout, shape, transform, px, rng)
+    elif ground.block_ids.shape != shape:
+        raise ValueError(f"ground drawn on a {ground.block_ids.shape} grid, this rendering's is {shape}: the pixel size differs")
+    block_ids, fine, coarse = ground.block_ids, ground.fine, ground.coarse
 
     # land use per pixel; blocks are numbered from 1 so that 0 means road/river (not a block)
-    shapes = []
-    if layout.river is not None:
-        shapes.append((layout.river, CLASS_ID["water"]))
-    shapes.append((layout.road_surface, CLASS_ID["road"]))
-    truth = rasterize(shapes, out_shape=shape, transform=transform, fill=CLASS_ID["road"], dtype="uint8")
-    block_ids = rasterize(zip(layout.blocks, range(1, len(layout.blocks) + 1)), out_shape=shape, transform=transform, fill=0, dtype="int32")
+    truth = ground.base_truth.copy()
     in_block = block_ids > 0
     block_class = np.concatenate([[0], layout.block_class]).astype(np.uint8)
     truth[in_block] = block_class[block_ids[in_block]]
 
     # ground colour: per-class base + per-block offset, looked up by block id
+    dryness = look.dryness if look is not None else 0.0
     n_blocks = len(layout.blocks) + 1
     class_names = {v: k for k, v in CLASS_ID.items()}
     base = np.zeros((n_blocks, 3), np.float32)
     veg_share = np.zeros(n_blocks, np.float32)
     texture_amp = np.zeros(n_blocks, np.float32)
     for b in range(1, n_blocks):
-        rgb, veg, amp = GROUND[class_names[int(layout.block_class[b - 1])]]
-        base[b] = np.asarray(rgb, np.float32) + rng.normal(0, 6, 3)
+        name = class_names[int(layout.block_class[b - 1])]
+        rgb, veg, amp = GROUND[name]
+        rgb = np.asarray(rgb, np.float32)
+        if dryness and name in ("green", "farmland"):
+            rgb = rgb + (DRY_VEGETATION_RGB - rgb) * np.float32(0.6 * dryness)
+        base[b] = rgb + ground.block_offset[b - 1]
         veg_share[b], texture_amp[b] = veg, amp
+    if look is not None and look.tree_growth:
+        veg_share = np.where(veg_share > 0, np.minimum(veg_share * np.float32(1.0 + look.tree_growth), np.float32(0.95)), veg_share)
     road_rgb, _, road_amp = GROUND["road"]
     water_rgb, _, water_amp = GROUND["water"]
     base[0], texture_amp[0] = road_rgb, road_amp
@@ -91,21 +176,19 @@ def render_city(layout: CityLayout, params: CityParams, rng: np.random.Generator
     amp[on_water] = water_amp
 
     yy, xx = _pixel_centres_m(shape, transform)
-    _paint_farmland(img, layout, block_ids, xx, yy, rng)
+    palette = FIELD_PALETTE if not dryness else FIELD_PALETTE + (BARE_FIELD_RGB - FIELD_PALETTE) * np.float32(0.7 * dryness)
+    _paint_farmland(img, layout, block_ids, xx, yy, ground.farm_salt, palette)
     _paint_fields(img, layout, shape, transform)
 
     # fine texture (material, clutter) and coarse brightness variation
-    fine = _smooth_noise(rng, shape, 1.2 / px)
-    coarse = _smooth_noise(rng, shape, 25.0 / px)
     img += (fine * amp + coarse * amp * 0.6)[None]
 
     # vegetation: threshold a smooth field at the block's vegetation share; canopies get their own texture
-    veg_field = _smooth_noise(rng, shape, 6.0 / px)
-    canopy = _smooth_noise(rng, shape, 1.5 / px)
     with np.errstate(divide="ignore"):
         threshold = ndtri(1.0 - np.clip(veg_share, 1e-6, 1 - 1e-6)).astype(np.float32)
-    vegetated = (veg_field > threshold[block_ids]) & in_block
-    img[:, vegetated] = VEGETATION_RGB[:, None] + (canopy[vegetated] * 14.0)[None]
+    vegetated = (ground.veg_field > threshold[block_ids]) & in_block
+    vegetation = VEGETATION_RGB if not dryness else VEGETATION_RGB + (DRY_VEGETATION_RGB - VEGETATION_RGB) * np.float32(dryness)
+    img[:, vegetated] = vegetation[:, None] + (ground.canopy[vegetated] * 14.0)[None]
 
     # shadows of buildings (prisms lit by the sun), then roofs over them
     b = layout.buildings
@@ -118,12 +201,49 @@ def render_city(layout: CityLayout, params: CityParams, rng: np.random.Generator
         on_roof = roof_ids > 0
         img[:, on_roof] = roofs[roof_ids[on_roof]].T + (fine[on_roof] * 6.0)[None]
 
-    img = _radiometry(img, params, rng, shape, px)
-    aoi_mask = rasterize([(layout.aoi, 1)], out_shape=shape, transform=transform, fill=0, dtype="uint8").astype(bool)
+    if look is not None and any(look.shift_px):  # the content moves on the grid; the sky and the sensor do not
+        img = _shift_content(img, *look.shift_px)
+    img = _radiometry(img, params, rng, shape, px, look)
     rgb = np.clip(np.rint(img), 1, 255).astype(np.uint8)
-    rgb[:, ~aoi_mask] = NODATA
-    truth[~aoi_mask] = CLASS_ID["nodata"]
-    return rgb, truth, transform
+    rgb[:, ~ground.aoi_mask] = NODATA
+    truth[~ground.aoi_mask] = CLASS_ID["nodata"]
+    return Scene(rgb, truth, transform, ground)
+
+
+def _shift_content(img: np.ndarray, dx: float, dy: float) -> np.ndarray:
+    """``img`` (bands, rows, cols) with its content moved ``dx`` columns and ``dy`` rows (subpixel: bilinear; the
+    edges repeat). Separable gathers: several times faster than ``scipy.ndimage.shift`` and the same inside."""
+    out = img
+    for axis, s in ((2, dx), (1, dy)):
+        n = out.shape[axis]
+        k = int(np.floor(s))
+        f = np.float32(s - k)
+        i = np.arange(n)
+        moved = out.take(np.clip(i - k, 0, n - 1), axis=axis)
+        if f:
+            moved *= np.float32(1.0) - f
+            moved += f * out.take(np.clip(i - k - 1, 0, n - 1), axis=axis)
+        out = moved
+    return out
+
+
+def _draw_ground(layout: CityLayout, shape: tuple[int, int], transform: Affine, px: float, rng: np.random.Generator) -> Ground:
+    """Rasterise the blocks and draw the ground's random fields, in the order the renderer has always drawn them
+    (block colour offsets, the farmland salt, fine and coarse texture, vegetation and canopy fields)."""
+    shapes = []
+    if layout.river is not None:
+        shapes.append((layout.river, CLASS_ID["water"]))
+    shapes.append((layout.road_surface, CLASS_ID["road"]))
+    base_truth = rasterize(shapes, out_shape=shape, transform=transform, fill=CLASS_ID["road"], dtype="uint8")
+    block_ids = rasterize(zip(layout.blocks, range(1, len(layout.blocks) + 1)), out_shape=shape, transform=transform, fill=0, dtype="int32")
+    offset = np.array([rng.normal(0, 6, 3) for _ in range(len(layout.blocks))]).reshape(len(layout.blocks), 3)
+    farm_salt = int(rng.integers(0, 1 << 30)) if (layout.block_class == CLASS_ID["farmland"]).any() else None
+    fine = _smooth_noise(rng, shape, 1.2 / px)
+    coarse = _smooth_noise(rng, shape, 25.0 / px)
+    veg_field = _smooth_noise(rng, shape, 6.0 / px)
+    canopy = _smooth_noise(rng, shape, 1.5 / px)
+    aoi_mask = rasterize([(layout.aoi, 1)], out_shape=shape, transform=transform, fill=0, dtype="uint8").astype(bool)
+    return Ground(base_truth, block_ids, aoi_mask, offset, farm_salt, fine, coarse, veg_field, canopy)
 
 
 def _pixel_centres_m(shape: tuple[int, int], transform: Affine) -> tuple[np.ndarray, np.ndarray]:
@@ -145,8 +265,10 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], scale_px: fl
     return (field - float(field.mean())) / std
 
 
-def _paint_farmland(img: np.ndarray, layout: CityLayout, block_ids: np.ndarray, xx: np.ndarray, yy: np.ndarray, rng: np.random.Generator) -> None:
-    """Fields as parallel strips of crops at different stages, oriented with the block."""
+def _paint_farmland(img: np.ndarray, layout: CityLayout, block_ids: np.ndarray, xx: np.ndarray, yy: np.ndarray, salt: int | None,
+                    palette: np.ndarray) -> None:
+    """Fields as parallel strips of crops at different stages (``palette``), oriented with the block; ``salt`` picks
+    the strips' colours (drawn with the ground, so a field keeps its strips at a later date)."""
     farm_blocks = np.flatnonzero(layout.block_class == CLASS_ID["farmland"])
     if len(farm_blocks) == 0:
         return
@@ -157,9 +279,8 @@ def _paint_farmland(img: np.ndarray, layout: CityLayout, block_ids: np.ndarray, 
     strip_w = 12.0 + 30.0 * layout.block_style[bid]
     along = xx[0, cols] * np.cos(angle) + yy[rows, 0] * np.sin(angle)
     strip = np.floor(along / strip_w).astype(np.int64)
-    salt = rng.integers(0, 1 << 30)
-    pick = (strip * 7919 + bid * 104729 + salt) % len(FIELD_PALETTE)
-    img[:, rows, cols] = FIELD_PALETTE[pick].T
+    pick = (strip * 7919 + bid * 104729 + (salt or 0)) % len(palette)
+    img[:, rows, cols] = palette[pick].T
 
 
 def _paint_fields(img: np.ndarray, layout: CityLayout, shape: tuple[int, int], transform: Affine) -> None:
@@ -188,9 +309,14 @@ def _shadows(polygons: np.ndarray, heights_m: np.ndarray, params: CityParams) ->
     return shapely.convex_hull(shapely.multipoints(shapely.points(pts[order]), indices=idx[order]))
 
 
-def _radiometry(img: np.ndarray, params: CityParams, rng: np.random.Generator, shape: tuple[int, int], px: float) -> np.ndarray:
-    """The city's sensor and atmosphere: colour balance, optics blur, haze, clouds, noise."""
+def _radiometry(img: np.ndarray, params: CityParams, rng: np.random.Generator, shape: tuple[int, int], px: float,
+               look: Look | None = None) -> np.ndarray:
+    """The city's sensor and atmosphere: colour balance (with ``look``: band mixing and offsets too), optics blur,
+    haze, clouds, noise."""
     img *= np.asarray(params.color_gain, np.float32)[:, None, None]
+    if look is not None:
+        mix = np.asarray(look.band_mix, np.float32)
+        img = np.einsum("ij,jhw->ihw", mix, img) + np.asarray(look.band_offset, np.float32)[:, None, None]
     if params.blur_px > 0:
         img = ndimage.gaussian_filter(img, sigma=(0, params.blur_px, params.blur_px))
     if params.haze > 0:
@@ -205,5 +331,8 @@ def _radiometry(img: np.ndarray, params: CityParams, rng: np.random.Generator, s
         shadow = np.roll(opacity, (shift, shift), axis=(0, 1))
         img *= (1.0 - 0.35 * shadow)[None]
         img = img * (1.0 - opacity[None]) + CLOUD_RGB[:, None, None] * opacity[None]
-    img += rng.normal(0.0, params.noise_dn, size=img.shape).astype(np.float32)
+    if look is None:
+        img += rng.normal(0.0, params.noise_dn, size=img.shape).astype(np.float32)
+    else:  # a later date draws its noise in float32 directly: a third faster, and no first date's draws to keep
+        img += rng.standard_normal(img.shape, dtype=np.float32) * np.float32(params.noise_dn)
     return img

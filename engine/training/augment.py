@@ -17,8 +17,20 @@ import torch.nn.functional as F
 from engine.pixels import IGNORE, MEAN, STD
 
 
+# The ranges of :func:`photometric` at strength 1: what another sensor, season and sky may do to a scene. A new
+# vintage's look must fall inside them (tests/test_change_robustness.py checks the generator's later sensor against
+# these numbers), so the model has seen such differences in training and a change map does not paint them as change.
+GAIN_RANGE = (0.75, 1.25)  # per band
+OFFSET_MAX = 0.1  # of full scale (25.5 DN), every band alike
+CROSSTALK_MAX = 0.08  # off-diagonal weight of the band mixing (spectral response); rows sum to 1
+HAZE_MAX = 0.4
+BLUR_SIGMA_MAX = 1.5  # pixels
+NOISE_MAX = 0.03  # of full scale (7.65 DN)
+
+
 def photometric(images: torch.Tensor, generator: torch.Generator | None = None, strength: float = 1.0) -> torch.Tensor:
-    """Random per-sample colour gains and offset, haze, Gaussian blur and sensor noise; same shape and scale.
+    """Random per-sample band mixing, colour gains and offset, haze, Gaussian blur and sensor noise; same shape
+    and scale (ranges: the module's constants).
 
     Example:
         >>> photometric(torch.zeros(2, 3, 8, 8)).shape
@@ -31,12 +43,18 @@ def photometric(images: torch.Tensor, generator: torch.Generator | None = None, 
         return torch.rand(*shape, generator=generator, device="cpu").to(dev)
 
     u = images * STD + MEAN
-    gains = 1.0 + strength * (rand(b, c, 1, 1) - 0.5) * 0.5  # 0.75 .. 1.25 per band
-    offset = strength * (rand(b, 1, 1, 1) - 0.5) * 0.2
+    if c > 1:  # another sensor's spectral response: each band takes a little of the others (rows sum to 1)
+        mix = strength * CROSSTALK_MAX * rand(b, c, c) / (c - 1)
+        mix = mix * (1 - torch.eye(c, device=dev))
+        mix = mix + torch.diag_embed(1 - mix.sum(dim=2))
+        u = torch.einsum("bij,bjhw->bihw", mix.to(u.dtype), u)
+    lo, hi = GAIN_RANGE
+    gains = 1.0 + strength * (rand(b, c, 1, 1) * (hi - lo) + lo - 1.0)
+    offset = strength * (rand(b, 1, 1, 1) - 0.5) * 2 * OFFSET_MAX
     u = u * gains + offset
-    haze = strength * 0.4 * rand(b, 1, 1, 1) ** 2
+    haze = strength * HAZE_MAX * rand(b, 1, 1, 1) ** 2
     u = u * (1 - haze) + haze * 0.78
-    sigma = strength * 1.5 * rand(b)
+    sigma = strength * BLUR_SIGMA_MAX * rand(b)
     radius = 3
     xs = torch.arange(-radius, radius + 1, device=dev, dtype=u.dtype)
     kernels = torch.exp(-(xs[None] ** 2) / (2 * sigma[:, None].clamp(min=1e-3).to(u.dtype) ** 2))
@@ -52,7 +70,7 @@ def photometric(images: torch.Tensor, generator: torch.Generator | None = None, 
     noise_gen = None
     if generator is not None:
         noise_gen = torch.Generator(device=dev).manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
-    u = u + strength * 0.03 * rand(b, 1, 1, 1) * torch.randn(u.shape, generator=noise_gen, device=dev, dtype=u.dtype)
+    u = u + strength * NOISE_MAX * rand(b, 1, 1, 1) * torch.randn(u.shape, generator=noise_gen, device=dev, dtype=u.dtype)
     return (u.clamp(0, 1) - MEAN) / STD
 
 

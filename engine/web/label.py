@@ -20,18 +20,28 @@ and saves every answer at once. What it is built around:
   have it, since names are slugs.)
 - **One run's labels only.** The only files written are under that run's ``accuracy/labels/``; names are slugs
   and ids come from the sample, so no request can name another path.
+- **Map runs and change runs.** A map run's points take a land class (``urban_village``, ``built_up``, ``other``);
+  a change run's (``run.json`` ``"kind": "change"``, sample from :func:`engine.accuracy.change.run_change_assess`)
+  take a change class (``other``, ``persistent_uv``, ``demolished_uv``, ``new_uv``) and the page shows the before
+  and the after date side by side, each chip and context view captioned with its vintage. Labels, kappa (over the
+  run's classes) and the export work the same way; the export of a change run is what
+  ``run_change_assess(..., reference_labels=...)`` reads.
 
 HTTP API (JSON, errors as ``{"error": "<one line>"}`` with 400 for a bad request, 409 for a labels file that does
 not belong to this sample, 413 for a body over 16 KB, 415 for a body that is not JSON):
 
 - ``GET /`` the page (``engine/web/static/label.html``, ``label.js``, ``label.css``; nothing from outside).
-- ``GET /api/samples`` ``{run, version, classes, keys, default_labeller, points: [{id, city, lon, lat, note}]}``.
+- ``GET /api/samples`` ``{run, kind, vintages, version, classes, keys, buttons, default_labeller,
+  points: [{id, city, lon, lat, note}]}`` (``kind`` ``map`` or ``change``; ``vintages`` ``[before, after]`` of a
+  change run, else null; ``buttons`` ``[{class, name, short, keys, help}]`` in key order).
 - ``GET /api/labellers`` ``{labellers: [{name, labelled}]}``.
 - ``GET /api/labels?labeller=NAME`` ``{labeller, answers: {id: answer}, labelled, total, first_unlabelled}``.
 - ``POST /api/labels`` ``{labeller, id, label, unsure, comment[, version]}`` -> ``{answer, labelled, total}``.
 - ``GET /api/agreement?a=NAME&b=NAME`` see :meth:`LabelStore.agreement`.
 - ``POST /api/export`` ``{labeller}`` -> ``{path, rows}`` (every point labelled, else 400).
-- ``GET /chip/<id>.png``, ``GET /context/<id>.png`` the imagery around the point, rendered on first request.
+- ``GET /chip/<id>.png``, ``GET /context/<id>.png`` the imagery around the point, rendered on first request (a
+  change run: the before date's); ``GET /chip-after/<id>.png``, ``GET /context-after/<id>.png`` a change run's
+  after date.
 """
 
 from __future__ import annotations
@@ -66,7 +76,8 @@ from engine.accuracy.reference import LONLAT_TOLERANCE_DEG, read_labels, render_
 from engine.accuracy.report import SAMPLES_GPKG, SAMPLES_LAYER
 from engine.accuracy.sampling import BUILT_UP, LAND_CLASSES, OTHER_CLASS, UV_CLASS
 from engine.atomic import atomic_path
-from engine.product_layout import ACCURACY_DIR
+from engine.change.codes import CHANGE_CLASSES
+from engine.product_layout import ACCURACY_DIR, RUN_JSON
 from engine.web.server import (
     CSP,
     LOCAL_HOSTS,
@@ -92,6 +103,22 @@ LABEL_COLUMNS = ("id", "city", "lon", "lat", "label", "unsure", "comment", "labe
 REFERENCE_COLUMNS = ("id", "city", "lon", "lat", "label", "unsure", "comment")
 POINT_COLUMNS = ("id", "city", "lon", "lat")  # all the browser ever learns of a point
 CLASS_KEYS = {UV_CLASS: ("1", "u"), BUILT_UP: ("2", "b"), OTHER_CLASS: ("3", "o")}
+CHANGE_OTHER, PERSISTENT_UV, DEMOLISHED_UV, NEW_UV = CHANGE_CLASSES
+CHANGE_KEYS = {CHANGE_OTHER: ("1", "o"), PERSISTENT_UV: ("2", "p"), DEMOLISHED_UV: ("3", "d"), NEW_UV: ("4", "n")}
+# class -> (button text, short name for the agreement table, help line); nothing here may hint at the map
+CLASS_TEXT = {
+    UV_CLASS: ("Urban village", "UV", "dense, informal village housing inside the city."),
+    BUILT_UP: ("Other built-up", "built-up", "estates, commerce, industry, institutions."),
+    OTHER_CLASS: ("Not built-up", "not built", "roads, green, water, farmland, vacant land."),
+}
+CHANGE_TEXT = {
+    CHANGE_OTHER: ("Other", "other", "no village at either date (whatever else is there, built or not)."),
+    PERSISTENT_UV: ("Persistent UV", "persistent", "a village at both dates."),
+    DEMOLISHED_UV: ("Demolished UV", "demolished", "a village at the first date, gone at the second."),
+    NEW_UV: ("New UV", "new", "no village at the first date, a village at the second."),
+}
+MAP_KIND, CHANGE_KIND = "map", "change"
+AUTO_SOURCES = ("catalog", "reference")  # references no person gave: catalog polygons (map), both dates' polygons (change)
 MAX_BODY_BYTES = 16 * 1024
 MAX_COMMENT_CHARS = 1000
 CHIP_PX = 96  # chip side in imagery pixels (the labelling sheet's default)
@@ -103,7 +130,9 @@ CHIP_CACHE = 512  # rendered PNGs kept in memory (~20-60 KB each)
 # 4.5 pseudo-counts, 3 of them off the diagonal, the posterior drags kappa down, and where people agree well the
 # interval misses the truth. Measured (2,000 simulated pairs of labellers per case, nine 3 x 3 tables, kappa 0.10 to
 # 0.98): Jeffreys' covers 44% at kappa 0.98 and 88% at 0.78 with n = 60; this prior 93-97% at n = 60 and 94-96% at
-# n = 200 in every case, 91-97% at n = 30. tests/test_label.py keeps three of the cases.
+# n = 200 in every case, 91-97% at n = 30. tests/test_label.py keeps three of the cases. With a change run's four
+# classes (1/16 per cell; 1,000 pairs per case, four 4 x 4 tables, kappa 0.51 to 0.95): 92-96% at n = 30, 60 and
+# 200; tests/test_label_change.py keeps one case.
 KAPPA_PRIOR_MASS = 1.0
 
 
@@ -162,12 +191,82 @@ def load_sample(products_dir: str | os.PathLike[str]) -> pd.DataFrame:
 
 
 def points_to_label(sample: pd.DataFrame) -> pd.DataFrame:
-    """The points people label: those the catalog reference does not label (what ``assess`` needs); where the
-    catalog labels every point, all of them (a check of that reference by people)."""
-    if "ref_source" not in sample.columns:
+    """The points people label: those no reference polygons label (``ref_source`` neither ``catalog`` of a map run
+    nor ``reference`` of a change run: the points awaiting a label, and those labelled by people before, so a rerun
+    of the assessment with an export keeps the same points and labels files); where polygons label every point, all
+    of them (a check of that reference by people). Without ``ref_source``, the points whose ``ref_class`` is empty."""
+    if "ref_source" in sample.columns:
+        need = ~sample["ref_source"].astype(object).isin(AUTO_SOURCES).to_numpy()
+    elif "ref_class" in sample.columns:
+        need = sample["ref_class"].isna().to_numpy()
+    else:
         return sample
-    need = sample[sample["ref_source"].astype(object).ne("catalog").to_numpy()]
-    return (need if len(need) else sample).reset_index(drop=True)
+    return (sample[need] if need.any() else sample).reset_index(drop=True)
+
+
+@dataclass(frozen=True)
+class RunKind:
+    """What ``label`` needs to know of a run: ``map`` or ``change``, its classes and keys, and a change run's two
+    vintages (the captions of its before and after views)."""
+
+    kind: str
+    classes: tuple[str, ...]
+    keys: dict[str, tuple[str, ...]]
+    text: dict[str, tuple[str, str, str]]
+    vintages: tuple[str, str] | None = None
+
+    @property
+    def is_change(self) -> bool:
+        return self.kind == CHANGE_KIND
+
+    def buttons(self) -> list[dict]:
+        """The class buttons in key order: ``class, name, short, keys, help``."""
+        order = sorted(self.classes, key=lambda c: self.keys[c][0])
+        return [{"class": c, "name": self.text[c][0], "short": self.text[c][1], "keys": list(self.keys[c]),
+                 "help": self.text[c][2]} for c in order]
+
+
+MAP_RUN = RunKind(MAP_KIND, LAND_CLASSES, CLASS_KEYS, CLASS_TEXT)
+
+
+def run_vintages(products_dir: str | os.PathLike[str]) -> tuple[str, str] | None:
+    """A change run's ``(before, after)`` vintages from its ``run.json`` (``"kind": "change"``); None for a map run
+    (or a run without a readable ``run.json``). Falls back to the runs' names, then to ``before``/``after``.
+
+    The CLI picks each date's catalog rows with them (:func:`engine.catalog.select_vintage`).
+    """
+    try:
+        doc = json.loads((Path(products_dir) / RUN_JSON).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict) or doc.get("kind") != CHANGE_KIND:
+        return None
+    vintages = doc.get("vintages")
+    if isinstance(vintages, list | tuple) and len(vintages) == 2 and all(isinstance(v, str) and v for v in vintages):
+        return str(vintages[0]), str(vintages[1])
+    return str(doc.get("before") or "before"), str(doc.get("after") or "after")
+
+
+def run_kind(products_dir: str | os.PathLike[str], sample: pd.DataFrame | None = None) -> RunKind:
+    """The run's :class:`RunKind`: a change run by its ``run.json``, or (without one) by a sample with
+    ``ref_before``/``ref_after`` (the change assessment's columns).
+
+    Raises:
+        ValueError: a change run whose sample holds map classes (an old map assessment: run the change one again).
+    """
+    products_dir = Path(products_dir)
+    vintages = run_vintages(products_dir)
+    if vintages is None and sample is not None and not (products_dir / RUN_JSON).is_file() \
+            and {"ref_before", "ref_after"} <= set(sample.columns):
+        vintages = ("before", "after")
+    if vintages is None:
+        return MAP_RUN
+    if sample is not None and "map_class" in sample.columns:
+        stray = sorted(set(sample["map_class"].dropna().astype(str)) - set(CHANGE_CLASSES))
+        if stray:
+            raise ValueError(f"run {products_dir.name} is a change run, but its accuracy sample has map classes "
+                             f"{stray}; run its change assessment again")
+    return RunKind(CHANGE_KIND, tuple(CHANGE_CLASSES), CHANGE_KEYS, CHANGE_TEXT, vintages)
 
 
 def sample_version(points: pd.DataFrame) -> str:
@@ -197,6 +296,8 @@ class LabelStore:
         self.products_dir = Path(products_dir)
         self.run = self.products_dir.name
         self.sample = load_sample(self.products_dir)
+        self.kind = run_kind(self.products_dir, self.sample)
+        self.classes: tuple[str, ...] = self.kind.classes
         self.points = points_to_label(self.sample)
         self.ids: list[str] = self.points["id"].tolist()
         self._rows = {r["id"]: r for r in self.points[list(POINT_COLUMNS)].to_dict("records")}
@@ -267,8 +368,8 @@ class LabelStore:
                                      f"{row.get(axis)}; the file belongs to another draw: move it away")
         if not label:
             return None
-        if label not in LAND_CLASSES:
-            raise LabelFileError(f"{path}: line {line}: label {label!r} of {pid} is not one of {list(LAND_CLASSES)}")
+        if label not in self.classes:
+            raise LabelFileError(f"{path}: line {line}: label {label!r} of {pid} is not one of {list(self.classes)}")
         return Answer(pid, label, (row.get("unsure") or "").strip().lower() in ("yes", "true", "1"),
                       (row.get("comment") or "").strip(), (row.get("labelled_at") or "").strip())
 
@@ -283,8 +384,8 @@ class LabelStore:
         """The answer if every field is valid, else :class:`LabelInputError` naming the first bad one."""
         if not self.is_point(point_id):
             raise LabelInputError(f"id {point_id!r} is not a point to label in run {self.run}'s sample")
-        if not isinstance(label, str) or label not in LAND_CLASSES:
-            raise LabelInputError(f"label {label!r} is not one of {list(LAND_CLASSES)}")
+        if not isinstance(label, str) or label not in self.classes:
+            raise LabelInputError(f"label {label!r} is not one of {list(self.classes)}")
         if not isinstance(unsure, bool):
             raise LabelInputError(f"unsure {unsure!r} must be true or false")
         if not isinstance(comment, str):
@@ -361,7 +462,7 @@ class LabelStore:
         required = set() if partial else set(self.ids)
 
         def check(tmp: Path) -> None:  # exactly what `assess --reference` will do with it
-            read_labels(tmp, self.sample, required=required)
+            read_labels(tmp, self.sample, required=required, classes=self.classes)
 
         rows = [self._row(answers[i]) for i in self.ids if i in answers]
         with self._locked():
@@ -381,10 +482,10 @@ class LabelStore:
             raise LabelInputError(f"agreement needs two different labellers, got {a!r} twice")
         ans_a, ans_b = self.answers(a), self.answers(b)
         shared = [i for i in self.ids if i in ans_a and i in ans_b]
-        table = agreement_table([ans_a[i].label for i in shared], [ans_b[i].label for i in shared])
+        table = agreement_table([ans_a[i].label for i in shared], [ans_b[i].label for i in shared], self.classes)
         n = len(shared)
         lo, hi = kappa_interval(table) if n else (None, None)
-        return {"a": a, "b": b, "n": n, "n_a": len(ans_a), "n_b": len(ans_b), "classes": list(LAND_CLASSES),
+        return {"a": a, "b": b, "n": n, "n_a": len(ans_a), "n_b": len(ans_b), "classes": list(self.classes),
                 "table": table.astype(int).tolist(), "observed_agreement": float(np.trace(table) / n) if n else None,
                 "kappa": cohen_kappa(table), "kappa_lo": lo, "kappa_hi": hi, "interval": "95% posterior, Dirichlet "
                 "prior of total mass 1 on the agreement table, widened to hold the estimate",
@@ -575,9 +676,32 @@ class LabelApp:
     """What every request of one labelling server shares."""
 
     store: LabelStore
-    chips: ChipRenderer
+    chips: ChipRenderer  # a map run's imagery, or a change run's before date
     default_labeller: str | None = None
     local_only: bool = True  # refuse requests whose Host is not this machine (DNS rebinding)
+    chips_after: ChipRenderer | None = None  # a change run's after date
+
+    def renderer(self, view: str) -> tuple[ChipRenderer, str] | None:
+        """The renderer and its kind (``chip``/``context``) of a URL's view (``chip``, ``context``, and for a change
+        run ``chip-after``, ``context-after``); None for any other."""
+        kind, _, date = view.partition("-")
+        if kind not in ("chip", "context"):
+            return None
+        if not date:
+            return self.chips, kind
+        if date == "after" and self.chips_after is not None:
+            return self.chips_after, kind
+        return None
+
+    def note(self, city: str) -> str:
+        """Why a city's imagery cannot be shown ('' when it can); a change run's says which date."""
+        vintages = self.store.kind.vintages
+        if self.chips_after is None or vintages is None:
+            return self.chips.notes.get(city, "")
+        parts = [f"{when} ({vintage}): {note}" for when, vintage, chips in
+                 (("before", vintages[0], self.chips), ("after", vintages[1], self.chips_after))
+                 if (note := chips.notes.get(city))]
+        return "; ".join(parts)
 
 
 class LabelHandler(StaticHandler):
@@ -591,7 +715,7 @@ class LabelHandler(StaticHandler):
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         parts = urllib.parse.urlsplit(self.path)
         route, query = parts.path, urllib.parse.parse_qs(parts.query)
-        if route.startswith(("/api/", "/chip/", "/context/")):
+        if route.startswith(("/api/", "/chip/", "/context/", "/chip-", "/context-")):
             self.guarded(lambda: self.api_get(route, query))
             return
         if route in ("", "/"):
@@ -630,17 +754,24 @@ class LabelHandler(StaticHandler):
 
     def api_get(self, route: str, query: dict[str, list[str]]) -> None:
         store = self.app.store
-        if route.startswith(("/chip/", "/context/")):
-            kind, _, name = route.strip("/").partition("/")
+        if not route.startswith("/api/"):
+            view, _, name = route.strip("/").partition("/")
+            found = self.app.renderer(view)
+            if found is None:
+                raise _HttpError(HTTPStatus.NOT_FOUND, f"no view {view!r} of this run")
             point_id = name[:-4] if name.endswith(".png") else None
             if not store.is_point(point_id):
                 raise _HttpError(HTTPStatus.NOT_FOUND, f"no point {name!r} in this sample")
-            self.send_bytes(self.app.chips.png(kind, point_id), "image/png", "private, max-age=86400")
+            renderer, kind = found
+            self.send_bytes(renderer.png(kind, point_id), "image/png", "private, max-age=86400")
         elif route == "/api/samples":
-            notes = self.app.chips.notes
-            points = [{**p, "note": notes.get(p["city"], "")} for p in store.public_points()]
-            self.send_json(HTTPStatus.OK, {"run": store.run, "version": store.version, "classes": list(LAND_CLASSES),
-                                           "keys": {c: list(k) for c, k in CLASS_KEYS.items()},
+            points = [{**p, "note": self.app.note(p["city"])} for p in store.public_points()]
+            kind = store.kind
+            self.send_json(HTTPStatus.OK, {"run": store.run, "kind": kind.kind,
+                                           "vintages": list(kind.vintages) if kind.vintages else None,
+                                           "version": store.version, "classes": list(kind.classes),
+                                           "keys": {c: list(k) for c, k in kind.keys.items()},
+                                           "buttons": kind.buttons(),
                                            "default_labeller": self.app.default_labeller, "points": points})
         elif route == "/api/labellers":
             self.send_json(HTTPStatus.OK, {"labellers": [{"name": n, "labelled": store.progress(n)["labelled"]}
@@ -727,45 +858,67 @@ def _one(query: dict[str, list[str]], name: str) -> str:
 
 
 def make_label_server(products_dir: str | os.PathLike[str], catalog_rows: list[dict], host: str = "127.0.0.1",
-                      port: int = 0, labeller: str | None = None) -> ThreadingHTTPServer:
+                      port: int = 0, labeller: str | None = None,
+                      after_rows: list[dict] | None = None) -> ThreadingHTTPServer:
     """The labelling server of one run (not yet serving: call ``serve_forever``).
 
     Args:
-        products_dir: ``products/<run>/`` with ``accuracy/samples.gpkg`` (from ``geolink-engine assess``).
-        catalog_rows: catalog rows (``city``, ``imagery``): where each city's chips are read from.
+        products_dir: ``products/<run>/`` with ``accuracy/samples.gpkg`` (from ``geolink-engine assess``, or a change
+            run's from :func:`engine.accuracy.change.run_change_assess`).
+        catalog_rows: catalog rows (``city``, ``imagery``): where each city's chips are read from; for a change run,
+            the before date's rows (:func:`run_vintages` names the dates).
         host: the address to bind (the loopback by default: see :func:`engine.web.server.make_server`).
         port: 0 for a free port (read ``server.server_address``).
         labeller: the name the page starts with (otherwise ``?labeller=`` or the page asks).
+        after_rows: a change run's after-date catalog rows (``city``, ``imagery``); required for a change run, refused
+            for a map run.
 
     Returns:
         The server; ``server.label_app`` holds its :class:`LabelApp` (the store and the chips).
 
     Raises:
         FileNotFoundError: the run has no sample (says to run ``assess`` first).
-        ValueError: a bad ``labeller`` name, or an unreadable sample.
+        ValueError: a bad ``labeller`` name, an unreadable sample, a change run without ``after_rows`` or a map run
+            with them.
 
     Example::
 
         server = make_label_server(ws.products("default"), catalog.to_pylist(), labeller="alice")
         print(server_url(server)); server.serve_forever()
+        # a change run: each date's rows
+        before, after = run_vintages(ws.products("2018-to-2024"))
+        server = make_label_server(ws.products("2018-to-2024"), select_vintage(catalog, before).to_pylist(),
+                                   after_rows=select_vintage(catalog, after).to_pylist())
     """
     store = LabelStore(products_dir)
+    vintages = store.kind.vintages
+    if store.kind.is_change and after_rows is None:
+        raise ValueError(f"run {store.run} is a change run ({vintages[0]} -> {vintages[1]}): give the after date's "
+                         f"catalog rows (after_rows) as well as the before date's, so both dates can be shown")
+    if not store.kind.is_change and after_rows is not None:
+        raise ValueError(f"run {store.run} is a map run (one date): after_rows are for a change run only")
     if labeller is not None:
         store.path(labeller)  # the name is checked before anything is served
     points = store.sample[store.sample["id"].isin(store.ids)]
-    chips = ChipRenderer(points, {r["city"]: r.get("imagery") for r in catalog_rows if r.get("city")})
-    app = LabelApp(store, chips, labeller, local_only=is_local_host(host))
+    chips = ChipRenderer(points, _imagery_of(catalog_rows))
+    chips_after = ChipRenderer(points, _imagery_of(after_rows)) if after_rows is not None else None
+    app = LabelApp(store, chips, labeller, local_only=is_local_host(host), chips_after=chips_after)
     server = make_server(STATIC_DIR, host, port, handler=LabelHandler, app=app)
     server.label_app = app
     return server
 
 
+def _imagery_of(rows: list[dict]) -> dict[str, str | None]:
+    return {r["city"]: r.get("imagery") for r in rows if r.get("city")}
+
+
 def export_reference(products_dir: str | os.PathLike[str], labeller: str, partial: bool = False) -> Path:
-    """Write ``accuracy/labels/<labeller>.reference.csv`` for ``geolink-engine assess --reference``.
+    """Write ``accuracy/labels/<labeller>.reference.csv`` for ``geolink-engine assess --reference`` (a change run:
+    for :func:`engine.accuracy.change.run_change_assess`'s ``reference_labels``).
 
     Columns ``id, city, lon, lat, label, unsure, comment``, one row per labelled point in id order; the file is
-    read back with :func:`engine.accuracy.reference.read_labels` against the run's sample before it replaces an
-    earlier export, so ``assess`` accepts it.
+    read back with :func:`engine.accuracy.reference.read_labels` (with the run's classes) against the run's sample
+    before it replaces an earlier export, so the assessment accepts it.
 
     Args:
         products_dir: ``products/<run>/``.

@@ -6,6 +6,9 @@
 const state = {
   ready: false,       // samples and answers loaded
   run: "", version: "", classes: [], keys: {},
+  kind: "map",        // "map" (one date) or "change" (two dates side by side)
+  vintages: null,     // a change run's [before, after]
+  buttons: [],        // [{class, name, short, keys, help}] in key order
   points: [],         // [{id, city, lon, lat, note}] in id order (blind: no map class)
   index: 0,           // the point on screen
   labeller: "",
@@ -45,8 +48,10 @@ async function init() {
   try {
     const doc = await api("/api/samples");
     Object.assign(state, {run: doc.run, version: doc.version, classes: doc.classes, keys: doc.keys, points: doc.points,
-                          total: doc.points.length});
+                          total: doc.points.length, kind: doc.kind || "map", vintages: doc.vintages || null,
+                          buttons: doc.buttons || []});
     $("run").textContent = `· run ${doc.run}`;
+    setup();
     const fromUrl = new URLSearchParams(location.search).get("labeller");
     const name = fromUrl || localStorage.getItem("geolink-labeller") || doc.default_labeller || "";
     if (NAME_RE.test(name)) await useLabeller(name);
@@ -86,7 +91,60 @@ async function useLabeller(name) {
   }
 }
 
+// -- the run's classes and views -------------------------------------------------------------------------------
+function setup() {
+  const change = state.kind === "change";
+  document.body.classList.toggle("change", change);
+  document.body.dataset.kind = state.kind;
+  // the class buttons, in key order
+  const buttons = state.buttons.map((b) => {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "cls";
+    button.dataset.class = b.class;
+    for (const key of b.keys) button.append(cell("kbd", key));
+    button.append(` ${b.name}`);
+    button.title = b.help;
+    button.addEventListener("click", () => { choose(b.class); button.blur(); });
+    return button;
+  });
+  $("classes").replaceChildren(...buttons);
+  $("classes").setAttribute("aria-label", change ? "change class" : "class");
+  // the help: one line per class, and for a change run what the two dates are
+  for (const old of document.querySelectorAll("#help-list li.help-class")) old.remove();
+  let after = $("help-dates");
+  for (const b of state.buttons) {
+    const li = document.createElement("li");
+    li.className = "help-class";
+    li.append(cell("b", b.name), `: ${b.help}`);
+    after.after(li);
+    after = li;
+  }
+  if (change) {
+    const [before, later] = state.vintages;
+    $("help-dates").hidden = false;
+    $("help-dates").textContent = `Two dates: ${before} (first, left) and ${later} (second, right). ` +
+      "Compare the same place at both; the map's change class is never shown.";
+    document.title = "Label the change sample · geolink-engine";
+    $("cap-chip").textContent = `${before} · first date, point in the ring`;
+    $("cap-chip-after").textContent = `${later} · second date, same place`;
+    $("cap-context").textContent = `${before} · context, 4× wider`;
+    $("cap-context-after").textContent = `${later} · context, 4× wider`;
+    $("title").firstChild.textContent = "Label the change sample ";
+    $("export").replaceChildren("Export for ", cell("code", "change --reference"));
+    $("chip").alt = `image chip of the point in ${before}`;
+    $("chip-after").alt = `image chip of the point in ${later}`;
+  }
+  for (const fig of document.querySelectorAll("figure.after")) fig.hidden = !change;
+}
+
 // -- drawing --------------------------------------------------------------------------------------------------
+function views() {  // the image elements and their URL views
+  const out = [["chip", "chip"], ["context", "context"]];
+  if (state.kind === "change") out.push(["chip-after", "chip-after"], ["context-after", "context-after"]);
+  return out;
+}
+
 function imageUrl(kind, point) {
   return `/${kind}/${encodeURIComponent(point.id)}.png?v=${state.version}`;
 }
@@ -95,8 +153,7 @@ function render() {
   const point = state.points[state.index];
   if (!point) return;
   const answer = state.answers[point.id];
-  $("chip").src = imageUrl("chip", point);
-  $("context").src = imageUrl("context", point);
+  for (const [el, view] of views()) $(el).src = imageUrl(view, point);
   $("point-id").textContent = `${point.id}  (${state.index + 1} / ${state.total})`;
   $("point-where").textContent = `city ${point.city} · ${point.lat.toFixed(6)}, ${point.lon.toFixed(6)}`;
   $("note").hidden = !point.note;
@@ -112,8 +169,7 @@ function render() {
   document.body.dataset.index = String(state.index);
   document.body.dataset.point = point.id;
   for (const ahead of state.points.slice(state.index + 1, state.index + 3)) {  // warm the server's cache
-    new Image().src = imageUrl("chip", ahead);
-    new Image().src = imageUrl("context", ahead);
+    for (const [, view] of views()) new Image().src = imageUrl(view, ahead);
   }
 }
 
@@ -204,8 +260,8 @@ function agreementHtml(a) {
   box.append(head);
   if (a.n > 0) {
     const table = document.createElement("table");
-    const short = {urban_village: "UV", built_up: "built-up", other: "not built"};
-    const order = ["urban_village", "built_up", "other"].map((c) => a.classes.indexOf(c)).filter((i) => i >= 0);
+    const short = Object.fromEntries(state.buttons.map((b) => [b.class, b.short]));
+    const order = state.buttons.map((b) => a.classes.indexOf(b.class)).filter((i) => i >= 0);
     const header = document.createElement("tr");
     header.append(cell("th", `${a.a} \\ ${a.b}`), ...order.map((j) => cell("th", short[a.classes[j]] || a.classes[j])));
     table.append(header);
@@ -278,9 +334,6 @@ function onKey(ev) {
 
 function wire() {
   document.addEventListener("keydown", onKey);
-  for (const button of document.querySelectorAll(".cls")) {
-    button.addEventListener("click", () => { choose(button.dataset.class); button.blur(); });
-  }
   $("prev").addEventListener("click", () => go(state.index - 1));
   $("next").addEventListener("click", () => go(state.index + 1));
   $("todo").addEventListener("click", firstUnlabelled);
