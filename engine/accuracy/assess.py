@@ -64,6 +64,19 @@ from engine.workspace import Workspace
 CLASS_TIF = COGS["class"]
 
 
+def check_assess_options(cfg) -> None:
+    """The options an assessment and a change assessment share (``interval``, ``min_domain_samples``, ``chip_px``,
+    ``workers``): a ValueError naming the bad one."""
+    if cfg.interval not in INTERVALS:
+        raise ValueError(f"interval={cfg.interval!r}: use one of {INTERVALS}")
+    if cfg.min_domain_samples < 2:
+        raise ValueError(f"min_domain_samples={cfg.min_domain_samples}: need at least 2 (variance)")
+    if not 8 <= cfg.chip_px <= 1024:
+        raise ValueError(f"chip_px={cfg.chip_px}: use 8 to 1024")
+    if cfg.workers < 0:
+        raise ValueError(f"workers={cfg.workers}: need 0 (automatic) or more")
+
+
 @dataclass(frozen=True)
 class AssessConfig:
     """How a run is assessed.
@@ -96,14 +109,7 @@ class AssessConfig:
     interval: str = "jeffreys"
 
     def __post_init__(self) -> None:
-        if self.interval not in INTERVALS:
-            raise ValueError(f"interval={self.interval!r}: use one of {INTERVALS}")
-        if self.min_domain_samples < 2:
-            raise ValueError(f"min_domain_samples={self.min_domain_samples}: need at least 2 (variance)")
-        if not 8 <= self.chip_px <= 1024:
-            raise ValueError(f"chip_px={self.chip_px}: use 8 to 1024")
-        if self.workers < 0:
-            raise ValueError(f"workers={self.workers}: need 0 (automatic) or more")
+        check_assess_options(self)
 
     def to_json(self) -> dict:
         doc = asdict(self)

@@ -51,7 +51,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from engine.accuracy.estimators import INTERVALS, Estimate, count_cube, estimates_from_counts
+from engine.accuracy.assess import check_assess_options
+from engine.accuracy.estimators import Estimate, count_cube, estimates_from_counts
 from engine.accuracy.reference import (
     LandLabeller,
     export_label_sheet,
@@ -61,6 +62,7 @@ from engine.accuracy.reference import (
 )
 from engine.accuracy.report import (
     DomainResult,
+    _pct,
     _unseen_bound,
     degenerate_flags,
     write_samples,
@@ -162,14 +164,7 @@ class ChangeAssessConfig:
             raise ValueError(f"users_accuracy={dict(self.users_accuracy)}: give exactly the classes {CHANGE_CLASSES}")
         if not all(0 <= float(v) <= 1 for v in self.users_accuracy.values()):
             raise ValueError(f"users_accuracy={dict(self.users_accuracy)}: values must lie in [0, 1]")
-        if self.interval not in INTERVALS:
-            raise ValueError(f"interval={self.interval!r}: use one of {INTERVALS}")
-        if self.min_domain_samples < 2:
-            raise ValueError(f"min_domain_samples={self.min_domain_samples}: need at least 2 (variance)")
-        if not 8 <= self.chip_px <= 1024:
-            raise ValueError(f"chip_px={self.chip_px}: use 8 to 1024")
-        if self.workers < 0:
-            raise ValueError(f"workers={self.workers}: need 0 (automatic) or more")
+        check_assess_options(self)
         self.sampling()  # strata, target_se, minimums, n_total, block_rows: checked there
 
     def sampling(self) -> SampleConfig:
@@ -640,10 +635,6 @@ def report_json(report: ChangeAssessReport) -> dict:
 
 def _km2(v: float | None) -> str:
     return "n/a" if v is None else f"{v / 1e6:,.4f}"
-
-
-def _pct(v: float | None) -> str:
-    return "n/a" if v is None else f"{100 * v:.1f}%"
 
 
 def _ci(e: dict, fmt) -> str:

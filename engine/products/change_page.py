@@ -21,6 +21,7 @@ from matplotlib.patches import Patch
 from rasterio.enums import Resampling
 
 from engine.atomic import atomic_path
+from engine.products.page import CSS as PAGE_CSS
 from engine.change.codes import CHANGE_CLASSES, CHANGE_COLOURS, CHANGE_NODATA
 from engine.product_layout import (
     ACCURACY_DIR,
@@ -36,17 +37,7 @@ from engine.product_layout import (
 
 CHANGE_PNG = "change.png"
 LABELS = {"other": "other", "persistent_uv": "persistent UV", "demolished_uv": "demolished UV", "new_uv": "new UV"}
-CSS = """
-body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
-table { border-collapse: collapse; margin: 1em 0; }
-th, td { border: 1px solid #ccc; padding: 4px 10px; text-align: right; }
-th { background: #f0f0f0; }
-td.name { text-align: left; }
-tr.failed td { background: #ffd6d6; }
-section { margin: 2em 0; }
-img { max-width: 100%; border: 1px solid #ccc; }
-p.note { color: #a00; }
-"""
+CSS = PAGE_CSS  # one look for both kinds of run
 
 
 def write_change_page(products_dir: str | os.PathLike[str], max_px: int = 700) -> Path:

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import geopandas as gpd
@@ -103,11 +104,12 @@ def write_web_map(products_dir: str | os.PathLike[str], catalog_rows: list[dict]
     columns = [c for c in POPUP_COLUMNS if c[0] in polygons.columns]
     vector = _write_vectors(polygons, [c[0] for c in columns], web, max_geojson_features)
     by_city = {r["city"]: r for r in stats}
-    cities = []
-    for city in product_cities(products_dir, stats):
+    counts = polygons["city"].value_counts().to_dict() if len(polygons) else {}
+
+    def one(city: str) -> dict:
         row = by_city.get(city) or {}
         entry = {"city": city, "region": row.get("region") or (rows.get(city) or {}).get("region") or "",
-                 "polygons": int((polygons["city"] == city).sum()) if len(polygons) else 0,
+                 "polygons": int(counts.get(city, 0)),
                  "uv_area_ha": None if row.get("uv_area_m2") is None else round(row["uv_area_m2"] / 1e4, 2),
                  "uv_share": row.get("uv_share"), "failed": not row.get("tiles_ok"), "overlays": {}, "note": ""}
         cogs = city_cogs(products_dir, city)
@@ -120,9 +122,13 @@ def write_web_map(products_dir: str | os.PathLike[str], catalog_rows: list[dict]
                 entry["overlays"]["imagery"] = _imagery_overlay(imagery, web / "imagery" / f"{city}.jpg", overlay_px)
         except Exception as exc:  # noqa: BLE001 (one unreadable city is a note on the page, never a missing page)
             entry["note"] = f"overlay failed: {type(exc).__name__}: {exc}"
-        if "bounds" not in entry and len(polygons) and entry["polygons"]:
+        if "bounds" not in entry and entry["polygons"]:
             entry["bounds"] = [round(v, 6) for v in polygons[polygons["city"] == city].total_bounds.tolist()]
-        cities.append(entry)
+        return entry
+
+    # GDAL's reads and warps and the PNG/JPEG encoders release the GIL: a national run's overlays on every core
+    with ThreadPoolExecutor(max_workers=max(1, min(os.cpu_count() or 1, 8))) as pool:
+        cities = list(pool.map(one, product_cities(products_dir, stats)))
     boxes = [c["bounds"] for c in cities if c.get("bounds")]
     manifest = {
         "run": run["run"], "model_version": run["model_version"], "vector": vector,
