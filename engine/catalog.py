@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,16 +203,25 @@ def select_vintage(catalog: pa.Table, vintage: str | None) -> pa.Table:
         raise CatalogError(f"vintage {vintage} is not in the catalog" + (f"; it holds {', '.join(present)}" if present
                                                                         else " (it has no `vintage` column)"))
     column = catalog.column("vintage")
-    return catalog.filter(pc.or_(pc.equal(column, vintage), pc.is_null(column)))
+    return catalog.filter(pc.or_kleene(pc.equal(column, vintage), pc.is_null(column)))  # Kleene: null or true is true
 
 
 def check_city_names(catalog: pa.Table, source: str | os.PathLike[str] | None = None) -> pa.Table:
-    """``catalog`` when every city name is a valid, unique slug (:func:`city_problems`); else one
-    :class:`CatalogError` listing the rows. Every stage that turns names into folders calls it before any work."""
+    """``catalog`` when every city name is a valid slug and appears once (:func:`city_problems`); else one
+    :class:`CatalogError` listing the rows. Every stage that turns names into folders calls it before any work.
+
+    A stage works on one date, so a city listed at two vintages is refused here too (a multi-date catalog is fine for
+    `catalog validate`; `--vintage` picks a date first): its two dates would land in one folder."""
     problems = city_problems(catalog)
     if problems:
         where = f" on {source}" if source else ""
         raise CatalogError("; ".join(str(p) for p in problems) + f" (run `geolink-engine catalog validate`{where})")
+    counts = Counter(catalog.column("city").to_pylist())
+    twice = sorted(c for c, n in counts.items() if n > 1)
+    if twice:
+        raise CatalogError(f"city {twice[0]} is listed at vintages {', '.join(map(str, catalog_vintages(catalog.filter(pc.equal(catalog.column('city'), twice[0])))))}"
+                           f"{f' (and {len(twice) - 1} more cities)' if len(twice) > 1 else ''}: a stage works on one date; "
+                           f"choose one with --vintage")
     return catalog
 
 
@@ -277,7 +287,12 @@ def _check_imagery(path: str | None, report, facts: dict | None = None, city: st
     temporary folder: :func:`engine.imagery_sources.resolve_imagery`, headers only), then check the raster."""
     import tempfile
 
-    from engine.imagery_sources import ImagerySourceError, imagery_form, parse_zoom, resolve_imagery
+    from engine.imagery_sources import (
+        ImagerySourceError,
+        imagery_form,
+        parse_zoom,
+        resolve_imagery,
+    )
 
     if not path:
         report("imagery", "empty; every city needs imagery (a GeoTIFF, COG, VRT, tile folder, MBTiles, XYZ folder or STAC item)")
@@ -464,7 +479,12 @@ def _check_vector_set(spec: str, field: str, report, need_rows: bool, need_colum
 def _check_buildings(path: str, report) -> tuple[float, float, float, float] | None:
     """Metadata-only check of a buildings file (engine.buildings reads it): readable, features, polygons, a CRS
     (any: it is reprojected), numeric height/levels columns; returns its bounds in EPSG:4326 when known."""
-    from engine.buildings import HEIGHT_COLUMNS, LEVELS_COLUMNS, OGR_SUFFIXES, PARQUET_SUFFIXES
+    from engine.buildings import (
+        HEIGHT_COLUMNS,
+        LEVELS_COLUMNS,
+        OGR_SUFFIXES,
+        PARQUET_SUFFIXES,
+    )
 
     p = Path(path)
     if "://" not in path and not p.is_file():

@@ -11,18 +11,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engine.catalog import find_catalog, load_catalog, select_cities
 from engine.pipelines.embed import EmbedConfig, run_embed
 from engine.pipelines.infer import InferenceConfig
-from engine.workspace import Workspace
 from map import progress_printer  # jobs/ is the script's folder, first on sys.path (as train_args for the training jobs)
+from scope import add_scope_args, load_scope
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workspace", default="geolink-data", help="folder or s3://bucket/prefix shared by every node")
-    parser.add_argument("--catalog", default=None, help="default: the workspace's catalog")
-    parser.add_argument("--cities", default="all")
+    add_scope_args(parser)
     parser.add_argument("--run", default="default")
     parser.add_argument("--model", default=None, help="model bundle (folder or URI); default: the map run's model, else models/default")
     parser.add_argument("--mode", default=None, choices=["fused", "image", "osm"])
@@ -37,9 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main() -> int:
     args = build_parser().parse_args()
-    workspace = Workspace.at(args.workspace)
     try:
-        catalog = select_cities(load_catalog(args.catalog or find_catalog(workspace)), args.cities)
+        workspace, catalog = load_scope(args)
         cfg = EmbedConfig(run=args.run, model_dir=args.model, mode=args.mode, level=args.level, points=args.points,
                           inference=InferenceConfig(batch_size=args.batch_size, gpus=args.devices, actors=args.actors))
         report = run_embed(catalog, workspace, cfg, on_stage=lambda msg: print(msg, flush=True), on_commit=progress_printer(),

@@ -8,20 +8,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engine.catalog import find_catalog, load_catalog, select_cities
 from engine.model_input import InputSpec, Radiometry, parse_bands
 from engine.pipelines.prepare import run_prepare
 from engine.pipelines.runtime import init_ray
 from engine.tiles.city import PrepareConfig
 from engine.tiles.grid import TileGridConfig
-from engine.workspace import Workspace
+from scope import add_scope_args, load_scope  # jobs/ is the script's folder, first on sys.path
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workspace", default="geolink-data", help="folder or s3://bucket/prefix shared by every node")
-    parser.add_argument("--catalog", default=None)
-    parser.add_argument("--cities", default="all")
+    add_scope_args(parser)
     parser.add_argument("--tile-size", type=int, default=224)
     parser.add_argument("--overlap", type=int, default=32)
     parser.add_argument("--force", action="store_true")
@@ -34,9 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main() -> int:
     args = build_parser().parse_args()
-    workspace = Workspace.at(args.workspace)
     try:
-        catalog = select_cities(load_catalog(args.catalog or find_catalog(workspace)), args.cities)
+        workspace, catalog = load_scope(args)
         cfg = PrepareConfig(grid=TileGridConfig(tile_size_px=args.tile_size, overlap_px=args.overlap))
         spec = InputSpec(bands=parse_bands(args.bands), radiometry=Radiometry.parse(args.radiometry), gsd_m=args.gsd,
                          allow_gsd_mismatch=args.allow_gsd_mismatch)

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from engine.catalog import find_catalog, load_catalog
 from engine.pipelines.runtime import init_ray
 from engine.pipelines.train import TrainConfig, parse_workers, run_training
-from engine.workspace import Workspace
+from scope import add_scope_args, load_scope  # jobs/ is the script's folder, first on sys.path
 
 
 def build_parser(task: str, description: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description or f"Ray job: GeoLink {task}")
-    parser.add_argument("--workspace", default="geolink-data", help="folder or s3://bucket/prefix shared by every node")
-    parser.add_argument("--catalog", default=None)
+    add_scope_args(parser, cities=False)
     parser.add_argument("--name", default=task)
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--epochs", type=int, default=3)
@@ -40,7 +38,7 @@ def build_parser(task: str, description: str | None = None) -> argparse.Argument
 
 def run(task: str, description: str) -> None:
     args = build_parser(task, description).parse_args()
-    workspace = Workspace.at(args.workspace)
+    workspace, catalog = load_scope(args)
     cfg = TrainConfig(task=task, preset=args.preset, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                       num_workers=parse_workers(args.workers), use_gpu=args.gpu, mode=args.mode, classes=args.classes,
                       label_fraction=args.label_fraction, init_from=args.init_from, seed=args.seed, cpus_per_worker=args.cpus_per_worker,
@@ -48,5 +46,4 @@ def run(task: str, description: str) -> None:
                       image_dropout=args.image_dropout, max_zoom=args.max_zoom, backbone_lr_scale=args.backbone_lr_scale,
                       pretrain_on_test=args.pretrain_on_test, with_location=args.with_location)
     init_ray("auto")
-    catalog = load_catalog(args.catalog or find_catalog(workspace))
     print(run_training(catalog, workspace, cfg, name=args.name, storage=args.storage))

@@ -205,3 +205,24 @@ def test_buildings_column_is_optional_resolved_and_validated(demo_workspace, tmp
     assert "Point" in by_row[4] and "polygons" in by_row[4]
     assert "'height_m'" in by_row[5]
     assert "file not found" in by_row[6]
+
+
+def test_vintages_are_chosen_before_a_stage_works_on_cities() -> None:
+    """A multi-date catalog: city + vintage unique; a stage needs one date (select_vintage), else a clear refusal."""
+    from engine.catalog import catalog_vintages, check_city_names, city_problems, select_vintage
+    from engine.schema import CATALOG_SCHEMA
+
+    rows = [{"city": c, "region": "r", "imagery": "x.tif", "osm": "x.parquet", "vintage": v}
+            for c in ("a", "b") for v in ("2018", "2024")] + [{"city": "c", "region": "r", "imagery": "x.tif", "osm": "x.parquet"}]
+    table = pa.Table.from_pylist([{n: r.get(n) for n in CATALOG_SCHEMA.names} for r in rows], schema=CATALOG_SCHEMA)
+    assert city_problems(table) == [] and catalog_vintages(table) == ["2018", "2024"]
+    with pytest.raises(CatalogError, match=r"city a is listed at vintages 2018, 2024 \(and 1 more cities\): .* choose one with --vintage"):
+        check_city_names(table)
+    with pytest.raises(CatalogError, match="holds vintages 2018, 2024: choose one with --vintage"):
+        select_vintage(table, None)
+    with pytest.raises(CatalogError, match="vintage 2030 is not in the catalog; it holds 2018, 2024"):
+        select_vintage(table, "2030")
+    one = check_city_names(select_vintage(table, "2024"))
+    assert sorted(one.column("city").to_pylist()) == ["a", "b", "c"]  # c has no vintage: it belongs to every date
+    repeated = pa.concat_tables([table, table.slice(0, 1)])
+    assert [p.field for p in city_problems(repeated)] == ["city"]  # the same city at the same vintage twice
