@@ -213,3 +213,29 @@ def test_map_in_a_browser_renders_villages_and_shows_attributes(site, tmp_path: 
             urls = network_requests(driver)
             assert any(u.endswith("/web/uv.pmtiles") for u in urls)
             assert outside_localhost(urls) == []
+
+
+def test_a_map_that_cannot_be_written_never_stops_the_products(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """The web map is a view of the products: if it fails (a GDAL driver missing, a disk full of tiles), the page, the
+    STAC and every product file are still written, the old map.html is removed, and a warning says why."""
+    import pyarrow as pa
+
+    import engine.products.webmap as webmap
+    from engine.pipelines.publish import publish_products
+
+    products, rows = make_products(tmp_path)
+    (products / "map.html").write_text("stale")
+
+    def broken(*args, **kwargs):
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(webmap, "write_web_map", broken)
+    import engine.products.regions as regions  # this fixture has no morphology columns for the regional table
+
+    monkeypatch.setattr(regions, "write_regions", lambda products_dir: (None, None))
+    with caplog.at_level(logging.WARNING, logger="engine.publish"):
+        publish_products(products, pa.Table.from_pylist(rows))
+    assert (products / "index.html").is_file() and (products / "stac" / "collection.json").is_file()
+    assert not (products / "map.html").exists() and 'href="map.html"' not in (products / "index.html").read_text()
+    assert any("no space left on device" in r.getMessage() for r in caplog.records)
