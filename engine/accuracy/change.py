@@ -63,7 +63,8 @@ from engine.accuracy.reference import (
 from engine.accuracy.report import (
     DomainResult,
     _pct,
-    _unseen_bound,
+    files_json,
+    strata_json,
     degenerate_flags,
     write_samples,
     write_tables,
@@ -610,12 +611,7 @@ def report_json(report: ChangeAssessReport) -> dict:
         "design": {
             "strata_by": cfg.strata, "seed": cfg.seed, "n_cochran": int(report.design.n_cochran),
             "n_total": int(report.design.n_total), "rare_strata": list(RARE_CHANGE),
-            "strata": [{"stratum": r.stratum, "unit": r.unit, "map_stratum": r.map_stratum, "cities": int(r.cities),
-                        "pixels": int(r.pixels), "area_m2": float(r.area_m2), "n": int(r.n),
-                        "disagreements": int(errors.get(r.stratum, 0)) if done else None,
-                        "unseen_error_bound_m2": _unseen_bound(int(errors.get(r.stratum, 0)), int(r.n), float(r.area_m2))
-                        if done else None}
-                       for r in strata.itertuples()],
+            "strata": strata_json(strata, errors, done),
         },
         "reference": {"points_by_source": {str(k): int(v) for k, v in pts["ref_source"].value_counts().sort_index().items()},
                       "awaiting_labels": int(pts["ref_class"].isna().sum()),
@@ -627,8 +623,7 @@ def report_json(report: ChangeAssessReport) -> dict:
         "regions": {k: v.to_json() for k, v in sorted(report.regions.items())},
         "census": census,
         "skipped_cities": dict(sorted(report.skipped.items())),
-        "files": {k: p.name if p.parent == report.out_dir else str(p.relative_to(report.out_dir))
-                  for k, p in report.files.items()},
+        "files": files_json(report.files, report.out_dir),
         "warnings": list(report.warnings),
     }
 

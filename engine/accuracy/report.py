@@ -261,12 +261,7 @@ class AssessReport:
                 "seed": self.design.config.seed,
                 "n_cochran": int(self.design.n_cochran),
                 "n_total": int(self.design.n_total),
-                "strata": [{"stratum": r.stratum, "unit": r.unit, "map_stratum": r.map_stratum, "cities": int(r.cities),
-                            "pixels": int(r.pixels), "area_m2": float(r.area_m2), "n": int(r.n),
-                            "disagreements": int(errors.get(r.stratum, 0)) if self.status == "done" else None,
-                            "unseen_error_bound_m2": _unseen_bound(int(errors.get(r.stratum, 0)), int(r.n), float(r.area_m2))
-                            if self.status == "done" else None}
-                           for r in strata.itertuples()],
+                "strata": strata_json(strata, errors, self.status == "done"),
             },
             "reference": {"points_by_source": {str(k): int(v) for k, v in source.items()},
                           "awaiting_labels": int(self.points["ref_class"].isna().sum()) if "ref_class" in self.points else 0,
@@ -278,10 +273,24 @@ class AssessReport:
             "cities": {k: v.to_json() for k, v in sorted(self.cities.items())},
             "census": census,
             "skipped_cities": dict(sorted(self.skipped.items())),
-            "files": {k: p.name if p.parent == self.out_dir else str(p.relative_to(self.out_dir))
-                      for k, p in self.files.items()},
+            "files": files_json(self.files, self.out_dir),
             "warnings": list(self.warnings),
         }
+
+
+def strata_json(strata: pd.DataFrame, errors: pd.Series, done: bool) -> list[dict]:
+    """``report.json``'s strata (an assessment's and a change assessment's alike): size, sample, and once the
+    labels are in, the disagreements sampled and the bound on the error area no sample saw."""
+    return [{"stratum": r.stratum, "unit": r.unit, "map_stratum": r.map_stratum, "cities": int(r.cities),
+             "pixels": int(r.pixels), "area_m2": float(r.area_m2), "n": int(r.n),
+             "disagreements": int(errors.get(r.stratum, 0)) if done else None,
+             "unseen_error_bound_m2": _unseen_bound(int(errors.get(r.stratum, 0)), int(r.n), float(r.area_m2)) if done else None}
+            for r in strata.itertuples()]
+
+
+def files_json(files: dict[str, Path], out_dir: Path) -> dict[str, str]:
+    """The files an assessment wrote, relative to its ``accuracy/`` folder."""
+    return {k: p.name if p.parent == out_dir else str(p.relative_to(out_dir)) for k, p in files.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
