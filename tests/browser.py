@@ -103,6 +103,23 @@ def screenshot(driver, name: str) -> Path:
     return path
 
 
+def press(driver, key: str) -> None:
+    """Type ``key`` into the page (whatever holds the focus), as a person at the keyboard would."""
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    ActionChains(driver).send_keys(key).perform()
+
+
+def label_state(driver, expr: str):
+    """``window.labelState.<expr>`` of the labelling page (engine/web/static/label.js exposes it for tests)."""
+    return driver.execute_script(f"return window.labelState && window.labelState.{expr}")
+
+
+def label_settled(driver) -> bool:
+    """The labelling page has loaded and no answer is still on its way to the server."""
+    return bool(label_state(driver, "ready")) and label_state(driver, "pending") == 0
+
+
 @contextlib.contextmanager
 def serving(server) -> Iterator[str]:
     """Run an ``http.server`` server in a thread; yield its base URL; shut it down on exit."""

@@ -31,7 +31,7 @@ from engine.web.label import (
     kappa_interval,
     make_label_server,
 )
-from engine.web.server import server_url
+from tests.browser import serving
 from tests.test_accuracy_assess import RUN, _workspace
 
 CFG = AssessConfig(sampling=SampleConfig(min_rare=5, min_common=5, n_total=60, seed=11), chip_px=32)
@@ -62,14 +62,8 @@ def served(products: Path, assessed):
     _, rows = assessed
     rows = [{**r, "imagery": str(products / "missing.tif")} if r["city"] == "c" else r for r in rows]
     server = make_label_server(products, rows)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server, server_url(server, "").rstrip("/")
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+    with serving(server) as base:
+        yield server, base
 
 
 def _request(url: str, body: bytes | None = None, headers: dict | None = None, method: str | None = None):

@@ -24,8 +24,11 @@ from engine.schema import LANDUSE_CLASSES
 from engine.web.label import LabelStore, make_label_server
 from tests.browser import (
     chromium,
+    label_settled,
+    label_state,
     network_requests,
     outside_localhost,
+    press,
     screenshot,
     serving,
     wait_for,
@@ -53,20 +56,6 @@ def demo_run(demo_workspace: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return products, catalog.to_pylist()
 
 
-def _state(driver, expr: str):
-    return driver.execute_script(f"return window.labelState && window.labelState.{expr}")
-
-
-def _press(driver, key: str) -> None:
-    from selenium.webdriver.common.action_chains import ActionChains
-
-    ActionChains(driver).send_keys(key).perform()
-
-
-def _settled(driver) -> bool:
-    return bool(_state(driver, "ready")) and _state(driver, "pending") == 0
-
-
 def test_label_by_keyboard_and_resume_after_reload(demo_run) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -78,46 +67,46 @@ def test_label_by_keyboard_and_resume_after_reload(demo_run) -> None:
     ids = store.ids
     with serving(server) as base, chromium(width=1280, height=800) as driver:
         driver.get(base + "/?labeller=alice")
-        wait_for(lambda: _settled(driver), 30, "the page to load the sample")
-        assert _state(driver, "index") == 0 and _state(driver, "total") == len(ids) == 40
+        wait_for(lambda: label_settled(driver), 30, "the page to load the sample")
+        assert label_state(driver, "index") == 0 and label_state(driver, "total") == len(ids) == 40
         wait_for(lambda: driver.execute_script("return document.getElementById('chip').naturalWidth"), 20, "the chip")
         for k, key in enumerate(KEYS):
             if k == 2:
-                _press(driver, "s")  # unsure, taken with the class
-            _press(driver, key)
-            wait_for(lambda k=k: _state(driver, "index") == k + 1, 10, f"the page to move on after key {key!r}")
-        wait_for(lambda: _settled(driver) and _state(driver, "labelled") == 5, 20, "five saves")
+                press(driver, "s")  # unsure, taken with the class
+            press(driver, key)
+            wait_for(lambda k=k: label_state(driver, "index") == k + 1, 10, f"the page to move on after key {key!r}")
+        wait_for(lambda: label_settled(driver) and label_state(driver, "labelled") == 5, 20, "five saves")
         assert "5 of 40 labelled" in driver.find_element(By.ID, "progress").text
-        assert not _state(driver, "error")
+        assert not label_state(driver, "error")
 
         saved = pd.read_csv(products / "accuracy" / "labels" / "alice.csv", dtype=str, keep_default_na=False)
         assert saved["id"].tolist() == ids[:5] and saved["label"].tolist() == EXPECTED
         assert saved["unsure"].tolist() == ["no", "no", "yes", "no", "no"]
 
         driver.refresh()  # nothing lives only in the page
-        wait_for(lambda: _settled(driver) and _state(driver, "labelled") == 5, 30, "the page to reload")
-        assert _state(driver, "index") == 5  # resumes at the first unlabelled point
-        answers = _state(driver, "answers")
+        wait_for(lambda: label_settled(driver) and label_state(driver, "labelled") == 5, 30, "the page to reload")
+        assert label_state(driver, "index") == 5  # resumes at the first unlabelled point
+        answers = label_state(driver, "answers")
         assert [answers[i]["label"] for i in ids[:5]] == EXPECTED and answers[ids[2]]["unsure"]
-        _press(driver, Keys.ARROW_LEFT)
-        wait_for(lambda: _state(driver, "index") == 4, 10, "ArrowLeft")
+        press(driver, Keys.ARROW_LEFT)
+        wait_for(lambda: label_state(driver, "index") == 4, 10, "ArrowLeft")
         chosen = driver.find_elements(By.CSS_SELECTOR, ".cls.chosen")
         assert [b.get_attribute("data-class") for b in chosen] == [EXPECTED[4]]
 
         # a comment on a labelled point is saved too
-        _press(driver, "c")
-        _press(driver, "mixed roofs")
-        _press(driver, Keys.ENTER)
-        wait_for(lambda: _settled(driver) and store.answers("alice")[ids[4]].comment == "mixed roofs", 10, "the comment")
+        press(driver, "c")
+        press(driver, "mixed roofs")
+        press(driver, Keys.ENTER)
+        wait_for(lambda: label_settled(driver) and store.answers("alice")[ids[4]].comment == "mixed roofs", 10, "the comment")
 
         # a second labeller: the agreement panel appears with kappa and its interval
         for k, pid in enumerate(ids[:5]):
             store.save("bob", pid, EXPECTED[k] if k != 1 else "other")
         driver.refresh()
-        wait_for(lambda: _settled(driver) and "κ =" in driver.find_element(By.ID, "agreement-body").text, 20,
+        wait_for(lambda: label_settled(driver) and "κ =" in driver.find_element(By.ID, "agreement-body").text, 20,
                  "the agreement panel")
         assert "of 5 points" in driver.find_element(By.ID, "agreement-body").text
-        assert _state(driver, "index") == 5
+        assert label_state(driver, "index") == 5
         wait_for(lambda: driver.execute_script("const c = document.getElementById('chip'), x = document.getElementById('context');"
                                                "return c.complete && c.naturalWidth > 0 && x.complete && x.naturalWidth > 0"),
                  20, "the views")
@@ -127,8 +116,8 @@ def test_label_by_keyboard_and_resume_after_reload(demo_run) -> None:
         assert outside_localhost(requests) == []
         screenshot(driver, "label")
         if os.environ.get("GEOLINK_DOCS_IMG"):
-            _press(driver, Keys.ARROW_LEFT)  # a labelled point, its class and comment shown
-            wait_for(lambda: _state(driver, "index") == 4, 10, "ArrowLeft")
+            press(driver, Keys.ARROW_LEFT)  # a labelled point, its class and comment shown
+            wait_for(lambda: label_state(driver, "index") == 4, 10, "ArrowLeft")
             save_readme_picture(driver, DOCS_IMG)
 
 

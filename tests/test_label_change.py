@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +34,8 @@ from engine.web.label import (
     run_kind,
     run_vintages,
 )
-from engine.web.server import server_url
-from tests.browser import chromium, network_requests, outside_localhost, screenshot, serving, wait_for
+from tests.browser import chromium, label_settled, label_state, network_requests, outside_localhost, press, screenshot, serving, wait_for
+from tests.test_label import _post, _request
 
 RUN = "m2018-to-m2024"
 VINTAGES = ("2018", "2024")
@@ -115,30 +114,8 @@ def products(change_run, tmp_path: Path) -> Path:
 def served(products: Path, change_run):
     _, cities = change_run
     server = make_label_server(products, _rows(cities, "before"), after_rows=_rows(cities, "after"))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server, server_url(server, "").rstrip("/")
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
-
-
-def _request(url: str, body: bytes | None = None, headers: dict | None = None):
-    import urllib.error
-    import urllib.request
-
-    req = urllib.request.Request(url, data=body, headers=headers or {})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-
-
-def _post(base: str, path: str, doc: dict):
-    return _request(base + path, json.dumps(doc).encode(), {"Content-Type": "application/json"})
+    with serving(server) as base:
+        yield server, base
 
 
 def _mean_rgb(png: bytes) -> np.ndarray:
@@ -196,7 +173,7 @@ def test_points_offered_are_those_no_reference_polygons_label() -> None:
 
 def test_http_blind_two_dates_and_change_classes(served) -> None:
     server, base = served
-    status, body = _request(base + "/api/samples")
+    status, _, body = _request(base + "/api/samples")
     assert status == 200
     doc = json.loads(body)
     assert doc["kind"] == "change" and doc["vintages"] == list(VINTAGES) and doc["classes"] == list(CHANGE_CLASSES)
@@ -211,7 +188,7 @@ def test_http_blind_two_dates_and_change_classes(served) -> None:
     chips = {}
     for view, side in (("chip", size), ("chip-after", size), ("context", label_mod.CONTEXT_PX),
                        ("context-after", label_mod.CONTEXT_PX)):
-        status, png = _request(f"{base}/{view}/{pid}.png")
+        status, _, png = _request(f"{base}/{view}/{pid}.png")
         assert status == 200 and Image.open(io.BytesIO(png)).size == (side, side), view
         chips[view] = _mean_rgb(png)
     for view in ("chip", "context"):  # the before date red, the after date blue
@@ -223,27 +200,27 @@ def test_http_blind_two_dates_and_change_classes(served) -> None:
 def test_label_all_export_and_the_change_assessment_takes_it(served, products: Path, change_run) -> None:
     server, base = served
     store: LabelStore = server.label_app.store
-    version = json.loads(_request(base + "/api/samples")[1])["version"]
+    version = json.loads(_request(base + "/api/samples")[2])["version"]
     map_class = dict(zip(store.sample["id"], store.sample["map_class"]))
     for k, pid in enumerate(store.ids):  # the map's class, except every fifth point
         label = map_class[pid] if k % 5 else CHANGE_CLASSES[(CHANGE_CLASSES.index(map_class[pid]) + 1) % 4]
-        status, body = _post(base, "/api/labels", {"labeller": "ann", "id": pid, "label": label, "version": version,
+        status, _, body = _post(base, "/api/labels", {"labeller": "ann", "id": pid, "label": label, "version": version,
                                                    "unsure": k == 3})
         assert status == 200, body
     assert json.loads(body)["labelled"] == len(store.ids)
     for bad in ("urban_village", "built_up", "demolished", "", None, 3):
-        status, body = _post(base, "/api/labels", {"labeller": "ann", "id": store.ids[0], "label": bad})
+        status, _, body = _post(base, "/api/labels", {"labeller": "ann", "id": store.ids[0], "label": bad})
         assert status == 400 and "is not one of" in json.loads(body)["error"], bad
     assert store.answers("ann")[store.ids[0]].label in CHANGE_CLASSES  # the refused ones changed nothing
 
     # kappa over the four classes
     for k, pid in enumerate(store.ids):
         store.save("bo", pid, map_class[pid] if k % 4 else CHANGE_CLASSES[0])
-    agreement = json.loads(_request(base + "/api/agreement?a=ann&b=bo")[1])
+    agreement = json.loads(_request(base + "/api/agreement?a=ann&b=bo")[2])
     assert agreement["classes"] == list(CHANGE_CLASSES) and np.array(agreement["table"]).shape == (4, 4)
     assert agreement["n"] == len(store.ids) and agreement["kappa_lo"] <= agreement["kappa"] <= agreement["kappa_hi"] < 1
 
-    status, body = _post(base, "/api/export", {"labeller": "ann"})
+    status, _, body = _post(base, "/api/export", {"labeller": "ann"})
     assert status == 200, body
     path = Path(json.loads(body)["path"])
     assert path == products / "accuracy" / "labels" / "ann.reference.csv"
@@ -265,11 +242,11 @@ def test_a_date_without_imagery_says_which(products: Path, change_run) -> None:
     after = [{**r, "imagery": str(products / "gone.tif")} if r["city"] == "beta" else r for r in _rows(cities, "after")]
     server = make_label_server(products, _rows(cities, "before"), after_rows=after)
     with serving(server) as base:
-        points = json.loads(_request(base + "/api/samples")[1])["points"]
+        points = json.loads(_request(base + "/api/samples")[2])["points"]
         beta = next(p for p in points if p["city"] == "beta")
         alpha = next(p for p in points if p["city"] == "alpha")
         assert alpha["note"] == "" and beta["note"].startswith("after (2024): no imagery") and "gone.tif" in beta["note"]
-        status, png = _request(f"{base}/chip-after/{beta['id']}.png")  # a placeholder, not an error
+        status, _, png = _request(f"{base}/chip-after/{beta['id']}.png")  # a placeholder, not an error
         assert status == 200 and Image.open(io.BytesIO(png)).size[0] > 0
         assert _request(f"{base}/chip/{beta['id']}.png")[0] == 200
 
@@ -293,20 +270,6 @@ def test_kappa_interval_covers_with_four_classes() -> None:
 KEYS = ["1", "2", "3", "4"]
 
 
-def _state(driver, expr: str):
-    return driver.execute_script(f"return window.labelState && window.labelState.{expr}")
-
-
-def _press(driver, key: str) -> None:
-    from selenium.webdriver.common.action_chains import ActionChains
-
-    ActionChains(driver).send_keys(key).perform()
-
-
-def _settled(driver) -> bool:
-    return bool(_state(driver, "ready")) and _state(driver, "pending") == 0
-
-
 VIEWS_LOADED = ("return ['chip', 'chip-after', 'context', 'context-after'].every((id) => {"
                 "const el = document.getElementById(id); return el.complete && el.naturalWidth > 0; })")
 
@@ -319,7 +282,7 @@ def test_page_shows_both_dates_and_labels_by_keys(products: Path, change_run) ->
     ids = server.label_app.store.ids
     with serving(server) as base, chromium(width=1280, height=800) as driver:
         driver.get(base + "/?labeller=ann")
-        wait_for(lambda: _settled(driver), 30, "the page to load the sample")
+        wait_for(lambda: label_settled(driver), 30, "the page to load the sample")
         assert driver.execute_script("return document.body.dataset.kind") == "change"
         buttons = driver.find_elements(By.CSS_SELECTOR, "#classes .cls")
         assert [b.get_attribute("data-class") for b in buttons] == list(CHANGE_CLASSES)
@@ -335,17 +298,17 @@ def test_page_shows_both_dates_and_labels_by_keys(products: Path, change_run) ->
         assert driver.find_element(By.ID, "cap-chip-after").text.startswith("2024")
 
         for k, key in enumerate(KEYS):
-            _press(driver, key)
-            wait_for(lambda k=k: _state(driver, "index") == k + 1, 10, f"the page to move on after key {key!r}")
-        wait_for(lambda: _settled(driver) and _state(driver, "labelled") == len(KEYS), 20, "the saves")
-        assert not _state(driver, "error")
+            press(driver, key)
+            wait_for(lambda k=k: label_state(driver, "index") == k + 1, 10, f"the page to move on after key {key!r}")
+        wait_for(lambda: label_settled(driver) and label_state(driver, "labelled") == len(KEYS), 20, "the saves")
+        assert not label_state(driver, "error")
         saved = pd.read_csv(products / "accuracy" / "labels" / "ann.csv", dtype=str, keep_default_na=False)
         assert saved["id"].tolist() == ids[:4] and saved["label"].tolist() == list(CHANGE_CLASSES)
 
         driver.refresh()  # nothing lives only in the page
-        wait_for(lambda: _settled(driver) and _state(driver, "labelled") == len(KEYS), 30, "the page to reload")
-        assert _state(driver, "index") == len(KEYS)  # resumes at the first unlabelled point
-        answers = _state(driver, "answers")
+        wait_for(lambda: label_settled(driver) and label_state(driver, "labelled") == len(KEYS), 30, "the page to reload")
+        assert label_state(driver, "index") == len(KEYS)  # resumes at the first unlabelled point
+        answers = label_state(driver, "answers")
         assert [answers[i]["label"] for i in ids[:4]] == list(CHANGE_CLASSES)
         wait_for(lambda: driver.execute_script(VIEWS_LOADED), 20, "the four views after the reload")
         requests = network_requests(driver)
