@@ -10,7 +10,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 
@@ -46,3 +46,25 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp.exists():
             tmp.unlink()
+
+
+def write_if_changed(path: str | os.PathLike[str], data: bytes | str) -> Path:
+    """Write ``data`` (text is written as UTF-8) to ``path`` atomically unless the file already holds exactly those
+    bytes; then it is left alone, so a rerun keeps its bytes and modification time (and a hash of it stays valid).
+
+    Example:
+        >>> import tempfile
+        >>> p = Path(tempfile.mkdtemp()) / "a.vrt"
+        >>> _ = write_if_changed(p, "<VRT/>"); before = p.stat().st_mtime_ns
+        >>> write_if_changed(p, b"<VRT/>").stat().st_mtime_ns == before
+        True
+    """
+    path = Path(path)
+    data = data.encode("utf-8") if isinstance(data, str) else data
+    with suppress(OSError):  # absent or unreadable: written below
+        if path.stat().st_size == len(data) and path.read_bytes() == data:
+            return path
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return path
+

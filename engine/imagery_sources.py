@@ -30,7 +30,6 @@ only when the content changes, so a rerun leaves the same bytes and the same mod
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import json
 import math
@@ -48,7 +47,7 @@ from rasterio.crs import CRS
 from rasterio.dtypes import dtype_rev, typename_fwd
 
 from engine import storage
-from engine.atomic import atomic_path
+from engine.atomic import write_if_changed
 
 FORMS = ("geotiff", "vrt", "tiles", "mbtiles", "xyz", "stac")
 VRT_NAME = "source.vrt"  # the raster to open, for every form that needs one (stable: a rerun rewrites the same file)
@@ -197,17 +196,6 @@ def check_vrt_sources(path: str | os.PathLike[str], _seen: frozenset[str] = froz
             raise ImagerySourceError(f"{path}: VRT source file not found: {name}")
         if name.lower().endswith(".vrt") and name not in _seen:
             check_vrt_sources(name, _seen | {str(path)})
-
-
-def write_if_changed(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically unless it already holds exactly that (its mtime then stays)."""
-    path = Path(path)
-    with contextlib.suppress(OSError, UnicodeDecodeError):  # absent or unreadable: written below
-        if path.read_text() == text:
-            return path
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-    return path
 
 
 def _vrt_root(width: int, height: int, crs: CRS, transform) -> ET.Element:

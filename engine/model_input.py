@@ -44,9 +44,10 @@ import rasterio
 from pyproj import CRS
 
 from engine import storage
+from engine.atomic import write_if_changed
 from engine.errors import describe_error
 from engine.imagery import GSD_REFUSE_RATIO, GSD_WARN_RATIO, format_gsd, ground_gsd_m, probe_blocks
-from engine.imagery_sources import ImagerySourceError, resolve_imagery, write_if_changed
+from engine.imagery_sources import ImagerySourceError, resolve_imagery
 
 RADIOMETRY_METHODS = ("auto", "uint8", "percentile", "range")
 DEFAULT_PERCENTILES = (2.0, 98.0)

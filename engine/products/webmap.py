@@ -39,7 +39,7 @@ from rasterio.enums import Resampling
 from rasterio.transform import Affine, array_bounds
 from rasterio.warp import reproject, transform_bounds
 
-from engine.atomic import atomic_path
+from engine.atomic import write_if_changed
 from engine.product_layout import (
     INDEX_HTML,
     MAP_HTML,
@@ -138,7 +138,7 @@ def write_web_map(products_dir: str | os.PathLike[str], catalog_rows: list[dict]
         "prob_legend": {"min_shown": MIN_PROB_SHOWN, "colours": _legend_colours()},
     }
     target = products_dir / MAP_HTML
-    _write_if_changed(target, _page(run, manifest).encode())
+    write_if_changed(target, _page(run, manifest).encode())
     return target
 
 
@@ -237,7 +237,7 @@ def _probability_overlay(cog: Path, out_png: Path, max_px: int) -> dict:
     image = Image.fromarray(index, "P")
     image.putpalette([0, 0, 0, *ramp.ravel().tolist()])
     image.info["transparency"] = 0
-    _write_if_changed(out_png, _png_bytes(image))
+    write_if_changed(out_png, _png_bytes(image))
     corners, bounds = _corners(transform, width, height)
     return {"url": out_png.relative_to(out_png.parents[2]).as_posix(), "coordinates": corners, "bounds": bounds}
 
@@ -263,7 +263,7 @@ def _imagery_overlay(imagery: str, out_jpg: Path, max_px: int) -> dict:
         out = np.zeros((3, height, width), np.uint8)
         reproject(rgb, out, src_transform=small_transform, src_crs=src.crs, dst_transform=transform, dst_crs=WEB_MERCATOR,
                   resampling=Resampling.bilinear)
-    _write_if_changed(out_jpg, _jpeg_bytes(Image.fromarray(np.moveaxis(out, 0, -1), "RGB")))
+    write_if_changed(out_jpg, _jpeg_bytes(Image.fromarray(np.moveaxis(out, 0, -1), "RGB")))
     corners, bounds = _corners(transform, width, height)
     return {"url": out_jpg.relative_to(out_jpg.parents[2]).as_posix(), "coordinates": corners, "bounds": bounds}
 
@@ -290,20 +290,11 @@ def _jpeg_bytes(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _write_if_changed(path: Path, data: bytes) -> None:
-    """Write ``data`` atomically unless the file already holds exactly it (reruns keep files and their times)."""
-    if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-
-
 def _copy_if_changed(source: Path, target: Path) -> None:
     if not source.is_file():
         raise FileNotFoundError(f"{source} is missing from the installed package: reinstall geolink-engine "
                                 f"(the web map's JS comes from engine/web/vendor, see tools/vendor-web)")
-    _write_if_changed(target, source.read_bytes())
+    write_if_changed(target, source.read_bytes())
 
 
 def _move_if_changed(tmp: Path, path: Path) -> None:
