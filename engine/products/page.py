@@ -115,11 +115,11 @@ def render_city_preview(city: str, imagery: str | None, uv_prob: Path, polygons:
     """
     rgb = None
     if imagery:
-        rgb, crs, transform, shape = _read_decimated(imagery, max_px)
+        rgb, crs, transform, shape = read_decimated(imagery, max_px)
     with rasterio.open(uv_prob) as src:
         if rgb is None:
-            crs, transform, shape = src.crs, *_decimated_grid(src, max_px)
-        prob_small, prob_transform = _read_band_decimated(src, max_px)
+            crs, transform, shape = src.crs, *decimated_grid(src, max_px)
+        prob_small, prob_transform = read_band_decimated(src, max_px)
         prob = np.full(shape, PROB_NODATA, np.uint8)
         reproject(prob_small, prob, src_transform=prob_transform, src_crs=src.crs, src_nodata=PROB_NODATA,
                   dst_transform=transform, dst_crs=crs, dst_nodata=PROB_NODATA, resampling=Resampling.nearest)
@@ -203,24 +203,24 @@ def render_overview(products_dir: Path, stats: list[dict], rows: dict[str, dict]
     return out_png
 
 
-def _decimated_grid(src: rasterio.DatasetReader, max_px: int) -> tuple[Affine, tuple[int, int]]:
+def decimated_grid(src: rasterio.DatasetReader, max_px: int) -> tuple[Affine, tuple[int, int]]:
     """Transform and ``(height, width)`` of ``src`` shrunk so its longest side is at most ``max_px``."""
     scale = max(1.0, max(src.width, src.height) / max_px)
     shape = (max(1, int(src.height / scale)), max(1, int(src.width / scale)))
     return src.transform @ Affine.scale(src.width / shape[1], src.height / shape[0]), shape
 
 
-def _read_band_decimated(src: rasterio.DatasetReader, max_px: int) -> tuple[np.ndarray, Affine]:
-    transform, shape = _decimated_grid(src, max_px)
+def read_band_decimated(src: rasterio.DatasetReader, max_px: int) -> tuple[np.ndarray, Affine]:
+    transform, shape = decimated_grid(src, max_px)
     return src.read(1, out_shape=shape, resampling=Resampling.nearest), transform
 
 
-def _read_decimated(path: str, max_px: int) -> tuple[np.ndarray, object, Affine, tuple[int, int]]:
+def read_decimated(path: str, max_px: int) -> tuple[np.ndarray, object, Affine, tuple[int, int]]:
     """Imagery as float RGB in [0, 1] on a decimated grid (read through the overviews), stretched 2-98 %."""
     with rasterio.open(path) as src:
         if src.crs is None:
             raise ValueError(f"imagery {path} has no CRS")
-        transform, shape = _decimated_grid(src, max_px)
+        transform, shape = decimated_grid(src, max_px)
         bands = [1, 2, 3] if src.count >= 3 else [1, 1, 1]
         data = src.read(bands, out_shape=(3, *shape), resampling=Resampling.average, masked=True).astype(np.float32)
         crs = src.crs

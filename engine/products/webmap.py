@@ -40,6 +40,7 @@ from rasterio.transform import Affine, array_bounds
 from rasterio.warp import reproject, transform_bounds
 
 from engine.atomic import write_if_changed
+from engine.products.page import read_band_decimated, read_decimated
 from engine.product_layout import (
     INDEX_HTML,
     MAP_HTML,
@@ -196,9 +197,10 @@ def _write_vector_file(gdf: gpd.GeoDataFrame, path: Path, driver: str, **options
 
 
 # --- overlays ----------------------------------------------------------------------------------------------------
-def _mercator_grid(src: rasterio.DatasetReader, max_px: int) -> tuple[Affine, int, int]:
-    """A Web Mercator grid over ``src`` (latitudes clipped to Mercator's range), square pixels, longest side ``max_px``."""
-    w, s, e, n = transform_bounds(src.crs, "EPSG:4326", *src.bounds)
+def _mercator_grid(crs, bounds: tuple[float, float, float, float], max_px: int) -> tuple[Affine, int, int]:
+    """A Web Mercator grid over ``bounds`` (in ``crs``; latitudes clipped to Mercator's range), square pixels,
+    longest side ``max_px``."""
+    w, s, e, n = transform_bounds(crs, "EPSG:4326", *bounds)
     left, bottom, right, top = transform_bounds("EPSG:4326", WEB_MERCATOR, w, max(s, -MAX_LAT), e, min(n, MAX_LAT))
     res = max(right - left, top - bottom) / max_px
     width, height = max(1, math.ceil((right - left) / res)), max(1, math.ceil((top - bottom) / res))
@@ -220,11 +222,8 @@ def _probability_overlay(cog: Path, out_png: Path, max_px: int) -> dict:
     """p(urban village) of a city as an RGBA PNG in Web Mercator: the inferno ramp, transparent below
     :data:`MIN_PROB_SHOWN` and outside the mapped area. Read from the COG's overviews (nearest), never in full."""
     with rasterio.open(cog) as src:
-        transform, width, height = _mercator_grid(src, max_px)
-        scale = max(1.0, max(src.width, src.height) / (2 * max_px))  # read at about twice the output resolution
-        shape = (max(1, int(src.height / scale)), max(1, int(src.width / scale)))
-        small = src.read(1, out_shape=shape, resampling=Resampling.nearest)
-        small_transform = src.transform @ Affine.scale(src.width / shape[1], src.height / shape[0])
+        transform, width, height = _mercator_grid(src.crs, src.bounds, max_px)
+        small, small_transform = read_band_decimated(src, 2 * max_px)  # about twice the output resolution
         prob = np.full((height, width), PROB_NODATA, np.uint8)
         reproject(small, prob, src_transform=small_transform, src_crs=src.crs, src_nodata=PROB_NODATA,
                   dst_transform=transform, dst_crs=WEB_MERCATOR, dst_nodata=PROB_NODATA, resampling=Resampling.nearest)
@@ -244,25 +243,11 @@ def _probability_overlay(cog: Path, out_png: Path, max_px: int) -> dict:
 
 def _imagery_overlay(imagery: str, out_jpg: Path, max_px: int) -> dict:
     """The imagery under a city's overlays: RGB, 2-98 % stretch per band (as the preview page), Web Mercator JPEG."""
-    with rasterio.open(imagery) as src:
-        if src.crs is None:
-            raise ValueError(f"imagery {imagery} has no CRS")
-        transform, width, height = _mercator_grid(src, max_px)
-        scale = max(1.0, max(src.width, src.height) / (2 * max_px))
-        shape = (max(1, int(src.height / scale)), max(1, int(src.width / scale)))
-        bands = [1, 2, 3] if src.count >= 3 else [1, 1, 1]
-        data = src.read(bands, out_shape=(3, *shape), resampling=Resampling.average, masked=True)
-        small_transform = src.transform @ Affine.scale(src.width / shape[1], src.height / shape[0])
-        valid = ~np.ma.getmaskarray(data).any(axis=0)
-        filled = data.filled(0).astype(np.float32)
-        rgb = np.zeros((3, *shape), np.uint8)
-        for b in range(3):
-            if valid.any():
-                lo, hi = np.percentile(filled[b][valid], (2, 98))
-                rgb[b] = np.clip((filled[b] - lo) / max(hi - lo, 1e-6) * 255, 0, 255).astype(np.uint8)
-        out = np.zeros((3, height, width), np.uint8)
-        reproject(rgb, out, src_transform=small_transform, src_crs=src.crs, dst_transform=transform, dst_crs=WEB_MERCATOR,
-                  resampling=Resampling.bilinear)
+    rgb, crs, small_transform, shape = read_decimated(imagery, 2 * max_px)  # the preview page's read and stretch
+    transform, width, height = _mercator_grid(crs, array_bounds(*shape, small_transform), max_px)
+    out = np.zeros((3, height, width), np.uint8)
+    reproject((np.moveaxis(rgb, -1, 0) * 255).astype(np.uint8), out, src_transform=small_transform, src_crs=crs,
+              dst_transform=transform, dst_crs=WEB_MERCATOR, resampling=Resampling.bilinear)
     write_if_changed(out_jpg, _jpeg_bytes(Image.fromarray(np.moveaxis(out, 0, -1), "RGB")))
     corners, bounds = _corners(transform, width, height)
     return {"url": out_jpg.relative_to(out_jpg.parents[2]).as_posix(), "coordinates": corners, "bounds": bounds}
