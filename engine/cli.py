@@ -758,7 +758,7 @@ def serve_command(
     Only files under products/<run>/ are served (no folder listings, no path out of it), with HTTP range requests,
     which the map's PMTiles archive needs. Ctrl-C stops it."""
     from engine.product_layout import MAP_HTML
-    from engine.web.server import is_local_host, make_server, server_url
+    from engine.web.server import make_server, server_url  # make_server warns of a host other than the loopback
     from engine.workspace import BadName
 
     settings: Settings = ctx.obj
@@ -773,9 +773,6 @@ def serve_command(
         server = make_server(products, host=host, port=port)
     except OSError as exc:
         _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another --port")
-    if not is_local_host(host):
-        console.print(f"[yellow]warning:[/] serving on {escape(host)}: any machine that can reach this one can read these products",
-                      highlight=False, soft_wrap=True)
     console.print(f"serving {escape(str(products))} at [bold]{server_url(server, '/' + MAP_HTML)}[/] (Ctrl-C stops)",
                   highlight=False, soft_wrap=True)
     try:
@@ -806,7 +803,7 @@ def label_command(
     from engine.pipelines.prepare import prepared_imagery
     from engine.pipelines.change import dated_rows
     from engine.web.label import agreement, export_reference, format_agreement, make_label_server, run_vintages
-    from engine.web.server import is_local_host, server_url
+    from engine.web.server import server_url  # make_server warns of a host other than the loopback
     from engine.workspace import BadName
 
     settings: Settings = ctx.obj.for_run(run)  # the vintage the run mapped
@@ -838,9 +835,6 @@ def label_command(
         _fail(str(exc))
     except OSError as exc:
         _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another --port")
-    if not is_local_host(host):
-        console.print(f"[yellow]warning:[/] serving on {escape(host)}: any machine that can reach this one can read the sample and "
-                      "write this run's labels", highlight=False, soft_wrap=True)
     query = f"?labeller={labeller}" if labeller else ""
     console.print(f"labelling run {escape(run)}'s sample at [bold]{server_url(server, '/' + query)}[/] (answers in "
                   f"{escape(str(products / 'accuracy' / 'labels'))}/; Ctrl-C stops)", highlight=False, soft_wrap=True)

@@ -34,6 +34,7 @@ import rasterio
 
 from engine.accuracy.tables import AccuracyInputError
 from engine.atomic import atomic_path
+from engine.catalog import catalog_vintages, select_vintage
 from engine.change.codes import CHANGE_CLASSES
 from engine.change.fates import FATE_COLUMNS, fate_counts, uv_fates
 from engine.change.raster import write_change_city
@@ -275,7 +276,6 @@ def dated_rows(catalog: pa.Table, workspace: Workspace, vintage: str) -> list[di
     """The catalog rows of one vintage (rows without a vintage belong to every date), each city's ``imagery`` as
     that date's prepare read it (the model VRT of a tiled, stretched or resampled source), so chips and labels
     show what the model saw at that date."""
-    from engine.catalog import select_vintage
     from engine.pipelines.prepare import prepared_imagery
 
     return prepared_imagery(select_vintage(catalog, vintage), workspace.with_vintage(vintage)).to_pylist()
@@ -283,7 +283,7 @@ def dated_rows(catalog: pa.Table, workspace: Workspace, vintage: str) -> list[di
 
 def _catalog_rows(catalog: pa.Table, workspace: Workspace, vintages: tuple[str, str]) -> dict[str, dict[str, dict]]:
     """vintage -> city -> catalog row of that date (:func:`dated_rows`); a vintage absent from the catalog has none."""
-    present = set(catalog.column("vintage").to_pylist()) if "vintage" in catalog.column_names else set()
+    present = set(catalog_vintages(catalog))
     return {v: ({r["city"]: r for r in dated_rows(catalog, workspace, v)} if v in present else {}) for v in vintages}
 
 
